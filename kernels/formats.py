@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from mistral_ref.errors import UnsupportedTensorTypeError
-
 QK = 32    # weights per block of the legacy formats (Q4_0 ... Q8_0)
 QK_K = 256  # weights per super-block of the k-quants
 K_SCALE_SIZE = 12  # bytes of packed 6-bit scales and mins in Q4_K and Q5_K
@@ -92,7 +90,8 @@ FORMATS: dict[QType, BlockFormat] = {f.qtype: f for f in [
 def block_format(qtype: QType | str | int) -> BlockFormat:
     """The BlockFormat of a tensor type given as a `GGMLQuantizationType`, its name or its number.
 
-    Raises `UnsupportedTensorTypeError` (a ValueError) for a type this project does not implement.
+    Raises ValueError for a type this project does not implement (kernels sit below mistral_ref and
+    raise built-in errors; the GGUF loader re-raises them with the file and tensor named).
     """
     try:
         if isinstance(qtype, str):
@@ -102,5 +101,5 @@ def block_format(qtype: QType | str | int) -> BlockFormat:
     except (KeyError, ValueError):
         name = getattr(qtype, "name", qtype)
         supported = ", ".join(t.name for t in FORMATS)
-        raise UnsupportedTensorTypeError(
+        raise ValueError(
             f"tensor type {name} is not supported (supported: {supported})") from None

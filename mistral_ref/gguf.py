@@ -18,7 +18,8 @@ from gguf import GGMLQuantizationType as QType
 from kernels.formats import BlockFormat, block_format
 from mistral_ref.errors import (GGUFError, MetadataError, MissingTensorError, NotGGUFError,
                                 TensorShapeError, TruncatedGGUFError,
-                                UnsupportedArchitectureError, UnsupportedVersionError)
+                                UnsupportedArchitectureError, UnsupportedTensorTypeError,
+                                UnsupportedVersionError)
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -163,7 +164,10 @@ class GGUFFile:
         data_start = -(-cur.pos // alignment) * alignment
         self.tensors: dict[str, QuantizedTensor] = {}
         for name, shape, qtype_id, offset in infos:
-            fmt = block_format(qtype_id)
+            try:
+                fmt = block_format(qtype_id)
+            except ValueError as e:
+                raise UnsupportedTensorTypeError(f"{self.path}: tensor {name!r}: {e}") from None
             try:
                 nbytes = fmt.nbytes(shape)
             except ValueError as e:
