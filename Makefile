@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench clean
+.PHONY: run test bench clean clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -21,5 +21,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) bench/dequant.py
 
-clean:
+# Numba's cache is keyed on each kernel's own source file: after editing an inlined helper in
+# another file, drop the cache so no kernel keeps the old version.
+clean-cache:
+	find kernels mistral_ref -name '*.nbi' -delete -o -name '*.nbc' -delete
+
+clean: clean-cache
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
