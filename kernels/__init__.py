@@ -8,13 +8,21 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
+from kernels.cpu import ops as cpu_ops
 from kernels.cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
+from kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
+from kernels.cpu.matvec import matvec as cpu_matvec
+from kernels.cpu.quant import QUANTIZE as CPU_QUANTIZE
 from kernels.formats import FORMATS, QK, QK_K, BlockFormat, block_format
+from kernels.reference import ops as reference_ops
 from kernels.reference.dequant import DEQUANTIZE as REFERENCE_DEQUANTIZE
+from kernels.reference.quant import QUANTIZE as REFERENCE_QUANTIZE
+from mistral_ref.errors import UnsupportedTensorTypeError
 
 BACKENDS = ("reference", "cpu")
 
-__all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "BlockFormat", "block_format", "dequantize"]
+__all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat", "block_format",
+           "dequantize", "quantize"]
 
 
 def _check_backend(backend: str) -> None:
@@ -33,10 +41,7 @@ def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...]
     fmt = block_format(qtype)
     _check_backend(backend)
     shape = tuple(int(n) for n in shape)
-    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    if raw.flags.writeable:  # kernels always see read-only input: one compiled specialization each
-        raw = raw.view()
-        raw.flags.writeable = False
+    raw = _read_only(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
     if raw.nbytes != fmt.nbytes(shape):
         raise ValueError(f"{fmt.qtype.name} tensor of shape {shape} needs {fmt.nbytes(shape)} bytes, "
                          f"got {raw.nbytes}")
@@ -46,3 +51,134 @@ def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...]
         out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)
         CPU_DEQUANTIZE[fmt.qtype](raw, out)
     return out.reshape(shape)
+
+
+QUANTIZABLE = tuple(REFERENCE_QUANTIZE)
+
+
+def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> np.ndarray:
+    """Quantize float32 weights to a block format, byte-identical to llama.cpp's reference
+    quantizers (what llama-quantize runs without an importance matrix) on every backend.
+
+    x: float32 (..., n), rows along the last axis, n a multiple of the block size; finite.
+    qtype: one of QUANTIZABLE (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), F16 or F32.
+    Returns uint8 (..., row_bytes): the raw layout `gguf.quants.quantize` returns.
+    """
+    fmt = block_format(qtype)
+    _check_backend(backend)
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"quantize needs float32 weights, got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] % fmt.block_size:
+        raise ValueError(f"{fmt.qtype.name} needs rows of a multiple of {fmt.block_size} weights, "
+                         f"got shape {x.shape}")
+    if fmt.qtype in (QType.F32, QType.F16):
+        return np.ascontiguousarray(x.astype(fmt.block["value"])).view(np.uint8).reshape(
+            *x.shape[:-1], -1)
+    if fmt.qtype not in QUANTIZABLE:
+        raise UnsupportedTensorTypeError(
+            f"quantizing to {fmt.qtype.name} is not supported (supported: "
+            f"{', '.join(t.name for t in QUANTIZABLE)}, F16, F32)")
+    if not np.isfinite(x).all():
+        raise ValueError("cannot quantize non-finite weights (NaN or infinity)")
+    out_shape = (*x.shape[:-1], fmt.row_bytes(x.shape[-1]))
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if backend == "reference":
+        return REFERENCE_QUANTIZE[fmt.qtype](flat).reshape(out_shape)
+    if flat.flags.writeable:  # one compiled specialization per kernel: read-only input
+        flat = flat.view()
+        flat.flags.writeable = False
+    out = np.empty(fmt.nbytes(x.shape), dtype=np.uint8)
+    CPU_QUANTIZE[fmt.qtype](flat, out)
+    return out.reshape(out_shape)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    if a.flags.writeable:  # kernels always see read-only input: one compiled specialization each
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: str = "cpu",
+           scratch: np.ndarray | None = None) -> np.ndarray:
+    """x @ W.T for a quantized weight matrix W: the transformer's linear layer.
+
+    rows: uint8 (n_rows, row_bytes), W's rows in its block format; x: float32 (T, n).
+    Returns float32 (T, n_rows). One token (T = 1) runs the fused dequantize-and-dot kernel;
+    more tokens dequantize W a tile of rows at a time into `scratch` (float32, any size of at
+    least one row; allocated when None) and multiply the tile with BLAS.
+    """
+    fmt = block_format(qtype)
+    _check_backend(backend)
+    n_tokens, n = x.shape
+    if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(n):
+        raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of {n} weights")
+    if x.dtype != np.float32:
+        raise ValueError(f"activations must be float32, got {x.dtype}")
+    rows, x = _read_only(np.ascontiguousarray(rows)), np.ascontiguousarray(x)
+    out = np.empty((n_tokens, rows.shape[0]), np.float32)
+    if backend == "reference":
+        for t in range(n_tokens):
+            out[t] = reference_ops.matvec(rows, fmt.qtype, x[t])
+    elif n_tokens == 1 and fmt.qtype in MATVEC_TYPES:
+        cpu_matvec(rows, int(fmt.qtype), x[0], out[0], QK // 2)
+    else:
+        if scratch is None or scratch.size < n:
+            scratch = np.empty(max(n, 1 << 21), np.float32)
+        tile_rows = scratch.size // n
+        for r0 in range(0, rows.shape[0], tile_rows):
+            tile = rows[r0:r0 + tile_rows]
+            w = scratch[:tile.shape[0] * n]
+            dequantize_into(tile, fmt.qtype, w)
+            out[:, r0:r0 + tile.shape[0]] = x @ w.reshape(tile.shape[0], n).T
+    return out
+
+
+def dequantize_into(rows: np.ndarray, qtype: QType, out: np.ndarray) -> None:
+    """Dequantize whole rows (uint8, C-contiguous) into the flat float32 buffer `out` (CPU)."""
+    raw = _read_only(rows.reshape(-1))
+    if qtype == QType.F32:
+        out[:] = raw.view(np.float32)
+    else:
+        CPU_DEQUANTIZE[qtype](raw, out)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, backend: str = "cpu") -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight per row. x: float32 (T, dim); weight: float32 (dim,)."""
+    if backend == "reference":
+        return reference_ops.rmsnorm(x, weight, eps)
+    out = np.empty_like(x)
+    cpu_ops.rmsnorm(x, weight, eps, out)
+    return out
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, backend: str = "cpu") -> np.ndarray:
+    """Rotate adjacent pairs of each head of x (float32 (T, heads, D)) by positions (int64 (T,))
+    times inv_freq (float64 (rope_dim // 2,)). In place on the cpu backend; returns x."""
+    if backend == "reference":
+        return reference_ops.rope(x, positions, inv_freq)
+    cpu_ops.rope(x, positions, inv_freq)
+    return x
+
+
+def attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,
+              v_cache: np.ndarray, start_pos: int, window: int) -> np.ndarray:
+    """Causal grouped-query attention of a chunk of T tokens at positions start_pos.. (CPU).
+
+    q: float32 (T, H, D); k_new, v_new: (T, KV, D); k_cache, v_cache: (KV, S, D), position p at
+    slot p % S; window: sliding window (0 for none). Returns float32 (T, H, D). See
+    kernels.cpu.ops.attention; kernels.reference.ops.attention is the band-mask definition.
+    """
+    out = np.empty_like(q)
+    cpu_ops.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out)
+    return out
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, backend: str = "cpu") -> np.ndarray:
+    """silu(gate) * up, float32 (T, ffn_dim)."""
+    if backend == "reference":
+        return reference_ops.swiglu(gate, up)
+    out = np.empty_like(gate)
+    cpu_ops.swiglu(gate, up, out)
+    return out

@@ -29,6 +29,29 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("  tensor types     " + ", ".join(f"{n} x{c}" for n, c in types.most_common()))
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Requantize a GGUF file to a llama.cpp file type (bytes identical to llama-quantize's)."""
+    from collections import Counter
+
+    from mistral_ref.quantize import quantize_file
+
+    types = quantize_file(args.input, args.output, args.type)
+    summary = Counter(t.name for t in types.values())
+    print(f"{args.output}: {args.type}, " + ", ".join(f"{n} x{c}" for n, c in summary.most_common()))
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    """Write a Mistral-shaped GGUF file with random weights."""
+    from collections import Counter
+
+    from mistral_ref.synth import synth_model
+
+    types = synth_model(args.output, args.preset, args.type, args.sliding_window, args.seed)
+    summary = Counter(t.name for t in types.values())
+    print(f"{args.output}: {args.preset} {args.type}, "
+          + ", ".join(f"{n} x{c}" for n, c in summary.most_common()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mistral-ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help=cmd_info.__doc__)
     info.add_argument("model", nargs="?", help="GGUF file (default: the default model)")
     info.set_defaults(func=cmd_info)
+    from mistral_ref.quantize import FILE_TYPES  # light: no kernels compiled at import
+    quantize = sub.add_parser("quantize", help=cmd_quantize.__doc__)
+    quantize.add_argument("input", help="GGUF file to read")
+    quantize.add_argument("output", help="GGUF file to write (not the input)")
+    quantize.add_argument("--type", required=True, choices=list(FILE_TYPES), help="file type")
+    quantize.set_defaults(func=cmd_quantize)
+    synth = sub.add_parser("synth", help=cmd_synth.__doc__)
+    synth.add_argument("output", help="GGUF file to write")
+    synth.add_argument("--preset", default="tiny", choices=["tiny", "mistral-1b", "mistral-7b"])
+    synth.add_argument("--type", default="Q4_K_M", choices=list(FILE_TYPES), help="file type")
+    synth.add_argument("--sliding-window", type=int, default=None,
+                       help="attention window in tokens (default: the preset's; 0: none)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
     args = parser.parse_args(argv)
     try:
         args.func(args)

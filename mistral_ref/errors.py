@@ -61,3 +61,11 @@ class ChatTemplateError(MistralRefError, ValueError):
 class QuantizeError(MistralRefError, ValueError):
     """A quantization request that cannot be carried out (unknown file type, a tensor no tensor
     type fits, output path equal to the input)."""
+
+
+class InputError(MistralRefError, ValueError):
+    """Bad input to the model: token ids outside the vocabulary, an empty prompt."""
+
+
+class ContextLengthError(InputError):
+    """More tokens than the model's context or the KV cache can hold."""

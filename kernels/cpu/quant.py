@@ -1,0 +1,406 @@
+"""Numba quantizers: llama.cpp's `quantize_row_*_ref` as scalar loops, parallel over blocks.
+
+Each kernel takes float32 weights `x` (flat, a whole number of blocks) and fills `out` (uint8,
+flat, n_blocks * type_size) with the same bytes as the NumPy reference and llama.cpp. Every local
+is float32 and every constant np.float32, so no expression is widened to float64; Numba without
+fastmath neither reorders nor fuses float operations, so each one rounds as in the C code.
+Field offsets come from kernels.formats.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from numba import prange
+
+from kernels.cpu.fp16 import f32_to_fp16_bits, fp16_to_f32
+from kernels.formats import FORMATS, QK, QK_K
+
+F32 = np.float32
+ZERO, HALF, ONE = F32(0.0), F32(0.5), F32(1.0)
+ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2^23: adding it leaves v rounded to an integer
+GROUP_MAX_EPS = F32(1e-15)
+BLOCKS_PER_TASK = 64  # blocks per parallel task: enough work to amortize its scratch buffers
+
+
+def _offsets(qtype: QType, *fields: str) -> tuple[int, ...]:
+    return tuple(FORMATS[qtype].offset(f) for f in fields)
+
+
+Q4_0_SIZE, (Q4_0_D, Q4_0_QS) = FORMATS[QType.Q4_0].type_size, _offsets(QType.Q4_0, "d", "qs")
+Q4_1_SIZE, (Q4_1_D, Q4_1_M, Q4_1_QS) = (FORMATS[QType.Q4_1].type_size,
+                                         _offsets(QType.Q4_1, "d", "m", "qs"))
+Q5_0_SIZE, (Q5_0_D, Q5_0_QH, Q5_0_QS) = (FORMATS[QType.Q5_0].type_size,
+                                         _offsets(QType.Q5_0, "d", "qh", "qs"))
+Q5_1_SIZE, (Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS) = (FORMATS[QType.Q5_1].type_size,
+                                                 _offsets(QType.Q5_1, "d", "m", "qh", "qs"))
+Q8_0_SIZE, (Q8_0_D, Q8_0_QS) = FORMATS[QType.Q8_0].type_size, _offsets(QType.Q8_0, "d", "qs")
+Q4_K_SIZE, (Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS) = (
+    FORMATS[QType.Q4_K].type_size, _offsets(QType.Q4_K, "d", "dmin", "scales", "qs"))
+Q5_K_SIZE, (Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QH, Q5_K_QS) = (
+    FORMATS[QType.Q5_K].type_size, _offsets(QType.Q5_K, "d", "dmin", "scales", "qh", "qs"))
+Q6_K_SIZE, (Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D) = (
+    FORMATS[QType.Q6_K].type_size, _offsets(QType.Q6_K, "ql", "qh", "scales", "d"))
+
+
+# ---------------------------------------------------------------- helpers
+
+@numba.njit(inline="always", cache=True)
+def nearest_int(v):
+    """llama.cpp's nearest_int: the float adder rounds half to even (|v| < 2^22)."""
+    return int((v + ROUNDING_MAGIC) - ROUNDING_MAGIC)
+
+
+@numba.njit(inline="always", cache=True)
+def roundf(v):
+    """C's roundf: half away from zero."""
+    whole = F32(int(v))
+    if abs(v - whole) >= HALF:
+        whole += ONE if v > ZERO else -ONE
+    return whole
+
+
+@numba.njit(inline="always", cache=True)
+def store_fp16(out, at, v):
+    """Write float32 `v` as little-endian fp16 at out[at:at+2]; return the value it now holds."""
+    bits = f32_to_fp16_bits(v)
+    lo, hi = np.uint8(bits & 0xFF), np.uint8(bits >> 8)
+    out[at], out[at + 1] = lo, hi
+    return fp16_to_f32(lo, hi)
+
+
+@numba.njit(inline="always", cache=True)
+def inverse(d):
+    return ONE / d if d != ZERO else ZERO
+
+
+@numba.njit(inline="always", cache=True)
+def absmax_signed(x):
+    """The first weight of largest magnitude, sign kept; +0.0 if all are zero."""
+    amax, peak = ZERO, ZERO
+    for v in x:
+        if amax < abs(v):
+            amax, peak = abs(v), v
+    return peak
+
+
+@numba.njit(inline="always", cache=True)
+def min_max(x):
+    lo, hi = x[0], x[0]
+    for v in x[1:]:
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    return lo, hi
+
+
+@numba.njit(inline="always", cache=True)
+def task_bounds(task, n_blocks):
+    """Blocks [first, end) of parallel task `task`."""
+    first = task * BLOCKS_PER_TASK
+    return first, min(first + BLOCKS_PER_TASK, n_blocks)
+
+
+# ---------------------------------------------------------------- legacy formats
+
+@numba.njit(parallel=True, cache=True)
+def q4_0(x, out):
+    n_blocks = x.size // QK
+    for b in prange(n_blocks):
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q4_0_SIZE:(b + 1) * Q4_0_SIZE]
+        d = absmax_signed(xb) / F32(-8.0)
+        store_fp16(yb, Q4_0_D, d)
+        idv = inverse(d)
+        for j in range(QK // 2):
+            lo = min(15, int(xb[j] * idv + F32(8.5)))
+            hi = min(15, int(xb[j + QK // 2] * idv + F32(8.5)))
+            yb[Q4_0_QS + j] = lo | (hi << 4)
+
+
+@numba.njit(parallel=True, cache=True)
+def q4_1(x, out):
+    n_blocks = x.size // QK
+    for b in prange(n_blocks):
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q4_1_SIZE:(b + 1) * Q4_1_SIZE]
+        lo, hi = min_max(xb)
+        d = (hi - lo) / F32(15.0)
+        store_fp16(yb, Q4_1_D, d)
+        store_fp16(yb, Q4_1_M, lo)
+        idv = inverse(d)
+        for j in range(QK // 2):
+            q0 = min(15, int((xb[j] - lo) * idv + HALF))
+            q1 = min(15, int((xb[j + QK // 2] - lo) * idv + HALF))
+            yb[Q4_1_QS + j] = q0 | (q1 << 4)
+
+
+@numba.njit(inline="always", cache=True)
+def store_q5(yb, qs_at, qh_at, j, q0, q1):
+    """Store 5-bit weights j and j + 16: low nibbles in qs[j], fifth bits as bits j and j + 16
+    of the little-endian u32 qh."""
+    yb[qs_at + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
+    yb[qh_at + j // 8] |= ((q0 >> 4) & 1) << (j % 8)
+    yb[qh_at + 2 + j // 8] |= ((q1 >> 4) & 1) << (j % 8)
+
+
+@numba.njit(parallel=True, cache=True)
+def q5_0(x, out):
+    n_blocks = x.size // QK
+    for b in prange(n_blocks):
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q5_0_SIZE:(b + 1) * Q5_0_SIZE]
+        yb[:] = 0
+        d = absmax_signed(xb) / F32(-16.0)
+        store_fp16(yb, Q5_0_D, d)
+        idv = inverse(d)
+        for j in range(QK // 2):
+            q0 = min(31, int(xb[j] * idv + F32(16.5)))
+            q1 = min(31, int(xb[j + QK // 2] * idv + F32(16.5)))
+            store_q5(yb, Q5_0_QS, Q5_0_QH, j, q0, q1)
+
+
+@numba.njit(parallel=True, cache=True)
+def q5_1(x, out):
+    n_blocks = x.size // QK
+    for b in prange(n_blocks):
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q5_1_SIZE:(b + 1) * Q5_1_SIZE]
+        yb[:] = 0
+        lo, hi = min_max(xb)
+        d = (hi - lo) / F32(31.0)
+        store_fp16(yb, Q5_1_D, d)
+        store_fp16(yb, Q5_1_M, lo)
+        idv = inverse(d)
+        for j in range(QK // 2):
+            q0 = int((xb[j] - lo) * idv + HALF) & 0xFF
+            q1 = int((xb[j + QK // 2] - lo) * idv + HALF) & 0xFF
+            store_q5(yb, Q5_1_QS, Q5_1_QH, j, q0, q1)
+
+
+@numba.njit(parallel=True, cache=True)
+def q8_0(x, out):
+    n_blocks = x.size // QK
+    for b in prange(n_blocks):
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q8_0_SIZE:(b + 1) * Q8_0_SIZE]
+        amax = ZERO
+        for v in xb:
+            amax = max(amax, abs(v))
+        d = amax / F32(127.0)
+        store_fp16(yb, Q8_0_D, d)
+        idv = inverse(d)
+        for j in range(QK):
+            yb[Q8_0_QS + j] = np.uint8(int(roundf(xb[j] * idv)) & 0xFF)
+
+
+# ---------------------------------------------------------------- k-quants
+
+@numba.njit(cache=True)
+def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, L, Laux):
+    """See kernels.reference.quant.make_qkx2_quants; fills L, returns (scale, the_min)."""
+    n = x.size
+    lo, hi = min_max(x)
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        sum_w += weights[i]
+        sum_x += weights[i] * x[i]
+    if lo > ZERO:
+        lo = ZERO
+    if hi == lo:
+        L[:] = 0
+        return ZERO, -lo
+    fmax = F32(nmax)
+    iscale = fmax / (hi - lo)
+    scale = ONE / iscale
+    best_error = ZERO
+    for i in range(n):
+        L[i] = max(0, min(nmax, nearest_int(iscale * (x[i] - lo))))
+        diff = scale * F32(L[i]) + lo - x[i]
+        best_error += weights[i] * (diff * diff)
+    for step in range(nstep + 1):
+        iscale = (rmin + rdelta * F32(step) + fmax) / (hi - lo)
+        sum_l, sum_l2, sum_xl = ZERO, ZERO, ZERO
+        for i in range(n):
+            level = max(0, min(nmax, nearest_int(iscale * (x[i] - lo))))
+            Laux[i] = level
+            wl = weights[i] * F32(level)
+            sum_l += wl
+            sum_l2 += wl * F32(level)
+            sum_xl += wl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > ZERO:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > ZERO:
+                this_min = ZERO
+                this_scale = sum_xl / sum_l2
+            cur_error = ZERO
+            for i in range(n):
+                diff = this_scale * F32(Laux[i]) + this_min - x[i]
+                cur_error += weights[i] * (diff * diff)
+            if cur_error < best_error:
+                L[:] = Laux
+                best_error, scale, lo = cur_error, this_scale, this_min
+    return scale, -lo
+
+
+@numba.njit(cache=True)
+def make_qx_quants(x, nmax, L):
+    """See kernels.reference.quant.make_qx_quants; fills L, returns scale."""
+    n = x.size
+    peak = absmax_signed(x)
+    if abs(peak) < GROUP_MAX_EPS:
+        L[:] = 0
+        return ZERO
+    fmax = F32(nmax)
+    iscale = -fmax / peak
+    sumlx, suml2 = ZERO, ZERO
+    for i in range(n):
+        level = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        L[i] = level + nmax
+        w = x[i] * x[i]
+        sumlx += w * x[i] * F32(level)
+        suml2 += w * F32(level) * F32(level)
+    scale = sumlx / suml2 if suml2 != ZERO else ZERO
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(fmax + F32(0.1) * F32(step)) / peak
+        sumlx, suml2 = ZERO, ZERO
+        for i in range(n):
+            level = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+            w = x[i] * x[i]
+            sumlx += w * x[i] * F32(level)
+            suml2 += w * F32(level) * F32(level)
+        if suml2 > ZERO and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                L[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))) + nmax
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@numba.njit(cache=True)
+def _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
+                         L, Laux, weights, scales, mins):
+    """quantize_row_q4_K_ref / q5_K_ref up to the levels: fills d, dmin, the 12 scale bytes and
+    L (256 levels in [0, nmax])."""
+    for j in range(QK_K // 32):
+        xg = xb[32 * j:32 * j + 32]
+        sum_x2 = ZERO
+        for v in xg:
+            sum_x2 += v * v
+        av_x = F32(np.sqrt(sum_x2 / F32(32.0)))
+        for i in range(32):
+            weights[i] = av_x + abs(xg[i])
+        scales[j], mins[j] = make_qkx2_quants(xg, weights, nmax, rmin, F32(0.1), nstep,
+                                              L[32 * j:32 * j + 32], Laux)
+    max_scale, max_min = ZERO, ZERO
+    for j in range(QK_K // 32):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    inv_scale = F32(63.0) / max_scale if max_scale > ZERO else ZERO
+    inv_min = F32(63.0) / max_min if max_min > ZERO else ZERO
+    sc = yb[scales_at:scales_at + 12]
+    for j in range(QK_K // 32):
+        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        if j < 4:
+            sc[j] = ls
+            sc[j + 4] = lm
+        else:
+            sc[j + 4] = (ls & 0x0F) | ((lm & 0x0F) << 4)
+            sc[j - 4] |= (ls >> 4) << 6
+            sc[j] |= (lm >> 4) << 6
+    d_all = store_fp16(yb, d_at, max_scale / F32(63.0))
+    dmin_all = store_fp16(yb, dmin_at, max_min / F32(63.0))
+    for j in range(QK_K // 32):
+        if j < 4:
+            ls, lm = sc[j] & 63, sc[j + 4] & 63
+        else:
+            ls = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4)
+            lm = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+        d = d_all * F32(ls)
+        if d == ZERO:  # keep make_qkx2_quants' levels
+            continue
+        dm = dmin_all * F32(lm)
+        for i in range(32):
+            L[32 * j + i] = max(0, min(nmax, nearest_int((xb[32 * j + i] + dm) / d)))
+
+
+@numba.njit(parallel=True, cache=True)
+def q4_k(x, out):
+    n_blocks = x.size // QK_K
+    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
+        L, Laux = np.empty(QK_K, np.uint8), np.empty(32, np.uint8)
+        weights, scales, mins = np.empty(32, F32), np.empty(8, F32), np.empty(8, F32)
+        first, end = task_bounds(task, n_blocks)
+        for b in range(first, end):
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q4_K_SIZE:(b + 1) * Q4_K_SIZE]
+            yb[:] = 0
+            _k_scales_and_levels(xb, yb, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, 15, F32(-1.0), 20,
+                                 L, Laux, weights, scales, mins)
+            for c in range(4):
+                for i in range(32):
+                    yb[Q4_K_QS + 32 * c + i] = L[64 * c + i] | (L[64 * c + 32 + i] << 4)
+
+
+@numba.njit(parallel=True, cache=True)
+def q5_k(x, out):
+    n_blocks = x.size // QK_K
+    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
+        L, Laux = np.empty(QK_K, np.uint8), np.empty(32, np.uint8)
+        weights, scales, mins = np.empty(32, F32), np.empty(8, F32), np.empty(8, F32)
+        first, end = task_bounds(task, n_blocks)
+        for b in range(first, end):
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q5_K_SIZE:(b + 1) * Q5_K_SIZE]
+            yb[:] = 0
+            _k_scales_and_levels(xb, yb, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, 31, F32(-0.5), 15,
+                                 L, Laux, weights, scales, mins)
+            for c in range(4):
+                for i in range(32):
+                    low, high = L[64 * c + i], L[64 * c + 32 + i]
+                    yb[Q5_K_QS + 32 * c + i] = (low & 0x0F) | ((high & 0x0F) << 4)
+                    yb[Q5_K_QH + i] |= ((low >> 4) << (2 * c)) | ((high >> 4) << (2 * c + 1))
+
+
+@numba.njit(parallel=True, cache=True)
+def q6_k(x, out):
+    n_blocks = x.size // QK_K
+    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
+        L, scales = np.empty(QK_K, np.uint8), np.empty(16, F32)
+        first, end = task_bounds(task, n_blocks)
+        for b in range(first, end):
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q6_K_SIZE:(b + 1) * Q6_K_SIZE]
+            yb[:] = 0
+            max_scale, max_abs_scale = ZERO, ZERO
+            for g in range(16):
+                scales[g] = make_qx_quants(xb[16 * g:16 * g + 16], 32, L[16 * g:16 * g + 16])
+                if abs(scales[g]) > max_abs_scale:
+                    max_abs_scale, max_scale = abs(scales[g]), scales[g]
+            if max_abs_scale < GROUP_MAX_EPS:
+                continue  # an all-zero block is all zero bytes
+            iscale = F32(-128.0) / max_scale
+            d_all = store_fp16(yb, Q6_K_D, ONE / iscale)
+            for g in range(16):
+                sc = np.int8(min(127, nearest_int(iscale * scales[g])) & 0xFF)
+                yb[Q6_K_SCALES + g] = np.uint8(sc)
+                d = d_all * F32(sc)
+                if d == ZERO:
+                    continue
+                for i in range(16):
+                    L[16 * g + i] = max(-32, min(31, nearest_int(xb[16 * g + i] / d))) + 32
+            for h in range(2):
+                for i in range(32):
+                    w = L[128 * h + i], L[128 * h + 32 + i], L[128 * h + 64 + i], L[128 * h + 96 + i]
+                    yb[Q6_K_QL + 64 * h + i] = (w[0] & 0x0F) | ((w[2] & 0x0F) << 4)
+                    yb[Q6_K_QL + 64 * h + 32 + i] = (w[1] & 0x0F) | ((w[3] & 0x0F) << 4)
+                    yb[Q6_K_QH + 32 * h + i] = ((w[0] >> 4) | ((w[1] >> 4) << 2)
+                                                | ((w[2] >> 4) << 4) | ((w[3] >> 4) << 6))
+
+
+QUANTIZE = {
+    QType.Q4_0: q4_0, QType.Q4_1: q4_1, QType.Q5_0: q5_0, QType.Q5_1: q5_1, QType.Q8_0: q8_0,
+    QType.Q4_K: q4_k, QType.Q5_K: q5_k, QType.Q6_K: q6_k,
+}

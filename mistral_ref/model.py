@@ -1,0 +1,172 @@
+"""The Mistral transformer: RMSNorm, RoPE, grouped-query attention with an optional sliding window,
+a rotating KV cache, and a SwiGLU feed-forward, over weights that stay quantized in the file's map.
+
+Shapes: T tokens in a chunk, H query heads, KV key/value heads, D head dimension. The forward pass
+is written once, for a chunk of T tokens at positions start..start+T-1: a prompt is a few chunks,
+a decode step is a chunk of one.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+import kernels
+from mistral_ref.errors import ContextLengthError, InputError
+from mistral_ref.gguf import Config, GGUFFile, QuantizedTensor, load_gguf
+
+PREFILL_CHUNK = 256  # tokens per prefill step: bounds activations and attention scratch
+
+
+class KVCache:
+    """Keys and values of past positions, float32 (n_layers, KV, slots, D), preallocated.
+
+    Position p lives in slot p % slots. With a sliding window of W, slots = W (or fewer when
+    max_tokens is smaller), so memory stays bounded and generation can run past the window:
+    a query only ever looks back W - 1 positions, and those are still in the ring.
+    """
+
+    def __init__(self, config: Config, max_tokens: int):
+        if not 0 < max_tokens <= config.context_length:
+            raise ContextLengthError(
+                f"a cache of {max_tokens} tokens does not fit the model's context of "
+                f"{config.context_length} tokens")
+        self.max_tokens = max_tokens
+        self.window = config.sliding_window or 0
+        self.slots = min(max_tokens, self.window) if self.window else max_tokens
+        shape = (config.n_layers, config.n_kv_heads, self.slots, config.head_dim)
+        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.length = 0  # positions written so far: the next token goes to position `length`
+
+    def update(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write keys and values (T, KV, D) of positions start..start+T-1 (the last `slots` win)."""
+        keep = min(len(k), self.slots)
+        slots = np.arange(start + len(k) - keep, start + len(k)) % self.slots
+        self.k[layer][:, slots] = k[-keep:].transpose(1, 0, 2)
+        self.v[layer][:, slots] = v[-keep:].transpose(1, 0, 2)
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: np.ndarray  # float32 (dim,)
+    wq: QuantizedTensor    # (H * D, dim)
+    wk: QuantizedTensor    # (KV * D, dim)
+    wv: QuantizedTensor    # (KV * D, dim)
+    wo: QuantizedTensor    # (dim, H * D)
+    ffn_norm: np.ndarray   # float32 (dim,)
+    w_gate: QuantizedTensor  # (ffn_dim, dim)
+    w_up: QuantizedTensor    # (ffn_dim, dim)
+    w_down: QuantizedTensor  # (dim, ffn_dim)
+
+
+class Model:
+    """A llama/mistral-architecture model read from a GGUF file."""
+
+    def __init__(self, gguf: GGUFFile, device: str = "cpu"):
+        if device != "cpu":
+            raise ValueError(f"device {device!r} is not available (this build runs on 'cpu')")
+        self.file, self.config, self.device = gguf, gguf.config, device
+        t, c = gguf.tensors, gguf.config
+        vector = lambda name: kernels.dequantize(t[name].data, t[name].qtype, t[name].shape)
+        self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), t[f"blk.{i}.attn_q.weight"],
+                             t[f"blk.{i}.attn_k.weight"], t[f"blk.{i}.attn_v.weight"],
+                             t[f"blk.{i}.attn_output.weight"], vector(f"blk.{i}.ffn_norm.weight"),
+                             t[f"blk.{i}.ffn_gate.weight"], t[f"blk.{i}.ffn_up.weight"],
+                             t[f"blk.{i}.ffn_down.weight"]) for i in range(c.n_layers)]
+        self.embedding = t["token_embd.weight"]
+        self.output_norm = vector("output_norm.weight")
+        self.output = t["token_embd.weight"] if c.tied_embeddings else t["output.weight"]
+        # RoPE frequency of pair i: theta^(-2i / rope_dim), in float64 (see kernels.cpu.ops.rope).
+        self.inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
+        self.scratch = np.empty(1 << 21, np.float32)  # dequantized weight tiles for prefill
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, device: str = "cpu") -> Model:
+        """Load a model; the weights stay quantized and memory-mapped."""
+        return cls(load_gguf(path), device)
+
+    def new_cache(self, max_tokens: int | None = None) -> KVCache:
+        """An empty KV cache for up to `max_tokens` positions (default: the model's context)."""
+        return KVCache(self.config, max_tokens or self.config.context_length)
+
+    def forward(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
+        """Run `token_ids` at the cache's next positions; returns the last position's logits,
+        float32 (vocab,)."""
+        return self._run(token_ids, cache, all_logits=False)[-1]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position of `token_ids` from a fresh cache: float32 (n_tokens, vocab)."""
+        return self._run(token_ids, self.new_cache(max(1, len(token_ids))), all_logits=True)
+
+    def _run(self, token_ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
+        tokens = self._check_tokens(token_ids, cache)
+        outputs = []
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start:start + PREFILL_CHUNK]
+            last = start + len(chunk) == len(tokens)
+            hidden = self._chunk(chunk, cache)
+            if all_logits or last:
+                hidden = hidden if all_logits else hidden[-1:]
+                outputs.append(self._linear(self.output, hidden))
+        return np.concatenate(outputs)
+
+    def _chunk(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """The transformer on T tokens at positions cache.length..; returns the final-normed hidden
+        states (T, dim) and advances the cache."""
+        c, n_tokens, start = self.config, len(tokens), cache.length
+        positions = np.arange(start, start + n_tokens, dtype=np.int64)
+        x = kernels.dequantize(self.embedding.rows[tokens], self.embedding.qtype, (n_tokens, c.dim))
+        for i, layer in enumerate(self.layers):
+            h = kernels.rmsnorm(x, layer.attn_norm, c.norm_eps)
+            q = self._linear(layer.wq, h).reshape(n_tokens, c.n_heads, c.head_dim)
+            k = self._linear(layer.wk, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
+            v = self._linear(layer.wv, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
+            kernels.rope(q, positions, self.inv_freq)
+            kernels.rope(k, positions, self.inv_freq)
+            attn = kernels.attention(q, k, v, cache.k[i], cache.v[i], start, cache.window)
+            cache.update(i, start, k, v)
+            x += self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim))
+            h = kernels.rmsnorm(x, layer.ffn_norm, c.norm_eps)
+            gate_up = kernels.swiglu(self._linear(layer.w_gate, h), self._linear(layer.w_up, h))
+            x += self._linear(layer.w_down, gate_up)
+        cache.length += n_tokens
+        return kernels.rmsnorm(x, self.output_norm, c.norm_eps)
+
+    def _linear(self, w: QuantizedTensor, x: np.ndarray) -> np.ndarray:
+        return kernels.matmul(w.rows, w.qtype, x, scratch=self.scratch)
+
+    def _check_tokens(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
+        tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if tokens.size == 0:
+            raise InputError("no tokens to run")
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if cache.length + tokens.size > cache.max_tokens:
+            raise ContextLengthError(
+                f"{cache.length} cached + {tokens.size} new tokens exceed the cache's "
+                f"{cache.max_tokens} positions (model context: {self.config.context_length})")
+        return tokens
+
+
+def generate(model: Model, token_ids: Sequence[int], max_new_tokens: int,
+             stop_ids: Sequence[int] = ()) -> Iterator[int]:
+    """Greedy decoding: yields up to `max_new_tokens` new token ids, one forward per token.
+
+    Stops after yielding a token in `stop_ids`. The prompt is run once (prefill); each new token
+    then runs alone against the KV cache.
+    """
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens == 0:
+        return
+    cache = model.new_cache(min(model.config.context_length, len(token_ids) + max_new_tokens))
+    logits = model.forward(token_ids, cache)
+    for n in range(max_new_tokens):
+        token = int(np.argmax(logits))
+        yield token
+        if token in stop_ids or n + 1 == max_new_tokens:
+            return
+        logits = model.forward([token], cache)
