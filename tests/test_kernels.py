@@ -1,0 +1,108 @@
+"""Transformer kernels (CPU) against the NumPy references of kernels.reference.ops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
+from kernels.formats import FORMATS
+from kernels.reference import ops as ref
+
+rng = np.random.default_rng(0)
+
+
+def random_rows(qtype: QType, n_rows: int, n: int) -> np.ndarray:
+    """Random valid rows: random bytes with small finite fp16/f32 fields."""
+    fmt = FORMATS[qtype]
+    raw = rng.integers(0, 256, n_rows * fmt.row_bytes(n), dtype=np.uint8)
+    blocks = raw.view(fmt.block)
+    for name in fmt.block.names:
+        if fmt.block[name] in (np.dtype("<f2"), np.dtype("<f4")):
+            blocks[name] = rng.uniform(-0.1, 0.1, blocks[name].shape).astype(fmt.block[name])
+    if qtype == QType.BF16:  # the high halves of small float32 values
+        small = rng.uniform(-0.1, 0.1, blocks.shape).astype(np.float32)
+        blocks["value"] = small.view(np.uint32) >> 16
+    return raw.reshape(n_rows, -1)
+
+
+@pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda q: q.name)
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_matmul_matches_float64(qtype, n_tokens):
+    n_rows, n = 37, 512
+    rows = random_rows(qtype, n_rows, n)
+    x = rng.standard_normal((n_tokens, n)).astype(np.float32)
+    want = np.stack([ref.matvec(rows, qtype, x[t]) for t in range(n_tokens)])
+    got = kernels.matmul(rows, qtype, x)
+    assert got.shape == (n_tokens, n_rows) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_matvec_covers_decode_types():
+    assert set(MATVEC_TYPES) >= {QType.Q4_K, QType.Q6_K, QType.Q5_K, QType.Q5_0, QType.Q5_1,
+                                 QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.F16, QType.F32}
+
+
+def test_matmul_tiles_with_small_scratch():
+    rows, x = random_rows(QType.Q4_K, 50, 256), rng.standard_normal((4, 256)).astype(np.float32)
+    whole = kernels.matmul(rows, QType.Q4_K, x)
+    tiled = kernels.matmul(rows, QType.Q4_K, x, scratch=np.empty(256 * 7, np.float32))
+    np.testing.assert_allclose(tiled, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_matmul_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="do not hold rows of 96 weights"):
+        kernels.matmul(random_rows(QType.Q8_0, 2, 64), QType.Q8_0, np.zeros((1, 96), np.float32))
+    with pytest.raises(ValueError, match="not a whole number of Q8_0 blocks"):
+        kernels.matmul(random_rows(QType.Q8_0, 2, 64), QType.Q8_0, np.zeros((1, 100), np.float32))
+    with pytest.raises(ValueError, match="float32"):
+        kernels.matmul(random_rows(QType.Q8_0, 2, 64), QType.Q8_0, np.zeros((1, 64)))
+
+
+def test_rmsnorm():
+    x = rng.standard_normal((5, 96)).astype(np.float32) * 3
+    w = rng.standard_normal(96).astype(np.float32)
+    np.testing.assert_allclose(kernels.rmsnorm(x, w, 1e-5), ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_pairs_and_keeps_the_rest():
+    x = rng.standard_normal((6, 3, 16)).astype(np.float32)
+    positions = np.array([0, 1, 2, 500, 8191, 32767], np.int64)
+    inv_freq = 10000.0 ** (-np.arange(0, 12, 2) / 12)  # rope_dim 12 < head_dim 16
+    want = ref.rope(x, positions, inv_freq)
+    got = kernels.rope(x.copy(), positions, inv_freq)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(got[..., 12:], x[..., 12:])
+    assert np.array_equal(got[0], x[0])  # position 0: no rotation
+
+
+def test_swiglu():
+    gate, up = rng.standard_normal((2, 2, 64)).astype(np.float32) * 4
+    np.testing.assert_allclose(kernels.swiglu(gate, up), ref.swiglu(gate, up), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_past=st.integers(0, 40), n_new=st.integers(1, 12), window=st.sampled_from([0, 1, 4, 9]),
+       heads=st.sampled_from([(4, 4), (4, 2), (6, 1)]), data=st.data())
+def test_attention_chunk_against_band_mask(n_past, n_new, window, heads, data):
+    """A chunk at positions n_past.. attends to its own keys and to the ring cache's earlier ones,
+    exactly as full attention with the band mask over the whole sequence."""
+    n_heads, n_kv = heads
+    head_dim = 8
+    total = n_past + n_new
+    slots = window if window else total
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    g = np.random.default_rng(seed)
+    q = g.standard_normal((n_new, n_heads, head_dim)).astype(np.float32)
+    k = g.standard_normal((total, n_kv, head_dim)).astype(np.float32)
+    v = g.standard_normal((total, n_kv, head_dim)).astype(np.float32)
+    k_cache = np.full((n_kv, slots, head_dim), np.nan, np.float32)  # unwritten slots must not be read
+    v_cache = k_cache.copy()
+    for p in range(max(0, n_past - slots), n_past):
+        k_cache[:, p % slots], v_cache[:, p % slots] = k[p], v[p]
+    got = kernels.attention(q, k[n_past:], v[n_past:], k_cache, v_cache, n_past, window)
+    want = ref.attention(q, k, v, np.arange(n_past, total), np.arange(total), window)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
