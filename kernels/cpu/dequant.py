@@ -81,6 +81,10 @@ def bf16(raw, out):
     _widen_bf16(raw.view(np.uint16), out.view(np.uint32))
 
 
+# Loop length: the 16-weight loops of the 32-weight formats take their length from the buffers at
+# run time ("half_block_length"): with a constant trip count of 16, LLVM unrolls them completely
+# before its loop vectorizer runs and the SLP vectorizer leaves them scalar (measured: 4x slower).
+#
 # Vector width: Numba types integer arithmetic as int64, and int64 -> float32 conversion runs 8
 # lanes at a time at best. So shifts are literals (arguments of inline functions called with
 # constants), and offsets such as "q - 8" are applied after the conversion to float32, which is
@@ -110,20 +114,24 @@ def nibbles_minus_min(raw, at, shift, width, d, m, out, o, n):
 
 @numba.njit(parallel=True, cache=True)
 def q4_0(raw, out):
-    for i in prange(raw.size // Q4_0_SIZE):
+    n_blocks = raw.size // Q4_0_SIZE
+    half = out.size // n_blocks // 2  # QK // 2, known only at run time (see above)
+    for i in prange(n_blocks):
         b, y = i * Q4_0_SIZE, i * QK
         d = fp16_at(raw, b + Q4_0_D)
-        nibbles_centered(raw, b + Q4_0_QS, 0, d, out, y, QK // 2, F32(8))
-        nibbles_centered(raw, b + Q4_0_QS, 4, d, out, y + QK // 2, QK // 2, F32(8))
+        nibbles_centered(raw, b + Q4_0_QS, 0, d, out, y, half, F32(8))
+        nibbles_centered(raw, b + Q4_0_QS, 4, d, out, y + half, half, F32(8))
 
 
 @numba.njit(parallel=True, cache=True)
 def q4_1(raw, out):
-    for i in prange(raw.size // Q4_1_SIZE):
+    n_blocks = raw.size // Q4_1_SIZE
+    half = out.size // n_blocks // 2
+    for i in prange(n_blocks):
         b, y = i * Q4_1_SIZE, i * QK
         d, m = fp16_at(raw, b + Q4_1_D), fp16_at(raw, b + Q4_1_M)
-        nibbles_affine(raw, b + Q4_1_QS, 0, d, m, out, y, QK // 2)
-        nibbles_affine(raw, b + Q4_1_QS, 4, d, m, out, y + QK // 2, QK // 2)
+        nibbles_affine(raw, b + Q4_1_QS, 0, d, m, out, y, half)
+        nibbles_affine(raw, b + Q4_1_QS, 4, d, m, out, y + half, half)
 
 
 @numba.njit(inline="always", cache=True)
@@ -141,25 +149,29 @@ def q5_value(raw, at, shift, high, j):
 
 @numba.njit(parallel=True, cache=True)
 def q5_0(raw, out):
-    for i in prange(raw.size // Q5_0_SIZE):
+    n_blocks = raw.size // Q5_0_SIZE
+    half = out.size // n_blocks // 2
+    for i in prange(n_blocks):
         b, y = i * Q5_0_SIZE, i * QK
         d, high = fp16_at(raw, b + Q5_0_D), q5_high_bits(raw, b + Q5_0_QH)
-        for j in range(QK // 2):
+        for j in range(half):
             out[y + j] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 0, high, j)) - F32(16))
-        for j in range(QK // 2):
-            out[y + j + 16] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 4, high, j + 16)) - F32(16))
+        for j in range(half):
+            out[y + j + half] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 4, high, j + half)) - F32(16))
 
 
 @numba.njit(parallel=True, cache=True)
 def q5_1(raw, out):
-    for i in prange(raw.size // Q5_1_SIZE):
+    n_blocks = raw.size // Q5_1_SIZE
+    half = out.size // n_blocks // 2
+    for i in prange(n_blocks):
         b, y = i * Q5_1_SIZE, i * QK
         d, m = fp16_at(raw, b + Q5_1_D), fp16_at(raw, b + Q5_1_M)
         high = q5_high_bits(raw, b + Q5_1_QH)
-        for j in range(QK // 2):
+        for j in range(half):
             out[y + j] = d * F32(q5_value(raw, b + Q5_1_QS + j, 0, high, j)) + m
-        for j in range(QK // 2):
-            out[y + j + 16] = d * F32(q5_value(raw, b + Q5_1_QS + j, 4, high, j + 16)) + m
+        for j in range(half):
+            out[y + j + half] = d * F32(q5_value(raw, b + Q5_1_QS + j, 4, high, j + half)) + m
 
 
 @numba.njit(parallel=True, cache=True)

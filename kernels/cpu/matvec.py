@@ -97,64 +97,65 @@ def q8_0_block_dot(row, blk, x, half):
 
 
 @numba.njit(inline="always", fastmath=FAST, cache=True)
-def k_nibble_dot(row, at, shift, x, xo, half):
-    """sum of (row[at + j] >> shift & 15) * x[xo + j] over the 2 * half bytes of a Q4_K group."""
+def k_group_dot(row, at, shift, qh_at, bit, x, xo, half):
+    """One Q4_K/Q5_K group of 32: sum of q * x with q the nibble at `shift` of row[at + j], plus 16
+    where row[qh_at + j] has `bit` set (Q5_K; bit 0 for Q4_K)."""
     s = F32(0)
     for j in range(2 * half):
-        s += F32((row[at + j] >> shift) & 0x0F) * x[xo + j]
+        q = F32((row[at + j] >> shift) & 0x0F)
+        if row[qh_at + j] & bit:
+            q += F32(16)
+        s += q * x[xo + j]
     return s
 
 
 @numba.njit(inline="always", fastmath=FAST, cache=True)
-def q4_k_block_dot(row, blk, x, xsum, half):
-    """8 groups of 32: (d * scale) * sum(q * x) - (dmin * min) * sum(x)."""
-    b, xo = blk * Q4_K_SIZE, blk * QK_K
-    d, dmin = fp16_at(row, b + Q4_K_D), fp16_at(row, b + Q4_K_DMIN)
+def k_block_dot(row, b, d_at, dmin_at, scales_at, qs_at, qh_at, x, xo, xsum, g0, half):
+    """Q4_K (qh_at = -1) or Q5_K block at row[b]: 8 groups of 32,
+    (d * scale) * sum(q * x) - (dmin * min) * sum(x)."""
+    d, dmin = fp16_at(row, b + d_at), fp16_at(row, b + dmin_at)
     s = F32(0)
-    for c in range(4):  # 32 bytes: group 2c in the low nibbles, 2c + 1 in the high
-        at = b + Q4_K_QS + 32 * c
-        for h in range(2):
-            sc, m = k_scale_min(row, b + Q4_K_SCALES, 2 * c + h)
-            g = 8 * blk + 2 * c + h
-            dot = k_nibble_dot(row, at, 4 * h, x, xo + 64 * c + 32 * h, half)
-            s += d * F32(sc) * dot - dmin * F32(m) * xsum[g]
+    for c in range(4):  # 32 bytes of qs: group 2c in the low nibbles, 2c + 1 in the high
+        at = b + qs_at + 32 * c
+        qh = b + qh_at if qh_at >= 0 else at  # Q4_K: any bytes, tested against bit 0
+        lo_bit = np.uint8(1 << (2 * c)) if qh_at >= 0 else np.uint8(0)
+        hi_bit = np.uint8(2 << (2 * c)) if qh_at >= 0 else np.uint8(0)
+        sc, m = k_scale_min(row, b + scales_at, 2 * c)
+        s += (d * F32(sc) * k_group_dot(row, at, 0, qh, lo_bit, x, xo + 64 * c, half)
+              - dmin * F32(m) * xsum[g0 + 2 * c])
+        sc, m = k_scale_min(row, b + scales_at, 2 * c + 1)
+        s += (d * F32(sc) * k_group_dot(row, at, 4, qh, hi_bit, x, xo + 64 * c + 32, half)
+              - dmin * F32(m) * xsum[g0 + 2 * c + 1])
     return s
 
 
 @numba.njit(inline="always", fastmath=FAST, cache=True)
-def q5_k_block_dot(row, blk, x, xsum, half):
-    """As Q4_K with the fifth bit of weight j of group g in bit g of qh[j]."""
-    b, xo = blk * Q5_K_SIZE, blk * QK_K
-    d, dmin = fp16_at(row, b + Q5_K_D), fp16_at(row, b + Q5_K_DMIN)
+def q6_k_quarter_dot(row, ql_at, qh_at, lo_shift, hi_shift, scales, g, d, x, xo, half):
+    """Two Q6_K groups of 16 (32 weights): q = nibble at `lo_shift` of ql | 2 bits at `hi_shift`
+    of qh, w = (d * scale) * (q - 32)."""
     s = F32(0)
-    for g in range(8):
-        sc, m = k_scale_min(row, b + Q5_K_SCALES, g)
-        at, shift = b + Q5_K_QS + 32 * (g // 2), 4 * (g % 2)
+    for h in range(2):
         dot = F32(0)
-        for j in range(2 * half):
-            q = ((row[at + j] >> shift) & 0x0F) | (((row[b + Q5_K_QH + j] >> g) & 1) << 4)
-            dot += F32(q) * x[xo + 32 * g + j]
-        s += d * F32(sc) * dot - dmin * F32(m) * xsum[8 * blk + g]
+        for j in range(half):
+            q = ((row[ql_at + 16 * h + j] >> lo_shift) & 0x0F) | (((row[qh_at + 16 * h + j] >> hi_shift) & 3) << 4)
+            dot += (F32(q) - F32(32)) * x[xo + 16 * h + j]
+        s += d * F32(scales[g + h]) * dot
     return s
 
 
 @numba.njit(inline="always", fastmath=FAST, cache=True)
 def q6_k_block_dot(row, blk, x, half):
-    """16 groups of 16: (d * scale) * sum((q - 32) * x); see kernels.reference.dequant.q6_k."""
-    b, xo = blk * Q6_K_SIZE, blk * QK_K
+    """16 groups of 16; each half of 128 weights in four quarters (see reference.dequant.q6_k)."""
+    b = blk * Q6_K_SIZE
     d = fp16_at(row, b + Q6_K_D)
     scales = row[b + Q6_K_SCALES:b + Q6_K_SCALES + 16].view(np.int8)
     s = F32(0)
-    for g in range(16):
-        hf, c, r = g // 8, (g // 2) % 4, 16 * (g % 2)
-        ql_at = b + Q6_K_QL + 64 * hf + 32 * (c % 2) + r
-        qh_at = b + Q6_K_QH + 32 * hf + r
-        lo_shift, hi_shift = 4 * (c // 2), 2 * c
-        dot = F32(0)
-        for j in range(half):
-            q = ((row[ql_at + j] >> lo_shift) & 0x0F) | (((row[qh_at + j] >> hi_shift) & 3) << 4)
-            dot += (F32(q) - F32(32)) * x[xo + 16 * g + j]
-        s += d * F32(scales[g]) * dot
+    for hf in range(2):
+        ql, qh, xo, g = b + Q6_K_QL + 64 * hf, b + Q6_K_QH + 32 * hf, blk * QK_K + 128 * hf, 8 * hf
+        s += q6_k_quarter_dot(row, ql, qh, 0, 0, scales, g, d, x, xo, half)
+        s += q6_k_quarter_dot(row, ql + 32, qh, 0, 2, scales, g + 2, d, x, xo + 32, half)
+        s += q6_k_quarter_dot(row, ql, qh, 4, 4, scales, g + 4, d, x, xo + 64, half)
+        s += q6_k_quarter_dot(row, ql + 32, qh, 4, 6, scales, g + 6, d, x, xo + 96, half)
     return s
 
 
@@ -190,13 +191,15 @@ def matvec(rows, qtype, x, out, half):
         s = F32(0)
         if qtype == Q4_K_ID:
             for blk in range(x.size // QK_K):
-                s += q4_k_block_dot(row, blk, x, xsum, half)
+                s += k_block_dot(row, blk * Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1,
+                                 x, blk * QK_K, xsum, 8 * blk, half)
         elif qtype == Q6_K_ID:
             for blk in range(x.size // QK_K):
                 s += q6_k_block_dot(row, blk, x, half)
         elif qtype == Q5_K_ID:
             for blk in range(x.size // QK_K):
-                s += q5_k_block_dot(row, blk, x, xsum, half)
+                s += k_block_dot(row, blk * Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS,
+                                 Q5_K_QH, x, blk * QK_K, xsum, 8 * blk, half)
         elif qtype == Q8_0_ID:
             for blk in range(x.size // QK):
                 s += q8_0_block_dot(row, blk, x, half)
