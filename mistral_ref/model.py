@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+from gguf import GGMLQuantizationType as QType
 
 import kernels
 from mistral_ref.errors import ContextLengthError, InputError
@@ -48,17 +50,28 @@ class KVCache:
         self.v[layer][:, slots] = v[-keep:].transpose(1, 0, 2)
 
 
+class Weight(NamedTuple):
+    """A weight matrix as the kernels take it: its rows in the file's block format."""
+
+    rows: np.ndarray  # uint8 (n_rows, row_bytes), read-only view of the file's map
+    qtype: QType
+
+    @classmethod
+    def of(cls, t: QuantizedTensor) -> Weight:
+        return cls(np.asarray(t.rows), t.qtype)  # a plain ndarray view: cheaper to pass than memmap
+
+
 @dataclass(frozen=True)
 class Layer:
     attn_norm: np.ndarray  # float32 (dim,)
-    wq: QuantizedTensor    # (H * D, dim)
-    wk: QuantizedTensor    # (KV * D, dim)
-    wv: QuantizedTensor    # (KV * D, dim)
-    wo: QuantizedTensor    # (dim, H * D)
+    wq: Weight             # (H * D, dim)
+    wk: Weight             # (KV * D, dim)
+    wv: Weight             # (KV * D, dim)
+    wo: Weight             # (dim, H * D)
     ffn_norm: np.ndarray   # float32 (dim,)
-    w_gate: QuantizedTensor  # (ffn_dim, dim)
-    w_up: QuantizedTensor    # (ffn_dim, dim)
-    w_down: QuantizedTensor  # (dim, ffn_dim)
+    w_gate: Weight         # (ffn_dim, dim)
+    w_up: Weight           # (ffn_dim, dim)
+    w_down: Weight         # (dim, ffn_dim)
 
 
 class Model:
@@ -70,14 +83,15 @@ class Model:
         self.file, self.config, self.device = gguf, gguf.config, device
         t, c = gguf.tensors, gguf.config
         vector = lambda name: kernels.dequantize(t[name].data, t[name].qtype, t[name].shape)
-        self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), t[f"blk.{i}.attn_q.weight"],
-                             t[f"blk.{i}.attn_k.weight"], t[f"blk.{i}.attn_v.weight"],
-                             t[f"blk.{i}.attn_output.weight"], vector(f"blk.{i}.ffn_norm.weight"),
-                             t[f"blk.{i}.ffn_gate.weight"], t[f"blk.{i}.ffn_up.weight"],
-                             t[f"blk.{i}.ffn_down.weight"]) for i in range(c.n_layers)]
-        self.embedding = t["token_embd.weight"]
+        matrix = lambda name: Weight.of(t[name])
+        self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrix(f"blk.{i}.attn_q.weight"),
+                             matrix(f"blk.{i}.attn_k.weight"), matrix(f"blk.{i}.attn_v.weight"),
+                             matrix(f"blk.{i}.attn_output.weight"), vector(f"blk.{i}.ffn_norm.weight"),
+                             matrix(f"blk.{i}.ffn_gate.weight"), matrix(f"blk.{i}.ffn_up.weight"),
+                             matrix(f"blk.{i}.ffn_down.weight")) for i in range(c.n_layers)]
+        self.embedding = matrix("token_embd.weight")
         self.output_norm = vector("output_norm.weight")
-        self.output = t["token_embd.weight"] if c.tied_embeddings else t["output.weight"]
+        self.output = self.embedding if c.tied_embeddings else matrix("output.weight")
         # RoPE frequency of pair i: theta^(-2i / rope_dim), in float64 (see kernels.cpu.ops.rope).
         self.inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
         self.scratch = np.empty(1 << 21, np.float32)  # dequantized weight tiles for prefill
@@ -134,7 +148,7 @@ class Model:
         cache.length += n_tokens
         return kernels.rmsnorm(x, self.output_norm, c.norm_eps)
 
-    def _linear(self, w: QuantizedTensor, x: np.ndarray) -> np.ndarray:
+    def _linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
         return kernels.matmul(w.rows, w.qtype, x, scratch=self.scratch)
 
     def _check_tokens(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
