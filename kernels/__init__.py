@@ -17,17 +17,23 @@ from kernels.formats import FORMATS, QK, QK_K, BlockFormat, block_format
 from kernels.reference import ops as reference_ops
 from kernels.reference.dequant import DEQUANTIZE as REFERENCE_DEQUANTIZE
 from kernels.reference.quant import QUANTIZE as REFERENCE_QUANTIZE
-from mistral_ref.errors import UnsupportedTensorTypeError
 
 BACKENDS = ("reference", "cpu")
 
-__all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat", "block_format",
-           "dequantize", "quantize"]
+__all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat", "attention",
+           "block_format", "dequantize", "matmul", "quantize", "rmsnorm", "rope", "swiglu"]
 
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    if a.flags.writeable:  # kernels always see read-only input: one compiled specialization each
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...],
@@ -76,7 +82,7 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
         return np.ascontiguousarray(x.astype(fmt.block["value"])).view(np.uint8).reshape(
             *x.shape[:-1], -1)
     if fmt.qtype not in QUANTIZABLE:
-        raise UnsupportedTensorTypeError(
+        raise ValueError(
             f"quantizing to {fmt.qtype.name} is not supported (supported: "
             f"{', '.join(t.name for t in QUANTIZABLE)}, F16, F32)")
     if not np.isfinite(x).all():
@@ -85,19 +91,9 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
     flat = np.ascontiguousarray(x).reshape(-1)
     if backend == "reference":
         return REFERENCE_QUANTIZE[fmt.qtype](flat).reshape(out_shape)
-    if flat.flags.writeable:  # one compiled specialization per kernel: read-only input
-        flat = flat.view()
-        flat.flags.writeable = False
     out = np.empty(fmt.nbytes(x.shape), dtype=np.uint8)
-    CPU_QUANTIZE[fmt.qtype](flat, out)
+    CPU_QUANTIZE[fmt.qtype](_read_only(flat), out)
     return out.reshape(out_shape)
-
-
-def _read_only(a: np.ndarray) -> np.ndarray:
-    if a.flags.writeable:  # kernels always see read-only input: one compiled specialization each
-        a = a.view()
-        a.flags.writeable = False
-    return a
 
 
 def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: str = "cpu",
