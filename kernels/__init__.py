@@ -13,12 +13,20 @@ from kernels.cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
 from kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
 from kernels.cpu.matvec import matvec as cpu_matvec
 from kernels.cpu.quant import QUANTIZE as CPU_QUANTIZE
+from kernels.cpu.vec_dot import SUPPORTED as Q8_TYPES
+from kernels.cpu.vec_dot import matvec_q8 as cpu_matvec_q8
+from kernels.cpu.vec_dot import round_trip_q8
 from kernels.formats import FORMATS, QK, QK_K, BlockFormat, block_format
 from kernels.reference import ops as reference_ops
+from kernels.reference import vec_dot as reference_vec_dot
 from kernels.reference.dequant import DEQUANTIZE as REFERENCE_DEQUANTIZE
 from kernels.reference.quant import QUANTIZE as REFERENCE_QUANTIZE
 
 BACKENDS = ("reference", "cpu")
+# How activations enter a quantized matmul: "f32" keeps them float32 (exact: agrees with a
+# float64 reference to ~1e-6); "q8" quantizes them to 8 bits per block first, as llama.cpp and
+# mistral.rs do (their numerics, token for token, and faster integer dot products).
+ACTIVATIONS = ("f32", "q8")
 
 __all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat", "attention",
            "block_format", "dequantize", "matmul", "quantize", "rmsnorm", "rope", "swiglu"]
@@ -97,16 +105,20 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
 
 
 def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: str = "cpu",
-           scratch: np.ndarray | None = None) -> np.ndarray:
+           scratch: np.ndarray | None = None, activations: str = "f32") -> np.ndarray:
     """x @ W.T for a quantized weight matrix W: the transformer's linear layer.
 
     rows: uint8 (n_rows, row_bytes), W's rows in its block format; x: float32 (T, n).
-    Returns float32 (T, n_rows). One token (T = 1) runs the fused dequantize-and-dot kernel;
-    more tokens dequantize W a tile of rows at a time into `scratch` (float32, any size of at
-    least one row; allocated when None) and multiply the tile with BLAS.
+    Returns float32 (T, n_rows). One token (T = 1) runs a fused dequantize-and-dot kernel; more
+    tokens dequantize W a tile of rows at a time into `scratch` (float32, at least one row;
+    allocated when None) and multiply the tile with BLAS. `activations`: see ACTIVATIONS; with
+    "q8", k-quant weights see x in Q8_K blocks and 32-weight formats in Q8_0/Q8_1 blocks (F16/F32
+    weights see x unchanged).
     """
     fmt = block_format(qtype)
     _check_backend(backend)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
     n_tokens, n = x.shape
     if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(n):
         raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of {n} weights")
@@ -114,12 +126,19 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
         raise ValueError(f"activations must be float32, got {x.dtype}")
     rows, x = _read_only(np.ascontiguousarray(rows)), np.ascontiguousarray(x)
     out = np.empty((n_tokens, rows.shape[0]), np.float32)
+    q8 = activations == "q8" and fmt.qtype in Q8_TYPES
     if backend == "reference":
         for t in range(n_tokens):
-            out[t] = reference_ops.matvec(rows, fmt.qtype, x[t])
+            out[t] = (reference_vec_dot.matvec_q8 if q8 else reference_ops.matvec)(rows, fmt.qtype, x[t])
+    elif n_tokens == 1 and q8:
+        cpu_matvec_q8(rows, int(fmt.qtype), x[0], out[0])
     elif n_tokens == 1 and fmt.qtype in MATVEC_TYPES:
         cpu_matvec(rows, int(fmt.qtype), x[0], out[0], QK // 2)
     else:
+        if q8:
+            x8 = np.empty_like(x)
+            round_trip_q8(x, fmt.block_size == QK_K, x8)
+            x = x8
         if scratch is None or scratch.size < n:
             scratch = np.empty(max(n, 1 << 21), np.float32)
         tile_rows = scratch.size // n

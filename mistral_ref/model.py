@@ -77,10 +77,15 @@ class Layer:
 class Model:
     """A llama/mistral-architecture model read from a GGUF file."""
 
-    def __init__(self, gguf: GGUFFile, device: str = "cpu"):
+    def __init__(self, gguf: GGUFFile, device: str = "cpu", activations: str = "f32"):
+        """activations: "f32" (exact float32 arithmetic) or "q8" (activations quantized to 8 bits
+        before each quantized matmul, as llama.cpp and mistral.rs do); see kernels.ACTIVATIONS."""
         if device != "cpu":
             raise ValueError(f"device {device!r} is not available (this build runs on 'cpu')")
+        if activations not in kernels.ACTIVATIONS:
+            raise ValueError(f"activations must be one of {kernels.ACTIVATIONS}, got {activations!r}")
         self.file, self.config, self.device = gguf, gguf.config, device
+        self.activations = activations
         t, c = gguf.tensors, gguf.config
         vector = lambda name: kernels.dequantize(t[name].data, t[name].qtype, t[name].shape)
         matrix = lambda name: Weight.of(t[name])
@@ -97,9 +102,9 @@ class Model:
         self.scratch = np.empty(1 << 21, np.float32)  # dequantized weight tiles for prefill
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, device: str = "cpu") -> Model:
+    def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32") -> Model:
         """Load a model; the weights stay quantized and memory-mapped."""
-        return cls(load_gguf(path), device)
+        return cls(load_gguf(path), device, activations)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_tokens` positions (default: the model's context)."""
@@ -149,7 +154,7 @@ class Model:
         return kernels.rmsnorm(x, self.output_norm, c.norm_eps)
 
     def _linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
-        return kernels.matmul(w.rows, w.qtype, x, scratch=self.scratch)
+        return kernels.matmul(w.rows, w.qtype, x, scratch=self.scratch, activations=self.activations)
 
     def _check_tokens(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)

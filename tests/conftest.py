@@ -1,6 +1,12 @@
 """Shared fixtures: the real default model, and small GGUF files written with gguf-py's writer."""
 from __future__ import annotations
 
+import os
+
+# No GPU on the project's machines: CUDA kernels run in numba's simulator. Numba reads this when it
+# is first imported, so it is set before anything imports numba (a real GPU run unsets it).
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
 from pathlib import Path
 
 import numpy as np

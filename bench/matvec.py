@@ -1,0 +1,154 @@
+"""Decode matvec throughput in GB/s of quantized weights: the float32-activation kernel
+(kernels.cpu.matvec), the q8-activation kernel with llama.cpp's numerics (kernels.cpu.vec_dot),
+the NumPy reference of the latter, and llama.cpp's own mul_mat when llama-cpp-python is installed,
+on Mistral-7B-shaped matrices.
+
+    .venv/bin/python bench/matvec.py [--threads 1 2] [--shapes 4096x4096 14336x4096] [--types Q4_K ...]
+
+Weights are random bytes with sane fp16 scales: speed does not depend on the values. Each figure
+is the best of --repeats calls (the machines are shared and noisy; the best is the least
+disturbed), and the weights (9-80 MB) are larger than the caches, so they stream from memory.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import os
+import time
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from kernels.cpu.matvec import matvec as f32_matvec
+from kernels.cpu.vec_dot import SUPPORTED, matvec_q8
+from kernels.formats import FORMATS, QK
+from kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
+
+MACHINE_READ_GBS = 49  # Numba prange sum of int64 with 2 threads (shared/notes/cpu-kernel-facts.md)
+
+
+def random_rows(qtype: QType, n_rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random weight bytes whose fp16 fields (d, m, dmin) hold small finite numbers."""
+    fmt = FORMATS[qtype]
+    rows = rng.integers(0, 256, (n_rows, fmt.row_bytes(n)), dtype=np.uint8)
+    blocks = rows.reshape(-1, fmt.type_size)
+    for field in ("d", "m", "dmin"):
+        if field in fmt.block.names:
+            at = fmt.offset(field)
+            half = (rng.random(len(blocks)) * 0.01).astype(np.float16)
+            blocks[:, at:at + 2] = half.view(np.uint8).reshape(-1, 2)
+    rows.flags.writeable = False
+    return rows
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+class LlamaCppMatvec:
+    """llama.cpp's own W @ x: a ggml graph with one mul_mat, computed by libggml-cpu (through the
+    libraries llama-cpp-python ships). None-like when unavailable."""
+
+    def __init__(self):
+        import llama_cpp
+        libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+        self.base = ctypes.CDLL(glob.glob(os.path.join(libdir, "libggml-base.so"))[0])
+        self.cpu = ctypes.CDLL(glob.glob(os.path.join(libdir, "libggml-cpu.so"))[0])
+        self.cpu.ggml_cpu_init()
+
+        class InitParams(ctypes.Structure):
+            _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                        ("no_alloc", ctypes.c_bool)]
+        self.InitParams = InitParams
+        vp = ctypes.c_void_p
+        self.base.ggml_init.restype = vp
+        self.base.ggml_init.argtypes = [InitParams]
+        self.base.ggml_new_tensor_2d.restype = vp
+        self.base.ggml_new_tensor_2d.argtypes = [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        self.base.ggml_new_tensor_1d.restype = vp
+        self.base.ggml_new_tensor_1d.argtypes = [vp, ctypes.c_int, ctypes.c_int64]
+        self.base.ggml_get_data.restype = vp
+        self.base.ggml_get_data.argtypes = [vp]
+        self.base.ggml_mul_mat.restype = vp
+        self.base.ggml_mul_mat.argtypes = [vp, vp, vp]
+        self.base.ggml_new_graph.restype = vp
+        self.base.ggml_new_graph.argtypes = [vp]
+        self.base.ggml_build_forward_expand.argtypes = [vp, vp]
+        self.base.ggml_free.argtypes = [vp]
+        self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
+
+    def prepare(self, rows: np.ndarray, qtype: QType, x: np.ndarray, n_threads: int):
+        """Returns a function computing W @ x in llama.cpp, and the array its result lands in."""
+        base = self.base
+        ctx = base.ggml_init(self.InitParams(rows.nbytes + x.nbytes * 4 + (64 << 20), None, False))
+        w = base.ggml_new_tensor_2d(ctx, int(qtype), x.size, rows.shape[0])
+        ctypes.memmove(base.ggml_get_data(w), rows.ctypes.data, rows.nbytes)
+        v = base.ggml_new_tensor_1d(ctx, int(QType.F32), x.size)
+        ctypes.memmove(base.ggml_get_data(v), x.ctypes.data, x.nbytes)
+        y = base.ggml_mul_mat(ctx, w, v)
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, y)
+        out = np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(y), ctypes.POINTER(ctypes.c_float)),
+                                    shape=(rows.shape[0],))
+        self._keep = ctx
+        return (lambda: self.cpu.ggml_graph_compute_with_ctx(ctx, graph, n_threads)), out
+
+    def free(self):
+        self.base.ggml_free(self._keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096"])
+    parser.add_argument("--types", nargs="+", default=[t.name for t in SUPPORTED])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    args = parser.parse_args()
+    try:
+        llama = LlamaCppMatvec()
+    except (ImportError, IndexError, OSError, AttributeError):
+        llama = None
+
+    rng = np.random.default_rng(0)
+    print(f"machine read bandwidth: ~{MACHINE_READ_GBS} GB/s with 2 threads "
+          f"(shared/notes/cpu-kernel-facts.md); figures: GB/s of quantized weights, best of "
+          f"{args.repeats}")
+    print(f"{'type':6} {'shape':>11} {'thr':>3} {'f32 kernel':>10} {'q8 kernel':>10} "
+          f"{'reference':>10} {'llama.cpp':>10}")
+    for shape in args.shapes:
+        n_rows, n = (int(v) for v in shape.split("x"))
+        x = rng.standard_normal(n).astype(np.float32)
+        for name in args.types:
+            qtype = QType[name]
+            rows = random_rows(qtype, n_rows, n, rng)
+            out = np.empty(n_rows, np.float32)
+            gbs = lambda seconds: rows.nbytes / seconds / 1e9  # noqa: E731
+            reference = "-"
+            if not args.no_reference and 1 in args.threads:
+                seconds = best_seconds(lambda: reference_matvec_q8(rows, qtype, x), 1)
+                reference = f"{gbs(seconds):.2f}"
+            for threads in args.threads:
+                numba.set_num_threads(threads)
+                f32 = gbs(best_seconds(lambda: f32_matvec(rows, int(qtype), x, out, QK // 2),
+                                       args.repeats))
+                q8 = gbs(best_seconds(lambda: matvec_q8(rows, int(qtype), x, out), args.repeats))
+                ours = "-"
+                if llama is not None:
+                    compute, _ = llama.prepare(rows, qtype, x, threads)
+                    ours = f"{gbs(best_seconds(compute, args.repeats)):.1f}"
+                    llama.free()
+                print(f"{name:6} {shape:>11} {threads:>3} {f32:10.1f} {q8:10.1f} "
+                      f"{reference if threads == 1 else '-':>10} {ours:>10}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Decode matvec with llama.cpp's numerics: x quantized to 8 bits once per call, integer dot products.
+
+`matvec_q8(rows, qtype, x, out)` computes what kernels.reference.vec_dot.matvec_q8 defines: the
+activation blocks are bit-identical to llama.cpp's `quantize_row_q8_{0,1,K}_ref`, every per-block
+integer sum is exact, and only the float combination of the sums with the scales is ordered
+differently (~1e-6 relative). Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the
+float kernel, kernels.cpu.matvec.
+
+Speed comes from three small LLVM intrinsics that do one block's integer dot product as
+fixed-width vector code (`dot_nibble_pairs`, `dot_fields`, `dot_bytes`): load 16 or 32 weight
+bytes, unpack the fields in byte lanes, multiply with the int8 activations and reduce to one int32.
+They are written in target-independent LLVM vector IR; on x86 with AVX-512 VNNI LLVM turns the
+unsigned-by-signed byte product and its reduction into `vpdpbusd`. Numba's own loop vectorizer
+cannot do this: a 16- or 32-iteration block loop is either fully unrolled (and stays scalar) or,
+with a run-time trip count, vectorized at 4 x 8 lanes and never entered. See docs/kernels-q8.md.
+"""
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from kernels.cpu.dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS, Q4_1_SIZE,
+                                 Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q4_K_SIZE, Q5_0_D,
+                                 Q5_0_QH, Q5_0_QS, Q5_0_SIZE, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
+                                 Q5_1_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
+                                 Q5_K_SIZE, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SIZE,
+                                 Q8_0_D, Q8_0_QS, Q8_0_SIZE, k_scale_min, q5_high_bits)
+from kernels.cpu.fp16 import f32_to_fp16_bits
+from kernels.cpu.quant import inverse, nearest_int, roundf
+from kernels.formats import QK, QK_K
+
+F32 = np.float32
+FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}  # reassociate sums; keep NaN/inf semantics
+HALF = QK // 2  # bytes of 4-bit weights in a legacy block
+Q4_0_ID, Q4_1_ID, Q5_0_ID, Q5_1_ID, Q8_0_ID, Q4_K_ID, Q5_K_ID, Q6_K_ID = (
+    int(t) for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K,
+                     QType.Q5_K, QType.Q6_K))
+SUPPORTED = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K,
+             QType.Q6_K)
+
+# ------------------------------------------------------------------ LLVM vector intrinsics
+
+_I8, _I32 = ir.IntType(8), ir.IntType(32)
+
+
+def _bytes_at(context, builder, array_type, array, at, n):
+    """<n x i8> loaded from array[at:at + n] (no bounds check: callers index whole blocks)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    pointer = builder.bitcast(builder.gep(data, [at]), ir.VectorType(_I8, n).as_pointer())
+    return builder.load(pointer, align=1)
+
+
+def _splat(builder, value, n):
+    """<n x iK> with every lane `value` (an iK)."""
+    vector = builder.insert_element(ir.Constant(ir.VectorType(value.type, n), None), value,
+                                    ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _to_i8(builder, value):
+    return builder.trunc(value, _I8) if value.type.width > 8 else value
+
+
+def _reduce_products(builder, weights, x, n, weights_signed):
+    """sum(weights * x) in int32 over two <n x i8>; x is signed. The zero-extended unsigned form
+    is the pattern LLVM maps to vpdpbusd (u8 x s8 -> i32) on AVX-512 VNNI / AVX-VNNI."""
+    wide = ir.VectorType(_I32, n)
+    extend = builder.sext if weights_signed else builder.zext
+    products = builder.mul(extend(weights, wide), builder.sext(x, wide))
+    reduce_add = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_I32, [wide]), f"llvm.vector.reduce.add.v{n}i32")
+    return builder.call(reduce_add, [products])
+
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 value of the IEEE half with bits `bits` (an integer; its low 16 bits): one
+    `fpext half` (vcvtph2ps / vcvtsh2ss). Exact for every half; NaNs come back quiet."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
+        return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def dot_nibble_pairs(typingctx, w, at, high, x, x_at, n):
+    """Integer dot product of a legacy block with 2n int8 activations x[x_at:x_at + 2n]:
+    weight j < n is (w[at + j] & 15) | (bit j of high) << 4, weight n + j is
+    (w[at + j] >> 4) | (bit n + j of high) << 4 (high = 0 for Q4_0/Q4_1, qh for Q5_0/Q5_1).
+    n: a literal (16). Returns int32."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    width = n.literal_value
+
+    def codegen(context, builder, signature, args):
+        w_, at_, high_, x_, x_at_, _ = args
+        packed = _bytes_at(context, builder, signature.args[0], w_, at_, width)
+        byte_vector = ir.VectorType(_I8, width)
+        low = builder.and_(packed, ir.Constant(byte_vector, [15] * width))
+        upper = builder.lshr(packed, ir.Constant(byte_vector, [4] * width))
+        nibbles = builder.shuffle_vector(
+            low, upper, ir.Constant(ir.VectorType(_I32, 2 * width), list(range(2 * width))))
+        high32 = builder.zext(high_, _I32) if high_.type.width < 32 else builder.trunc(high_, _I32)
+        lane_bits = builder.lshr(_splat(builder, high32, 2 * width),
+                                 ir.Constant(ir.VectorType(_I32, 2 * width), list(range(2 * width))))
+        fifth = builder.shl(builder.trunc(builder.and_(lane_bits, ir.Constant(lane_bits.type, [1] * 2 * width)),
+                                          ir.VectorType(_I8, 2 * width)),
+                            ir.Constant(ir.VectorType(_I8, 2 * width), [4] * 2 * width))
+        activations = _bytes_at(context, builder, signature.args[3], x_, x_at_, 2 * width)
+        return _reduce_products(builder, builder.or_(nibbles, fifth), activations, 2 * width, False)
+    return types.int32(w, at, high, x, x_at, n), codegen
+
+
+@intrinsic
+def dot_fields(typingctx, w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n):
+    """Integer dot product of n k-quant weights with x[x_at:x_at + n] (int8), where weight j is
+    ((w[at + j] >> shift) & 15) | ((h[h_at + j] >> h_shift) & h_mask) << 4: Q4_K (h_mask 0),
+    Q5_K (its qh bits, h_mask 1), Q6_K (ql and qh, h_mask 3). n: a literal. Returns int32."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    width = n.literal_value
+
+    def codegen(context, builder, signature, args):
+        w_, at_, shift_, h_, h_at_, h_shift_, h_mask_, x_, x_at_, _ = args
+        lanes = ir.VectorType(_I8, width)
+        low = builder.and_(builder.lshr(_bytes_at(context, builder, signature.args[0], w_, at_, width),
+                                        _splat(builder, _to_i8(builder, shift_), width)),
+                           ir.Constant(lanes, [15] * width))
+        high = builder.and_(builder.lshr(_bytes_at(context, builder, signature.args[3], h_, h_at_, width),
+                                         _splat(builder, _to_i8(builder, h_shift_), width)),
+                            _splat(builder, _to_i8(builder, h_mask_), width))
+        weights = builder.or_(low, builder.shl(high, ir.Constant(lanes, [4] * width)))
+        activations = _bytes_at(context, builder, signature.args[7], x_, x_at_, width)
+        return _reduce_products(builder, weights, activations, width, False)
+    return types.int32(w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n), codegen
+
+
+@intrinsic
+def dot_bytes(typingctx, w, at, x, x_at, n):
+    """sum of int8(w[at + j]) * x[x_at + j], j < n (Q8_0 weights). n: a literal. Returns int32."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    width = n.literal_value
+
+    def codegen(context, builder, signature, args):
+        w_, at_, x_, x_at_, _ = args
+        weights = _bytes_at(context, builder, signature.args[0], w_, at_, width)
+        activations = _bytes_at(context, builder, signature.args[2], x_, x_at_, width)
+        return _reduce_products(builder, weights, activations, width, True)
+    return types.int32(w, at, x, x_at, n), codegen
+
+
+@numba.njit(inline="always", cache=True)
+def fp16(raw, i):
+    """The fp16 stored at byte `i` of `raw`, as float32."""
+    return half_to_float(np.uint16(raw[i]) | (np.uint16(raw[i + 1]) << 8))
+
+
+# ------------------------------------------------------------------ activation quantizers
+# Bit-identical to llama.cpp's quantize_row_q8_*_ref (and kernels.reference.vec_dot): no fastmath.
+# Outputs: qs int8 (n,); d float32 per block (Q8_0/Q8_1: the fp16-rounded value the dot product
+# uses); s float32 per block (Q8_1's fp16 d * sum(q); unused otherwise); sums int32: per block of
+# 32 for Q8_0/Q8_1, per 16 (llama.cpp's bsums) for Q8_K.
+
+@numba.njit(cache=True)
+def quantize_q8_0(x, qs, d, s, sums):
+    for b in range(x.size // QK):
+        amax = F32(0)
+        for j in range(b * QK, (b + 1) * QK):
+            amax = max(amax, abs(x[j]))
+        scale = amax / F32(127)
+        inv = inverse(scale)
+        total = 0
+        for j in range(b * QK, (b + 1) * QK):
+            q = int(roundf(x[j] * inv))
+            qs[j] = q
+            total += q
+        d[b] = half_to_float(f32_to_fp16_bits(scale))
+        s[b] = half_to_float(f32_to_fp16_bits(F32(total) * scale))
+        sums[b] = total
+
+
+@numba.njit(cache=True)
+def quantize_q8_k(x, qs, d, s, sums):
+    for b in range(x.size // QK_K):
+        amax, peak = F32(0), F32(0)
+        for j in range(b * QK_K, (b + 1) * QK_K):
+            if abs(x[j]) > amax:
+                amax, peak = abs(x[j]), x[j]
+        if amax == 0:
+            qs[b * QK_K:(b + 1) * QK_K] = 0
+            sums[b * 16:(b + 1) * 16] = 0
+            d[b] = 0
+            continue
+        iscale = F32(-127) / peak
+        for g in range(b * 16, (b + 1) * 16):
+            total = 0
+            for j in range(16 * g, 16 * g + 16):
+                q = min(127, nearest_int(iscale * x[j]))
+                qs[j] = q
+                total += q
+            sums[g] = total
+        d[b] = F32(1) / iscale
+        s[b] = 0
+
+
+# ------------------------------------------------------------------ one row per format
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def q4_0_row(row, xq, xd, xsum):
+    s = F32(0)
+    for b in range(xd.size):
+        at = b * Q4_0_SIZE
+        sumi = dot_nibble_pairs(row, at + Q4_0_QS, 0, xq, b * QK, HALF) - 8 * xsum[b]
+        s += fp16(row, at + Q4_0_D) * xd[b] * F32(sumi)
+    return s
+
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def q5_0_row(row, xq, xd, xsum):
+    s = F32(0)
+    for b in range(xd.size):
+        at = b * Q5_0_SIZE
+        high = q5_high_bits(row, at + Q5_0_QH)
+        sumi = dot_nibble_pairs(row, at + Q5_0_QS, high, xq, b * QK, HALF) - 16 * xsum[b]
+        s += fp16(row, at + Q5_0_D) * xd[b] * F32(sumi)
+    return s
+
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def affine_row(row, size, d_at, m_at, qs_at, qh_at, xq, xd, xs):
+    """Q4_1 (qh_at < 0) and Q5_1: sum of (d * d_x) * sumi + m * s_x over the blocks."""
+    s, sm = F32(0), F32(0)
+    for b in range(xd.size):
+        at = b * size
+        high = q5_high_bits(row, at + qh_at) if qh_at >= 0 else np.uint32(0)
+        sumi = dot_nibble_pairs(row, at + qs_at, high, xq, b * QK, HALF)
+        s += fp16(row, at + d_at) * xd[b] * F32(sumi)
+        sm += fp16(row, at + m_at) * xs[b]
+    return s + sm
+
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def q8_0_row(row, xq, xd):
+    s = F32(0)
+    for b in range(xd.size):
+        at = b * Q8_0_SIZE
+        s += fp16(row, at + Q8_0_D) * xd[b] * F32(dot_bytes(row, at + Q8_0_QS, xq, b * QK, QK))
+    return s
+
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, first, last):
+    """(sum of scale * (q . x), sum of min * bsums) over the groups first..last - 1 of a Q4_K /
+    Q5_K super-block. Called for groups 0-3 and 4-7 apart so that k_scale_min's branch folds."""
+    sumi, summ = 0, 0
+    for g in range(first, last):
+        scale, minimum = k_scale_min(row, at + scales_at, g)
+        dot = dot_fields(row, at + qs_at + 32 * (g // 2), 4 * (g % 2),
+                         row, at + qh_at, g, high_mask, xq, xo + 32 * g, 32)
+        sumi += np.int32(scale) * dot
+        summ += np.int32(minimum) * (xsum[xo // 16 + 2 * g] + xsum[xo // 16 + 2 * g + 1])
+    return sumi, summ
+
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def q4_k_q5_k_row(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, xq, xd, xsum):
+    """8 groups of 32 per super-block: d * sum(scale * q . x) - dmin * sum(min * bsums);
+    Q5_K's fifth bit of weight j of group g is bit g of qh[j] (qh_at < 0: Q4_K)."""
+    s, sm = F32(0), F32(0)
+    high_mask, qh_at = (1, qh_at) if qh_at >= 0 else (0, 0)
+    for b in range(xd.size):
+        at, xo = b * size, b * QK_K
+        sumi0, summ0 = k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, 0, 4)
+        sumi1, summ1 = k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, 4, 8)
+        s += fp16(row, at + d_at) * xd[b] * F32(sumi0 + sumi1)
+        sm += fp16(row, at + dmin_at) * xd[b] * F32(summ0 + summ1)
+    return s - sm
+
+
+@numba.njit(inline="always", fastmath=FAST, cache=True)
+def q6_k_row(row, xq, xd, xsum):
+    """16 groups of 16: d * sum(scale * ((q . x) - 32 * bsum)); layout as kernels.cpu.matvec."""
+    s = F32(0)
+    for b in range(xd.size):
+        at, xo = b * Q6_K_SIZE, b * QK_K
+        sumi = 0
+        for g in range(16):
+            half, c, r = g // 8, (g // 2) % 4, 16 * (g % 2)
+            dot = dot_fields(row, at + Q6_K_QL + 64 * half + 32 * (c % 2) + r, 4 * (c // 2),
+                             row, at + Q6_K_QH + 32 * half + r, 2 * c, 3, xq, xo + 16 * g, 16)
+            scale = np.int32(np.int8(row[at + Q6_K_SCALES + g]))
+            sumi += scale * (dot - 32 * xsum[16 * b + g])
+        s += fp16(row, at + Q6_K_D) * xd[b] * F32(sumi)
+    return s
+
+
+@numba.njit(parallel=True, fastmath=FAST, cache=True)
+def matvec_blocks(rows, qtype, xq, xd, xs, xsum, out):
+    """out[r] = row r . x for activations already quantized (see quantize_q8_0 / quantize_q8_k)."""
+    for r in prange(rows.shape[0]):
+        row = rows[r]
+        if qtype == Q4_K_ID:
+            s = q4_k_q5_k_row(row, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1,
+                              xq, xd, xsum)
+        elif qtype == Q6_K_ID:
+            s = q6_k_row(row, xq, xd, xsum)
+        elif qtype == Q5_K_ID:
+            s = q4_k_q5_k_row(row, Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH,
+                              xq, xd, xsum)
+        elif qtype == Q8_0_ID:
+            s = q8_0_row(row, xq, xd)
+        elif qtype == Q4_0_ID:
+            s = q4_0_row(row, xq, xd, xsum)
+        elif qtype == Q4_1_ID:
+            s = affine_row(row, Q4_1_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS, -1, xq, xd, xs)
+        elif qtype == Q5_0_ID:
+            s = q5_0_row(row, xq, xd, xsum)
+        else:  # Q5_1
+            s = affine_row(row, Q5_1_SIZE, Q5_1_D, Q5_1_M, Q5_1_QS, Q5_1_QH, xq, xd, xs)
+        out[r] = s
+
+
+@numba.njit(cache=True)
+def matvec_q8(rows, qtype, x, out):
+    """out = W @ x with llama.cpp's numerics (x quantized once to Q8_0 / Q8_1 / Q8_K).
+
+    rows: uint8 (n_rows, row_bytes), read-only, one of SUPPORTED; qtype: its GGML type id;
+    x: float32 (n,), n a multiple of the block size; out: float32 (n_rows,).
+    """
+    block = QK_K if qtype == Q4_K_ID or qtype == Q5_K_ID or qtype == Q6_K_ID else QK
+    n_blocks = x.size // block
+    xq = np.empty(x.size, np.int8)
+    xd = np.empty(n_blocks, F32)
+    xs = np.empty(n_blocks, F32)
+    if block == QK_K:
+        xsum = np.empty(x.size // 16, np.int32)
+        quantize_q8_k(x, xq, xd, xs, xsum)
+    else:
+        xsum = np.empty(n_blocks, np.int32)
+        quantize_q8_0(x, xq, xd, xs, xsum)
+    matvec_blocks(rows, qtype, xq, xd, xs, xsum, out)
+
+
+@numba.njit(parallel=True, cache=True)
+def round_trip_q8(x, super_blocks, out):
+    """out[t] = x[t] as llama.cpp's 8-bit activation blocks hold it (q * d per block): Q8_K when
+    `super_blocks` (for k-quant weights), else Q8_0 (Q8_1 stores the same values). Prefill with
+    llama.cpp numerics multiplies these with dequantized weights. x, out: float32 (T, n)."""
+    n = x.shape[1]
+    block = QK_K if super_blocks else QK
+    for t in prange(x.shape[0]):
+        qs = np.empty(n, np.int8)
+        d, s = np.empty(n // block, F32), np.empty(n // block, F32)
+        if super_blocks:
+            quantize_q8_k(x[t], qs, d, s, np.empty(n // 16, np.int32))
+        else:
+            quantize_q8_0(x[t], qs, d, s, np.empty(n // QK, np.int32))
+        for j in range(n):
+            out[t, j] = F32(qs[j]) * d[j // block]
+
+
+@numba.njit(parallel=True, cache=True)
+def round_trip_q8(x, super_blocks, out):
+    """out[t] = x[t] as llama.cpp's 8-bit activation blocks hold it (q * d per block): Q8_K when
+    `super_blocks` (for k-quant weights), else Q8_0 (Q8_1 stores the same values). Prefill with
+    llama.cpp numerics multiplies these with dequantized weights. x, out: float32 (T, n)."""
+    n = x.shape[1]
+    block = QK_K if super_blocks else QK
+    for t in prange(x.shape[0]):
+        qs = np.empty(n, np.int8)
+        d, s = np.empty(n // block, F32), np.empty(n // block, F32)
+        if super_blocks:
+            quantize_q8_k(x[t], qs, d, s, np.empty(n // 16, np.int32))
+        else:
+            quantize_q8_0(x[t], qs, d, s, np.empty(n // QK, np.int32))
+        for j in range(n):
+            out[t, j] = F32(qs[j]) * d[j // block]

@@ -1,0 +1,268 @@
+"""CUDA kernels (kernels.cuda) against the NumPy reference and the Numba CPU kernels.
+
+Runs on the numba-cuda simulator unless NUMBA_ENABLE_CUDASIM is set otherwise (set it to 0 on a
+machine with a GPU to run the same tests on hardware). The simulator runs each GPU thread as a
+Python thread, so shapes are tiny, but they still cross the kernels' tile boundaries.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numba.core.config  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from gguf import GGMLQuantizationType as QType  # noqa: E402
+
+# numba.cuda picks the simulator when first imported, from numba's config, which was read when
+# numba was first imported (by other test modules, perhaps): set the variable and re-read it.
+SIMULATE = os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1") == "1"
+if "numba.cuda" not in sys.modules:
+    numba.core.config.reload_config()
+from numba import cuda  # noqa: E402
+
+import kernels  # noqa: E402
+from kernels import cuda as gpu  # noqa: E402
+from kernels.cuda import backend  # noqa: E402
+from kernels.reference import ops as ref  # noqa: E402
+from mistral_ref.errors import UnsupportedTensorTypeError  # noqa: E402
+
+FORMATS = [QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K,
+           QType.Q5_K, QType.Q6_K]
+
+
+def close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5) -> None:
+    """Equal within rtol of the largest magnitude (sums of mixed signs cancel elementwise)."""
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def weights(qtype: QType, n_rows: int, n: int, seed: int = 0) -> np.ndarray:
+    w = np.random.default_rng(seed).standard_normal((n_rows, n)).astype(np.float32)
+    return kernels.quantize(w, qtype)
+
+
+def activations(shape: tuple[int, ...], seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+if SIMULATE and not gpu.simulated():
+    raise RuntimeError("numba.cuda was imported in hardware mode before tests/test_cuda.py "
+                       "could select the simulator: set NUMBA_ENABLE_CUDASIM=1 at the top of "
+                       "tests/conftest.py")
+
+
+def test_backend_available():
+    assert gpu.available()
+    assert gpu.simulated() == SIMULATE
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_matvec(qtype):
+    n_rows, n = 11, 512  # 11 rows: a partly filled block of MATVEC_WARPS rows
+    rows, x = weights(qtype, n_rows, n), activations((1, n))
+    out = gpu.matmul(gpu.upload(rows), qtype, cuda.to_device(x)).copy_to_host()
+    close(out[0], ref.matvec(rows, qtype, x[0]))
+    close(out, kernels.matmul(rows, qtype, x, backend="cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", [QType.Q4_K, QType.Q6_K, QType.F16], ids=lambda t: t.name)
+def test_matvec_crosses_x_tiles(qtype):
+    n = backend.X_TILE + 256  # x staged in two tiles, the second partial
+    rows, x = weights(qtype, 3, n), activations((1, n))
+    out = gpu.matmul(gpu.upload(rows), qtype, cuda.to_device(x)).copy_to_host()
+    close(out[0], ref.matvec(rows, qtype, x[0]))
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_prefill_matmul(qtype):
+    n_rows, n, n_tokens = 9, 256, 3
+    rows, x = weights(qtype, n_rows, n), activations((n_tokens, n))
+    out = gpu.matmul(gpu.upload(rows), qtype, cuda.to_device(x)).copy_to_host()
+    close(out, np.stack([ref.matvec(rows, qtype, xt) for xt in x]))
+    close(out, kernels.matmul(rows, qtype, x, backend="cpu"))
+
+
+@pytest.mark.slow
+def test_prefill_matmul_crosses_tiles():
+    n_rows, n_tokens = backend.TILE + 5, backend.TILE + 2  # 2 x 2 blocks, the last ones partial
+    rows, x = weights(QType.Q8_0, n_rows, 64), activations((n_tokens, 64))
+    out = gpu.matmul(gpu.upload(rows), QType.Q8_0, cuda.to_device(x)).copy_to_host()
+    close(out, np.stack([ref.matvec(rows, QType.Q8_0, xt) for xt in x]))
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_embed(qtype):
+    vocab, dim = 7, 256
+    rows = weights(qtype, vocab, dim)
+    tokens = np.array([3, 0, 6, 3])
+    out = gpu.embed(gpu.upload(rows), qtype, tokens).copy_to_host()
+    table = kernels.dequantize(rows, qtype, (vocab, dim), backend="reference")
+    if gpu.simulated():  # no FMA contraction: llama.cpp's arithmetic, bit for bit
+        np.testing.assert_array_equal(out, table[tokens])
+    else:
+        close(out, table[tokens], rtol=1e-6)
+
+
+def test_rmsnorm():
+    x, w = activations((3, 300)), activations((300,), seed=2)
+    out = gpu.rmsnorm(cuda.to_device(x), cuda.to_device(w), 1e-5).copy_to_host()
+    close(out, ref.rmsnorm(x, w, 1e-5))
+    close(out, kernels.rmsnorm(x, w, 1e-5, backend="cpu"))
+
+
+def test_rope():
+    x = activations((3, 4, 16))
+    positions = np.array([0, 7, 40000], dtype=np.int64)
+    inv_freq = 10000.0 ** (-np.arange(0, 12, 2, dtype=np.float64) / 16)  # rope_dim 12 < D 16
+    out = gpu.rope(cuda.to_device(x), cuda.to_device(positions), cuda.to_device(inv_freq))
+    close(out.copy_to_host(), ref.rope(x, positions, inv_freq))
+    close(out.copy_to_host(), kernels.rope(x.copy(), positions, inv_freq, backend="cpu"))
+
+
+def test_swiglu_and_add():
+    gate, up = activations((2, 50)), activations((2, 50), seed=2)
+    out = gpu.swiglu(cuda.to_device(gate), cuda.to_device(up))
+    close(out.copy_to_host(), ref.swiglu(gate, up))
+    close(out.copy_to_host(), kernels.swiglu(gate, up, backend="cpu"))
+    gpu.add_(out, cuda.to_device(gate))
+    close(out.copy_to_host(), ref.swiglu(gate, up) + gate)
+
+
+def ring(keys: np.ndarray, n_slots: int) -> np.ndarray:
+    """Cache (KV, S, D) holding positions 0..L-1 of keys (L, KV, D) at slot p % S, last wins."""
+    cache = np.zeros((keys.shape[1], n_slots, keys.shape[2]), np.float32)
+    for p, key in enumerate(keys):
+        cache[:, p % n_slots] = key
+    return cache
+
+
+# (start_pos, T, S, window): prefill; decode after a wrapped ring with a window; a chunk that
+# spans two key tiles (KEY_TILE = 32) without a window; a chunk longer than its window.
+ATTENTION_CASES = [(0, 5, 8, 0), (13, 1, 8, 6), (38, 3, 48, 0), (20, 4, 8, 3)]
+
+
+@pytest.mark.parametrize("start_pos,n_tokens,n_slots,window", ATTENTION_CASES)
+def test_attention(start_pos, n_tokens, n_slots, window):
+    n_heads, n_kv, head_dim = 4, 2, 16
+    length = start_pos + n_tokens
+    q = activations((n_tokens, n_heads, head_dim))
+    k, v = activations((length, n_kv, head_dim), seed=2), activations((length, n_kv, head_dim), 3)
+    k_cache, v_cache = ring(k[:start_pos], n_slots), ring(v[:start_pos], n_slots)
+    k_new, v_new = k[start_pos:], v[start_pos:]
+    out = gpu.attention(*(cuda.to_device(a) for a in (q, k_new, v_new, k_cache, v_cache)),
+                        start_pos, window).copy_to_host()
+    positions = np.arange(start_pos, length)
+    close(out, ref.attention(q, k, v, positions, np.arange(length), window))
+    close(out, kernels.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window))
+
+
+@pytest.mark.parametrize("start_pos,n_tokens", [(5, 2), (3, 11)])  # the second wraps the ring
+def test_kv_write(start_pos, n_tokens):
+    n_slots = 8
+    k_cache, v_cache = activations((2, n_slots, 4)), activations((2, n_slots, 4), seed=2)
+    k, v = activations((n_tokens, 2, 4), seed=3), activations((n_tokens, 2, 4), seed=4)
+    k_dev, v_dev = cuda.to_device(k_cache), cuda.to_device(v_cache)
+    gpu.kv_write(k_dev, v_dev, start_pos, cuda.to_device(k), cuda.to_device(v))
+    for t in range(n_tokens):  # sequential writes: the last position of a slot wins
+        k_cache[:, (start_pos + t) % n_slots] = k[t]
+        v_cache[:, (start_pos + t) % n_slots] = v[t]
+    np.testing.assert_array_equal(k_dev.copy_to_host(), k_cache)
+    np.testing.assert_array_equal(v_dev.copy_to_host(), v_cache)
+
+
+def test_bad_input():
+    rows = gpu.upload(weights(QType.Q4_0, 2, 64))
+    x = cuda.to_device(activations((1, 64)))
+    with pytest.raises(UnsupportedTensorTypeError, match="Q2_K"):
+        gpu.matmul(rows, QType.Q2_K, x)
+    with pytest.raises(ValueError, match="rows of 32 weights"):
+        gpu.matmul(rows, QType.Q4_0, cuda.to_device(activations((1, 32))))
+    with pytest.raises(ValueError, match="token ids"):
+        gpu.embed(rows, QType.Q4_0, np.array([2]))
+    with pytest.raises(ValueError, match="uint8"):
+        gpu.upload(np.zeros((2, 4), np.float32))
+    q = cuda.to_device(activations((1, 1, gpu.MAX_HEAD_DIM + 2)))
+    with pytest.raises(ValueError, match="head dim"):
+        gpu.attention(q, q, q, q, q, 0, 0)
+
+
+def layer_step(ops, tokens, start_pos, state):
+    """A tiny Mistral layer on one backend: embed, attention with RoPE and a ring KV cache,
+    SwiGLU FFN, residuals. `ops` maps names to that backend's functions; returns hidden states."""
+    w = state["weights"]
+    x = ops["embed"](w["embd"], tokens)
+    h = ops["rmsnorm"](x, w["attn_norm"])
+    n_tokens = len(tokens)
+    q = ops["reshape"](ops["matmul"](w["q"], h), (n_tokens, 2, 16))
+    k = ops["reshape"](ops["matmul"](w["k"], h), (n_tokens, 1, 16))
+    v = ops["reshape"](ops["matmul"](w["v"], h), (n_tokens, 1, 16))
+    positions = np.arange(start_pos, start_pos + n_tokens)
+    ops["rope"](q, positions)
+    ops["rope"](k, positions)
+    att = ops["attention"](q, k, v, state["k_cache"], state["v_cache"], start_pos, 4)
+    ops["kv_write"](state["k_cache"], state["v_cache"], start_pos, k, v)
+    x = ops["add"](x, ops["matmul"](w["o"], ops["reshape"](att, (n_tokens, 32))))
+    h = ops["rmsnorm"](x, w["ffn_norm"])
+    ffn = ops["matmul"](w["down"], ops["swiglu"](ops["matmul"](w["gate"], h),
+                                                 ops["matmul"](w["up"], h)))
+    return ops["add"](x, ffn)
+
+
+@pytest.mark.slow
+def test_layer_chain_matches_cpu():
+    """Prefill 4 tokens, then decode one that overwrites slot 0 of a ring of 4 (window 4): CUDA
+    within 1e-3 of the CPU kernels, on the hidden states of each step and the cache."""
+    types = {"embd": QType.F16, "q": QType.Q4_0, "k": QType.Q4_0, "v": QType.Q5_0,
+             "o": QType.Q8_0, "gate": QType.Q4_1, "up": QType.Q4_1, "down": QType.Q8_0}
+    shapes = {"embd": (20, 32), "q": (32, 32), "k": (16, 32), "v": (16, 32), "o": (32, 32),
+              "gate": (64, 32), "up": (64, 32), "down": (32, 64)}
+    raw = {name: (types[name], weights(types[name], *shapes[name], seed=i))
+           for i, name in enumerate(types)}
+    norms = {"attn_norm": activations((32,), seed=10) * 0.1 + 1,
+             "ffn_norm": activations((32,), seed=11) * 0.1 + 1}
+    inv_freq = 10000.0 ** (-np.arange(0, 16, 2, dtype=np.float64) / 16)
+
+    cpu_ops = {
+        "embed": lambda wt, toks: kernels.dequantize(wt[1], wt[0], (20, 32))[toks],
+        "rmsnorm": lambda x, w: kernels.rmsnorm(x, w, 1e-5),
+        "matmul": lambda wt, x: kernels.matmul(wt[1], wt[0], x),
+        "reshape": lambda a, shape: a.reshape(shape),
+        "rope": lambda x, pos: kernels.rope(x, pos, inv_freq),
+        "attention": kernels.attention,
+        "kv_write": lambda kc, vc, start, k, v: [ring_write(c, start, a) for c, a in
+                                                 ((kc, k), (vc, v))],
+        "add": lambda x, y: x + y,
+        "swiglu": kernels.swiglu,
+    }
+    inv_freq_dev = cuda.to_device(inv_freq)
+    gpu_ops = {
+        "embed": lambda wt, toks: gpu.embed(wt[1], wt[0], toks),
+        "rmsnorm": lambda x, w: gpu.rmsnorm(x, w, 1e-5),
+        "matmul": lambda wt, x: gpu.matmul(wt[1], wt[0], x),
+        "reshape": lambda a, shape: a.reshape(*shape),
+        "rope": lambda x, pos: gpu.rope(x, cuda.to_device(pos), inv_freq_dev),
+        "attention": gpu.attention,
+        "kv_write": gpu.kv_write,
+        "add": gpu.add_,
+        "swiglu": gpu.swiglu,
+    }
+    cache_shape = (1, 4, 16)
+    cpu_state = {"weights": {**raw, **norms}, "k_cache": np.zeros(cache_shape, np.float32),
+                 "v_cache": np.zeros(cache_shape, np.float32)}
+    gpu_state = {"weights": {**{name: (t, gpu.upload(r)) for name, (t, r) in raw.items()},
+                             **{name: cuda.to_device(w) for name, w in norms.items()}},
+                 "k_cache": cuda.to_device(np.zeros(cache_shape, np.float32)),
+                 "v_cache": cuda.to_device(np.zeros(cache_shape, np.float32))}
+    steps = [(np.array([1, 5, 19, 2]), 0), (np.array([11]), 4)]
+    for tokens, start in steps:
+        expected = layer_step(cpu_ops, tokens, start, cpu_state)
+        actual = layer_step(gpu_ops, tokens, start, gpu_state).copy_to_host()
+        close(actual, expected, rtol=1e-3)
+    np.testing.assert_allclose(gpu_state["k_cache"].copy_to_host(), cpu_state["k_cache"],
+                               rtol=1e-3, atol=1e-3)
+
+
+def ring_write(cache: np.ndarray, start_pos: int, values: np.ndarray) -> None:
+    for t, value in enumerate(values):
+        cache[:, (start_pos + t) % cache.shape[1]] = value

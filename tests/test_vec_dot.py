@@ -1,0 +1,195 @@
+"""llama.cpp numerics (8-bit activations, integer block dot products): the NumPy reference against
+llama.cpp's own C functions and against float64 algebra, the Numba kernel against the reference."""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from kernels.cpu import vec_dot as cpu
+from kernels.formats import FORMATS
+from kernels.reference import vec_dot as ref
+
+TYPES = list(ref.VEC_DOT)
+
+
+def activations(seed: int, n: int) -> np.ndarray:
+    """Heavy-tailed x with an all-zero super-block, a spike, exact halves (rounding ties) and a
+    negative extreme (Q8_K's scale takes the sign of the largest |x|)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * rng.standard_normal(n) ** 2).astype(np.float32)
+    x[:256] = 0
+    x[300] = 7.5
+    x[256:288] = np.arange(-16, 16, dtype=np.float32) * np.float32(0.5)
+    x[n - 1] = -9.0
+    return x
+
+
+def random_rows(qtype: QType, n_rows: int, n: int, seed: int) -> np.ndarray:
+    """Every bit pattern of the weight fields, with small finite fp16 scales (read-only)."""
+    rng = np.random.default_rng(seed)
+    fmt = FORMATS[qtype]
+    rows = rng.integers(0, 256, (n_rows, fmt.row_bytes(n)), dtype=np.uint8)
+    blocks = rows.reshape(-1, fmt.type_size)
+    for field in ("d", "m", "dmin"):
+        if field in fmt.block.names:
+            at = fmt.offset(field)
+            half = ((rng.random(len(blocks)) - 0.3) * 0.02).astype(np.float16)
+            blocks[:, at:at + 2] = half.view(np.uint8).reshape(-1, 2)
+    rows.flags.writeable = False
+    return rows
+
+
+def dequantized_activations(y: np.ndarray) -> np.ndarray:
+    """float64 x as the dot product sees it: d * q per block."""
+    d = y["d"].astype(np.float64)
+    return (d[:, None] * y["qs"].astype(np.float64)).ravel()
+
+
+def rounding_bound(rows: np.ndarray, qtype: QType, y: np.ndarray) -> np.ndarray:
+    """Bound on float32 rounding of a sum of products: a few ulps of sum(|w| * |x|), per row."""
+    w = np.abs(kernels.dequantize(rows, qtype, (rows.shape[0], y["qs"].size), backend="reference"))
+    return 4e-6 * (w.astype(np.float64) @ np.abs(dequantized_activations(y))) + 1e-30
+
+
+# ------------------------------------------------------------------ reference vs llama.cpp (C)
+
+def ggml_libraries():
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    base, cpu_lib = (glob.glob(os.path.join(libdir, f"lib{name}.so")) for name in ("ggml-base", "ggml-cpu"))
+    if not base or not cpu_lib:
+        return None
+    base, cpu_lib = ctypes.CDLL(base[0]), ctypes.CDLL(cpu_lib[0])
+    cpu_lib.ggml_cpu_init()
+    return base, cpu_lib
+
+
+def c_name(qtype: QType) -> str:
+    return qtype.name.lower().replace("_k", "_K")
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_reference_equals_llama_cpp(qtype):
+    """Activation blocks byte for byte equal to quantize_row_q8_*_ref; the dot products equal to
+    ggml_vec_dot_*_generic within float rounding (the shipped binary fuses some of the C code's
+    multiply-adds into FMAs, so it is not bit for bit the C source order)."""
+    libs = ggml_libraries()
+    if libs is None:
+        pytest.skip("llama-cpp-python (libggml-base, libggml-cpu) is not installed")
+    base, cpu_lib = libs
+    n = 1024
+    x = activations(1, n)
+    y = ref.quantize_activations(x, qtype)
+    c_blocks = np.zeros_like(y)
+    vec_dot_type = ref.VEC_DOT_TYPE[qtype]
+    getattr(base, f"quantize_row_{c_name(vec_dot_type)}_ref")(
+        ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(c_blocks.ctypes.data), ctypes.c_int64(n))
+    if vec_dot_type == QType.Q8_K:  # C leaves bsums unwritten in all-zero blocks
+        c_blocks["bsums"][c_blocks["d"] == 0] = 0
+    assert c_blocks.tobytes() == y.tobytes()
+
+    rows = random_rows(qtype, 9, n, seed=2)
+    vec_dot = getattr(cpu_lib, f"ggml_vec_dot_{c_name(qtype)}_{c_name(vec_dot_type)}_generic")
+    result = ctypes.c_float()
+    expected = np.empty(len(rows), np.float32)
+    for r in range(len(rows)):
+        row = np.ascontiguousarray(rows[r])
+        vec_dot(ctypes.c_int(n), ctypes.byref(result), ctypes.c_size_t(0),
+                ctypes.c_void_p(row.ctypes.data), ctypes.c_size_t(0),
+                ctypes.c_void_p(y.ctypes.data), ctypes.c_size_t(0), ctypes.c_int(1))
+        expected[r] = result.value
+    got = ref.vec_dot(rows, qtype, y)
+    assert np.all(np.abs(got - expected) <= rounding_bound(rows, qtype, y))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_reference_is_dequantized_w_times_round_tripped_x(qtype):
+    """Independent of llama.cpp: integer block sums times scales are float64 W @ (x as 8 bits)."""
+    n = 768
+    rows = random_rows(qtype, 5, n, seed=3)
+    x = activations(4, n)
+    y = ref.quantize_activations(x, qtype)
+    w = kernels.dequantize(rows, qtype, (5, n), backend="reference").astype(np.float64)
+    exact = w @ dequantized_activations(y)
+    if qtype in (QType.Q4_1, QType.Q5_1):
+        # The min term uses s = fp16(d * sum(q)), not the exact d * sum(q): add that difference.
+        m = rows.view(FORMATS[qtype].block)["m"].astype(np.float64)
+        exact_s = y["d"].astype(np.float64) * y["qs"].sum(axis=1)
+        exact += m @ (y["s"].astype(np.float64) - exact_s)
+    got = ref.matvec_q8(rows, qtype, x)
+    assert np.all(np.abs(got - exact) <= rounding_bound(rows, qtype, y))
+    # and the 8-bit activations are within half a step of x, plus |q| <= 127 times the fp16
+    # rounding of d (relative 2^-11) where d is stored as fp16
+    step = np.repeat(y["d"].astype(np.float64), y["qs"].shape[1])
+    slack = 0.5 + (127 * 2.0 ** -11 if y.dtype["d"] == np.float16 else 1e-6)
+    assert np.all(np.abs(dequantized_activations(y) - x) <= slack * step + 1e-12)
+
+
+# ------------------------------------------------------------------ Numba vs reference
+
+def numba_activations(x: np.ndarray, qtype: QType):
+    block = 256 if ref.VEC_DOT_TYPE[qtype] == QType.Q8_K else 32
+    qs, d, s = np.empty(x.size, np.int8), np.empty(x.size // block, np.float32), np.empty(x.size // block, np.float32)
+    if block == 256:
+        sums = np.empty(x.size // 16, np.int32)
+        cpu.quantize_q8_k(x, qs, d, s, sums)
+    else:
+        sums = np.empty(x.size // 32, np.int32)
+        cpu.quantize_q8_0(x, qs, d, s, sums)
+    return qs, d, s, sums
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q4_K], ids=lambda t: t.name)
+def test_numba_activations_bit_identical(qtype):
+    x = activations(5, 1024)
+    y = ref.quantize_activations(x, qtype)
+    qs, d, s, sums = numba_activations(x, qtype)
+    assert np.array_equal(qs, y["qs"].ravel())
+    assert np.array_equal(d.view(np.uint32), y["d"].astype(np.float32).view(np.uint32))
+    if qtype == QType.Q4_K:
+        assert np.array_equal(sums, y["bsums"].ravel())
+    else:
+        assert np.array_equal(sums, y["qs"].sum(axis=1))
+    if qtype == QType.Q4_1:
+        assert np.array_equal(s.view(np.uint32), y["s"].astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 37), n_super=st.integers(1, 3))
+def test_numba_matches_reference(qtype, seed, n_rows, n_super):
+    n = 256 * n_super
+    rows = random_rows(qtype, n_rows, n, seed)
+    x = activations(seed, n) if n > 300 else np.random.default_rng(seed).standard_normal(n).astype(np.float32)
+    out = np.empty(n_rows, np.float32)
+    cpu.matvec_q8(rows, int(qtype), x, out)
+    y = ref.quantize_activations(x, qtype)
+    expected = ref.vec_dot(rows, qtype, y)
+    assert np.all(np.abs(out - expected) <= rounding_bound(rows, qtype, y))
+
+
+def test_numba_integer_sums_exact():
+    """With power-of-two scales every float operation is exact, so the kernel must equal the
+    reference bit for bit: any error in an integer sum would show."""
+    n = 512
+    x = np.random.default_rng(6).integers(-127, 128, n).astype(np.float32)
+    x[::32] = 127  # every Q8_0 block: d = 1 exactly
+    for qtype in (QType.Q4_0, QType.Q5_0, QType.Q8_0):
+        rows = np.array(random_rows(qtype, 11, n, seed=7))
+        blocks = rows.reshape(-1, FORMATS[qtype].type_size)
+        blocks[:, 0:2] = np.array([0.25], np.float16).view(np.uint8)  # d
+        rows.flags.writeable = False
+        out = np.empty(11, np.float32)
+        cpu.matvec_q8(rows, int(qtype), x, out)
+        assert np.array_equal(out, ref.matvec_q8(rows, qtype, x)), qtype.name
