@@ -197,3 +197,67 @@ def swiglu(gate: np.ndarray, up: np.ndarray, backend: str = "cpu") -> np.ndarray
     out = np.empty_like(gate)
     cpu_ops.swiglu(gate, up, out)
     return out
+
+
+def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, k: np.ndarray,
+             v: np.ndarray) -> None:
+    """Store keys and values (T, KV, D) of positions start_pos.. in a ring cache (KV, S, D) at
+    slots p % S; when T > S only the last S positions are kept (later ones win)."""
+    n_slots, keep = k_cache.shape[1], min(len(k), k_cache.shape[1])
+    slots = np.arange(start_pos + len(k) - keep, start_pos + len(k)) % n_slots
+    k_cache[:, slots] = k[-keep:].transpose(1, 0, 2)
+    v_cache[:, slots] = v[-keep:].transpose(1, 0, 2)
+
+
+class CPUDevice:
+    """The forward pass's operations on the CPU: NumPy arrays, Numba kernels, BLAS for prefill.
+
+    kernels.cuda.CUDADevice has the same methods on device arrays; mistral_ref.model is written
+    against this interface only.
+    """
+
+    name = "cpu"
+
+    def __init__(self, activations: str = "f32"):
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.activations = activations
+        self.scratch = np.empty(1 << 21, np.float32)  # dequantized weight tiles for prefill
+
+    def upload(self, array: np.ndarray) -> np.ndarray:
+        return _read_only(np.asarray(array))
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def matmul(self, rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
+        return matmul(rows, qtype, x, scratch=self.scratch, activations=self.activations)
+
+    def embed(self, rows: np.ndarray, qtype: QType, tokens: np.ndarray, dim: int) -> np.ndarray:
+        return dequantize(rows[tokens], qtype, (len(tokens), dim))
+
+    def add_(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.add(x, y, out=x)
+
+    rmsnorm, rope = staticmethod(rmsnorm), staticmethod(rope)
+    attention, swiglu, kv_write = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write)
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def device(name: str, activations: str = "f32"):
+    """The operations of the forward pass on device `name` ("cpu" or "cuda").
+
+    "cuda" imports numba.cuda (on a machine without a GPU set NUMBA_ENABLE_CUDASIM=1 for the
+    simulator) and supports activations="f32" only.
+    """
+    if name == "cpu":
+        return CPUDevice(activations)
+    if name == "cuda":
+        from kernels.cuda import CUDADevice
+        return CUDADevice(activations)
+    raise ValueError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")

@@ -30,7 +30,7 @@ class KVCache:
     a query only ever looks back W - 1 positions, and those are still in the ring.
     """
 
-    def __init__(self, config: Config, max_tokens: int):
+    def __init__(self, config: Config, max_tokens: int, device=None):
         if not 0 < max_tokens <= config.context_length:
             raise ContextLengthError(
                 f"a cache of {max_tokens} tokens does not fit the model's context of "
@@ -39,26 +39,16 @@ class KVCache:
         self.window = config.sliding_window or 0
         self.slots = min(max_tokens, self.window) if self.window else max_tokens
         shape = (config.n_layers, config.n_kv_heads, self.slots, config.head_dim)
-        self.k, self.v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        device = device or kernels.device("cpu")
+        self.k, self.v = device.zeros(shape), device.zeros(shape)  # on the model's device
         self.length = 0  # positions written so far: the next token goes to position `length`
-
-    def update(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Write keys and values (T, KV, D) of positions start..start+T-1 (the last `slots` win)."""
-        keep = min(len(k), self.slots)
-        slots = np.arange(start + len(k) - keep, start + len(k)) % self.slots
-        self.k[layer][:, slots] = k[-keep:].transpose(1, 0, 2)
-        self.v[layer][:, slots] = v[-keep:].transpose(1, 0, 2)
 
 
 class Weight(NamedTuple):
     """A weight matrix as the kernels take it: its rows in the file's block format."""
 
-    rows: np.ndarray  # uint8 (n_rows, row_bytes), read-only view of the file's map
+    rows: np.ndarray  # uint8 (n_rows, row_bytes): on the CPU a read-only view of the file's map
     qtype: QType
-
-    @classmethod
-    def of(cls, t: QuantizedTensor) -> Weight:
-        return cls(np.asarray(t.rows), t.qtype)  # a plain ndarray view: cheaper to pass than memmap
 
 
 @dataclass(frozen=True)
@@ -80,15 +70,11 @@ class Model:
     def __init__(self, gguf: GGUFFile, device: str = "cpu", activations: str = "f32"):
         """activations: "f32" (exact float32 arithmetic) or "q8" (activations quantized to 8 bits
         before each quantized matmul, as llama.cpp and mistral.rs do); see kernels.ACTIVATIONS."""
-        if device != "cpu":
-            raise ValueError(f"device {device!r} is not available (this build runs on 'cpu')")
-        if activations not in kernels.ACTIVATIONS:
-            raise ValueError(f"activations must be one of {kernels.ACTIVATIONS}, got {activations!r}")
-        self.file, self.config, self.device = gguf, gguf.config, device
-        self.activations = activations
-        t, c = gguf.tensors, gguf.config
-        vector = lambda name: kernels.dequantize(t[name].data, t[name].qtype, t[name].shape)
-        matrix = lambda name: Weight.of(t[name])
+        self.file, self.config, self.activations = gguf, gguf.config, activations
+        self.device = kernels.device(device, activations)  # the forward's operations
+        t, c, dev = gguf.tensors, gguf.config, self.device
+        vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape))
+        matrix = lambda name: Weight(dev.upload(t[name].rows), t[name].qtype)
         self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrix(f"blk.{i}.attn_q.weight"),
                              matrix(f"blk.{i}.attn_k.weight"), matrix(f"blk.{i}.attn_v.weight"),
                              matrix(f"blk.{i}.attn_output.weight"), vector(f"blk.{i}.ffn_norm.weight"),
@@ -98,17 +84,18 @@ class Model:
         self.output_norm = vector("output_norm.weight")
         self.output = self.embedding if c.tied_embeddings else matrix("output.weight")
         # RoPE frequency of pair i: theta^(-2i / rope_dim), in float64 (see kernels.cpu.ops.rope).
-        self.inv_freq = c.rope_theta ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim)
-        self.scratch = np.empty(1 << 21, np.float32)  # dequantized weight tiles for prefill
+        self.inv_freq = dev.upload(c.rope_theta ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32") -> Model:
-        """Load a model; the weights stay quantized and memory-mapped."""
+        """Load a model; the weights stay quantized (and memory-mapped on the CPU).
+
+        device: "cpu" or "cuda"; activations: "f32" (exact) or "q8" (llama.cpp's numerics, CPU)."""
         return cls(load_gguf(path), device, activations)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_tokens` positions (default: the model's context)."""
-        return KVCache(self.config, max_tokens or self.config.context_length)
+        return KVCache(self.config, max_tokens or self.config.context_length, self.device)
 
     def forward(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         """Run `token_ids` at the cache's next positions; returns the last position's logits,
@@ -128,33 +115,33 @@ class Model:
             hidden = self._chunk(chunk, cache)
             if all_logits or last:
                 hidden = hidden if all_logits else hidden[-1:]
-                outputs.append(self._linear(self.output, hidden))
+                outputs.append(self.device.to_host(self._linear(self.output, hidden)))
         return np.concatenate(outputs)
 
     def _chunk(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """The transformer on T tokens at positions cache.length..; returns the final-normed hidden
         states (T, dim) and advances the cache."""
-        c, n_tokens, start = self.config, len(tokens), cache.length
+        c, dev, n_tokens, start = self.config, self.device, len(tokens), cache.length
         positions = np.arange(start, start + n_tokens, dtype=np.int64)
-        x = kernels.dequantize(self.embedding.rows[tokens], self.embedding.qtype, (n_tokens, c.dim))
+        x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
-            h = kernels.rmsnorm(x, layer.attn_norm, c.norm_eps)
+            h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
             q = self._linear(layer.wq, h).reshape(n_tokens, c.n_heads, c.head_dim)
             k = self._linear(layer.wk, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
             v = self._linear(layer.wv, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
-            kernels.rope(q, positions, self.inv_freq)
-            kernels.rope(k, positions, self.inv_freq)
-            attn = kernels.attention(q, k, v, cache.k[i], cache.v[i], start, cache.window)
-            cache.update(i, start, k, v)
-            x += self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim))
-            h = kernels.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            gate_up = kernels.swiglu(self._linear(layer.w_gate, h), self._linear(layer.w_up, h))
-            x += self._linear(layer.w_down, gate_up)
+            dev.rope(q, positions, self.inv_freq)
+            dev.rope(k, positions, self.inv_freq)
+            attn = dev.attention(q, k, v, cache.k[i], cache.v[i], start, cache.window)
+            dev.kv_write(cache.k[i], cache.v[i], start, k, v)
+            dev.add_(x, self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim)))
+            h = dev.rmsnorm(x, layer.ffn_norm, c.norm_eps)
+            gate_up = dev.swiglu(self._linear(layer.w_gate, h), self._linear(layer.w_up, h))
+            dev.add_(x, self._linear(layer.w_down, gate_up))
         cache.length += n_tokens
-        return kernels.rmsnorm(x, self.output_norm, c.norm_eps)
+        return dev.rmsnorm(x, self.output_norm, c.norm_eps)
 
-    def _linear(self, w: Weight, x: np.ndarray) -> np.ndarray:
-        return kernels.matmul(w.rows, w.qtype, x, scratch=self.scratch, activations=self.activations)
+    def _linear(self, w: Weight, x):
+        return self.device.matmul(w.rows, w.qtype, x)
 
     def _check_tokens(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)

@@ -3,11 +3,48 @@
 Importing this package imports numba.cuda, which fixes for the whole process whether kernels
 run on a GPU or on the simulator (set NUMBA_ENABLE_CUDASIM=1 before the first import).
 """
+import numpy as np
+from numba import cuda
+
 from kernels.cuda.backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write,
                                   matmul, rmsnorm, rope, simulated, swiglu, upload)
 from kernels.cuda.blocks import UNITS
 
 SUPPORTED = tuple(UNITS)
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED", "add_", "attention", "available", "embed", "kv_write",
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED", "CUDADevice", "add_", "attention", "available", "embed", "kv_write",
            "matmul", "rmsnorm", "rope", "simulated", "swiglu", "upload"]
+
+
+class CUDADevice:
+    """The forward pass's operations on a GPU (see kernels.CPUDevice for the interface): weights
+    uploaded once still quantized; activations and the KV cache stay on the device; only what
+    `to_host` is asked for comes back."""
+
+    name = "cuda"
+
+    def __init__(self, activations: str = "f32"):
+        if activations != "f32":
+            raise ValueError(f"the cuda device computes with activations='f32' only, got {activations!r}")
+        if not available():
+            raise RuntimeError("no CUDA GPU is available (set NUMBA_ENABLE_CUDASIM=1 for the simulator)")
+        self.activations = activations
+
+    def upload(self, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        return upload(array) if array.dtype == np.uint8 else cuda.to_device(array)
+
+    def zeros(self, shape: tuple[int, ...]):
+        return cuda.to_device(np.zeros(shape, np.float32))
+
+    def to_host(self, x) -> np.ndarray:
+        return x.copy_to_host()
+
+    def embed(self, rows, qtype, tokens: np.ndarray, dim: int):
+        return embed(rows, qtype, tokens, dim)
+
+    def rope(self, x, positions: np.ndarray, inv_freq):
+        return rope(x, cuda.to_device(np.ascontiguousarray(positions, np.int64)), inv_freq)
+
+    matmul, add_, rmsnorm = staticmethod(matmul), staticmethod(add_), staticmethod(rmsnorm)
+    attention, swiglu, kv_write = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write)
