@@ -3,23 +3,30 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test bench clean clean-cache
+.PHONY: run serve test bench clean clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[test,server,bench,oracle]'
+	$(PYTHON) -m pip install -q -e '.[test,server,grammar,bench,oracle]'
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/mistral-ref fetch
-	$(VENV)/bin/mistral-ref info
+	$(PYTHON) -m mistral_ref.example
+
+serve: $(STAMP)
+	$(VENV)/bin/mistral-ref serve
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
 
 bench: $(STAMP)
 	$(PYTHON) bench/dequant.py
+	$(PYTHON) bench/matvec.py
+	$(PYTHON) bench/quantize.py
+	$(PYTHON) bench/generate.py --compare
+	$(PYTHON) bench/serve.py
+	$(PYTHON) bench/cuda_kernels.py
 
 # Numba's cache is keyed on each kernel's own source file: after editing an inlined helper in
 # another file, drop the cache so no kernel keeps the old version.

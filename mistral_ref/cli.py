@@ -52,6 +52,17 @@ def cmd_synth(args: argparse.Namespace) -> None:
           + ", ".join(f"{n} x{c}" for n, c in summary.most_common()))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a model over mistral.rs's OpenAI-compatible HTTP API until SIGINT/SIGTERM."""
+    from mistral_ref.models import default_model_path
+    from mistral_ref.server import serve
+
+    serve(args.model or default_model_path(), host=args.host, port=args.port, api_key=args.api_key,
+          model_id=args.model_id, max_queue=args.max_queue, max_running=args.max_running,
+          chat_template=args.chat_template, seed=args.seed, shutdown_timeout=args.shutdown_timeout,
+          log_level=args.log_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mistral-ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +84,20 @@ def main(argv: list[str] | None = None) -> int:
                        help="attention window in tokens (default: the preset's; 0: none)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
+    serve = sub.add_parser("serve", help=cmd_serve.__doc__)
+    serve.add_argument("--model", help="GGUF file (default: the default model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    serve.add_argument("--model-id", help="the model's name in the API (default: the file's name)")
+    serve.add_argument("--max-queue", type=int, default=32, help="requests that may wait (then 503)")
+    serve.add_argument("--max-running", type=int, default=8, help="streams generating at once")
+    serve.add_argument("--chat-template", help="Jinja chat template (text or file) replacing the GGUF's")
+    serve.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
+    serve.add_argument("--shutdown-timeout", type=float, default=10.0,
+                       help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     try:
         args.func(args)

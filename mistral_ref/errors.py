@@ -69,3 +69,22 @@ class InputError(MistralRefError, ValueError):
 
 class ContextLengthError(InputError):
     """More tokens than the model's context or the KV cache can hold."""
+
+
+class InvalidRequestError(MistralRefError, ValueError):
+    """A completion request with a bad field; `param` names the field (OpenAI's error "param")."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+class GrammarError(InvalidRequestError):
+    """A grammar (regex, JSON schema or Lark) that does not compile."""
+
+    def __init__(self, message: str):
+        super().__init__("grammar", message)
+
+
+class ModelSourceError(MistralRefError, ValueError):
+    """A `Which` that names no local file: mistral-ref reads local GGUF files and never a hub."""

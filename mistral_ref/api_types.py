@@ -1,0 +1,362 @@
+"""Request and response objects of the Python API, spelled as mistral.rs's `mistralrs` module.
+
+Plain dataclasses, not pydantic models: the core package does not depend on pydantic (it comes
+only with the server extra), and each request validates itself on construction, so bad input fails
+the same way from Python and from JSON. The server builds requests from OpenAI JSON with
+`ChatCompletionRequest.from_openai(body)` / `CompletionRequest.from_openai(body)` and answers with
+`response.to_dict()` (alias `model_dump()`), which is the OpenAI JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mistral_ref.chat_template import message_dicts
+from mistral_ref.errors import ChatTemplateError, InvalidRequestError
+from mistral_ref.messages import Message
+from mistral_ref.sampler import GRAMMAR_TYPES
+
+
+# -- validation helpers -------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check_optional_number(name: str, v: Any, low: float | None = None, high: float | None = None,
+                           low_open: bool = False, rule: str = "") -> None:
+    if v is None:
+        return
+    if not _is_number(v):
+        raise InvalidRequestError(name, f"must be a finite number, got {v!r}")
+    if (low is not None and (v < low or (low_open and v == low))) or (high is not None and v > high):
+        raise InvalidRequestError(name, f"must be {rule}, got {v!r}")
+
+
+def _check_optional_int(name: str, v: Any, low: int, rule: str) -> None:
+    if v is None:
+        return
+    if not _is_int(v):
+        raise InvalidRequestError(name, f"must be an integer, got {v!r}")
+    if v < low:
+        raise InvalidRequestError(name, f"must be {rule}, got {v}")
+
+
+def _check_bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise InvalidRequestError(name, f"must be true or false, got {v!r}")
+
+
+def _check_optional_str_list(name: str, v: Any) -> None:
+    if v is not None and not (isinstance(v, list) and all(isinstance(s, str) for s in v)):
+        raise InvalidRequestError(name, f"must be a list of strings, got {v!r}")
+
+
+class _SamplingFields:
+    """Checks shared by both requests; each class declares the fields (positional order differs)."""
+
+    def _validate_sampling(self) -> None:
+        _check_optional_int("max_tokens", self.max_tokens, 0, ">= 0")
+        _check_optional_int("n_choices", self.n_choices, 1, ">= 1")
+        if self.n_choices is None:
+            raise InvalidRequestError("n_choices", "must be an integer >= 1, got None")
+        _check_optional_number("temperature", self.temperature, 0.0, rule=">= 0")
+        _check_optional_number("top_p", self.top_p, 0.0, 1.0, low_open=True, rule="in (0, 1]")
+        _check_optional_number("min_p", self.min_p, 0.0, 1.0, rule="in [0, 1]")
+        _check_optional_int("top_k", self.top_k, -1, ">= -1 (-1: all tokens)")
+        _check_optional_number("presence_penalty", self.presence_penalty, -2.0, 2.0, rule="in [-2, 2]")
+        _check_optional_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0, rule="in [-2, 2]")
+        _check_optional_number("repetition_penalty", self.repetition_penalty, 0.0, low_open=True, rule="> 0")
+        _check_optional_int("seed", self.seed, 0, ">= 0")
+        _check_optional_str_list("stop_seqs", self.stop_seqs)
+        if self.stop_token_ids is not None and not (isinstance(self.stop_token_ids, list)
+                                                    and all(_is_int(i) for i in self.stop_token_ids)):
+            raise InvalidRequestError("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise InvalidRequestError("logit_bias", f"must map token ids to numbers, got {self.logit_bias!r}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                token = int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k  # JSON keys are strings
+                if not _is_int(token) or not _is_number(v):
+                    raise InvalidRequestError("logit_bias", f"must map token ids to numbers, got {k!r}: {v!r}")
+                bias[token] = float(v)
+            self.logit_bias = bias
+        _check_bool("stream", self.stream)
+        if (self.grammar is None) != (self.grammar_type is None):
+            raise InvalidRequestError("grammar_type" if self.grammar_type is None else "grammar",
+                                      "grammar and grammar_type must be given together")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise InvalidRequestError("grammar", f"must be a string, got {type(self.grammar).__name__}")
+        if self.grammar_type is not None and self.grammar_type not in GRAMMAR_TYPES:
+            raise InvalidRequestError("grammar_type", f"unknown grammar type {self.grammar_type!r} "
+                                                      f"(known: {', '.join(GRAMMAR_TYPES)})")
+
+    def _validate_logprobs(self, enabled: bool) -> None:
+        _check_optional_int("top_logprobs", self.top_logprobs, 0, ">= 0")
+        if self.top_logprobs and not enabled:
+            raise InvalidRequestError("top_logprobs", "needs logprobs enabled")
+
+
+def _stop_from_openai(stop: Any) -> list[str] | None:
+    if stop is None:
+        return None
+    return [stop] if isinstance(stop, str) else stop
+
+
+@dataclass
+class ChatCompletionRequest(_SamplingFields):
+    """A chat request (mistralrs.ChatCompletionRequest). `messages`: Message objects, dicts
+    {"role", "content"}, or a str taken as an already templated prompt. Raises
+    InvalidRequestError naming the bad field."""
+
+    messages: list[Message | dict[str, str]] | str
+    model: str = ""
+    logprobs: bool = False
+    n_choices: int = 1
+    logit_bias: dict[int, float] | None = None
+    top_logprobs: int | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool = False
+    # mistral.rs's later optional fields
+    repetition_penalty: float | None = None
+    stop_seqs: list[str] | None = None
+    grammar: str | None = None
+    grammar_type: str | None = None
+    min_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.messages, str):
+            if not self.messages:
+                raise InvalidRequestError("messages", "the prompt is empty")
+        elif not isinstance(self.messages, list) or not self.messages:
+            raise InvalidRequestError("messages", "must be a non-empty list of messages")
+        else:
+            try:
+                message_dicts(self.messages)
+            except ChatTemplateError as e:
+                raise InvalidRequestError("messages", str(e)) from None
+        _check_bool("logprobs", self.logprobs)
+        self._validate_sampling()
+        self._validate_logprobs(self.logprobs)
+
+    @classmethod
+    def from_openai(cls, body: Mapping[str, Any]) -> ChatCompletionRequest:
+        """From an OpenAI /v1/chat/completions JSON body (`n`, `stop`, `max_completion_tokens`);
+        unknown keys are ignored."""
+        if not isinstance(body, Mapping):
+            raise InvalidRequestError("body", "must be a JSON object")
+        if "messages" not in body:
+            raise InvalidRequestError("messages", "is required")
+        names = {f.name for f in dataclasses.fields(cls)}
+        args = {k: v for k, v in body.items() if k in names and k != "stop_seqs" and v is not None}
+        if body.get("n") is not None:
+            args["n_choices"] = body["n"]
+        if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
+            args["max_tokens"] = body["max_completion_tokens"]
+        stop = _stop_from_openai(body.get("stop"))
+        if stop and all(_is_int(s) for s in stop):  # mistral.rs accepts stop token ids here too
+            args["stop_token_ids"] = stop
+        elif stop is not None:
+            args["stop_seqs"] = stop
+        return cls(**args)
+
+
+@dataclass
+class CompletionRequest(_SamplingFields):
+    """A text completion request (mistralrs.CompletionRequest). Extensions beyond mistral.rs:
+    `logprobs` (an int: how many alternatives to report per token, OpenAI's completions meaning;
+    None: no logprobs), `stream`, `seed`, `stop_token_ids`. Raises InvalidRequestError."""
+
+    prompt: str
+    model: str = ""
+    best_of: int = 1
+    echo_prompt: bool = False
+    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = None
+    n_choices: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop_seqs: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    suffix: str | None = None
+    grammar: str | None = None
+    grammar_type: str | None = None
+    # mistral.rs's later optional fields, then extensions
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    logprobs: int | None = None
+    stream: bool = False
+
+    @property
+    def top_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise InvalidRequestError("prompt", "must be a non-empty string")
+        _check_bool("echo_prompt", self.echo_prompt)
+        if self.suffix is not None and not isinstance(self.suffix, str):
+            raise InvalidRequestError("suffix", f"must be a string, got {self.suffix!r}")
+        self._validate_sampling()
+        _check_optional_int("logprobs", self.logprobs, 0, ">= 0")
+        _check_optional_int("best_of", self.best_of, 1, ">= 1")
+        if self.best_of is None or self.best_of < self.n_choices:
+            raise InvalidRequestError("best_of", f"must be >= n_choices ({self.n_choices}), got {self.best_of}")
+        if self.stream and self.best_of != self.n_choices:
+            raise InvalidRequestError("best_of", "cannot be used with stream (the best are known only at the end)")
+
+    @classmethod
+    def from_openai(cls, body: Mapping[str, Any]) -> CompletionRequest:
+        """From an OpenAI /v1/completions JSON body (`n`, `stop`, `echo`, `logprobs`)."""
+        if not isinstance(body, Mapping):
+            raise InvalidRequestError("body", "must be a JSON object")
+        if "prompt" not in body:
+            raise InvalidRequestError("prompt", "is required")
+        names = {f.name for f in dataclasses.fields(cls)}
+        args = {k: v for k, v in body.items() if k in names and k != "stop_seqs" and v is not None}
+        renames = {"n": "n_choices", "echo": "echo_prompt"}
+        args.update({renames[k]: v for k, v in body.items() if k in renames and v is not None})
+        if "best_of" not in args and "n_choices" in args:
+            args["best_of"] = args["n_choices"]
+        stop = _stop_from_openai(body.get("stop"))
+        if stop is not None:
+            args["stop_seqs"] = stop
+        return cls(**args)
+
+
+# -- responses ----------------------------------------------------------------------------------
+class _Json:
+    """Responses turn into OpenAI JSON with `to_dict()` (alias `model_dump()`, pydantic's name)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_dump(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+@dataclass
+class Usage(_Json):
+    completion_tokens: int
+    prompt_tokens: int
+    total_tokens: int
+    avg_tok_per_sec: float
+    avg_prompt_tok_per_sec: float
+    avg_compl_tok_per_sec: float
+    total_time_sec: float
+    total_prompt_time_sec: float
+    total_completion_time_sec: float
+
+
+@dataclass
+class TopLogprob(_Json):
+    token: int  # token id (mistral.rs's shape)
+    logprob: float
+    bytes: str  # the token's text
+
+
+@dataclass
+class ResponseLogprob(_Json):
+    token: str  # the token's text
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+@dataclass
+class Logprobs(_Json):
+    content: list[ResponseLogprob] | None
+
+
+@dataclass
+class ResponseMessage(_Json):
+    content: str
+    role: str = "assistant"
+
+
+@dataclass
+class Choice(_Json):
+    finish_reason: str
+    index: int
+    message: ResponseMessage
+    logprobs: Logprobs | None = None
+
+
+@dataclass
+class ChatCompletionResponse(_Json):
+    id: str
+    choices: list[Choice]
+    created: int
+    model: str
+    system_fingerprint: str
+    object: str
+    usage: Usage
+
+
+@dataclass
+class Delta(_Json):
+    content: str
+    role: str = "assistant"
+
+
+@dataclass
+class ChunkChoice(_Json):
+    finish_reason: str | None
+    index: int
+    delta: Delta
+    logprobs: Logprobs | None = None
+
+
+@dataclass
+class ChatCompletionChunkResponse(_Json):
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    system_fingerprint: str
+    object: str
+    usage: Usage | None = None
+
+
+@dataclass
+class CompletionChoice(_Json):
+    finish_reason: str | None  # None on a streamed chunk before the last
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+
+
+@dataclass
+class CompletionResponse(_Json):
+    id: str
+    choices: list[CompletionChoice]
+    created: int
+    model: str
+    system_fingerprint: str
+    object: str
+    usage: Usage | None = None
+
+
+__all__ = [
+    "ChatCompletionChunkResponse", "ChatCompletionRequest", "ChatCompletionResponse", "Choice",
+    "ChunkChoice", "CompletionChoice", "CompletionRequest", "CompletionResponse", "Delta",
+    "Logprobs", "ResponseLogprob", "ResponseMessage", "TopLogprob", "Usage",
+]

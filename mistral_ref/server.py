@@ -1,0 +1,532 @@
+"""OpenAI-compatible HTTP server (mistral.rs's `mistralrs-server`): FastAPI in front of one Runner.
+
+Threads: uvicorn's event loop parses requests and writes responses; one engine thread owns the
+Runner and does all model work, so /health and bad requests are answered while a generation runs.
+Requests reach the engine through a bounded queue (503 when it is full). The engine advances every
+running stream by one token per round, in turn: that round is where one batched forward over all
+running sequences will go once the Runner can step several requests together.
+
+Request validation and the response JSON are the Runner's (`ChatCompletionRequest.from_openai`,
+`response.to_dict()`); this module adds routing, authentication, Server-Sent Events and OpenAI's
+error shape. No traceback reaches a client: unexpected exceptions are logged and answered with a
+bare 500.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path  # Swagger UI 5's files (swagger-ui-bundle-v2 on PyPI)
+
+from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRequest,
+                                   ChatCompletionResponse, CompletionRequest, CompletionResponse)
+from mistral_ref.errors import InvalidRequestError, MistralRefError
+from mistral_ref.runner import Runner
+
+log = logging.getLogger("mistral_ref.server")
+
+DEFAULT_KEEP_ALIVE_MS = 10_000  # mistral.rs's default; KEEP_ALIVE_INTERVAL overrides it
+MAX_BODY_BYTES = 4 << 20
+
+
+# -- errors in OpenAI's shape ---------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def api_error(e: BaseException) -> APIError:
+    """The APIError a client sees for an exception raised while serving it."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, InvalidRequestError):
+        return APIError(400, str(e), param=e.param)
+    if isinstance(e, MistralRefError) and isinstance(e, ValueError):  # bad input found by the model side
+        return APIError(400, str(e))
+    return APIError(500, "internal server error", type="server_error")
+
+
+def _log_unexpected(e: BaseException) -> None:
+    if api_error(e).status == 500:
+        log.error("internal error while generating", exc_info=e)
+
+
+# -- the engine -----------------------------------------------------------------------------------
+_DONE = object()  # end of a job's events
+
+
+class Job:
+    """One request on its way through the engine, and the events the engine sends back for it.
+
+    start: calls the Runner; returns the response (non-streamed) or an iterator of chunks.
+    Events, read on the event loop with `get()`: ("accepted", None) once a stream's request has
+    been checked, ("chunk", dict) per streamed chunk, ("result", dict), ("error", exception), and
+    _DONE last.
+    """
+
+    def __init__(self, start: Callable[[], Any], stream: bool, loop: asyncio.AbstractEventLoop):
+        self.start, self.stream, self.loop = start, stream, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()  # set by the client side: stop generating for it
+        self.chunks: Iterator | None = None
+
+    def send(self, kind: Any, value: Any = None) -> None:
+        """Called from the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+            self.cancelled.set()
+
+    async def get(self) -> tuple[Any, Any]:
+        return await self.events.get()
+
+
+class QueueFullError(APIError):
+    def __init__(self, capacity: int):
+        super().__init__(503, f"the server is busy ({capacity} requests queued or running); retry later",
+                         type="server_error", code="queue_full")
+
+
+class Engine:
+    """The one thread that runs the Runner.
+
+    Up to `max_running` streams generate at once, one token each per round; at most `max_queue`
+    more requests wait. A non-streamed request runs to completion when its turn comes (the
+    Runner's non-streamed call is one blocking call), pausing the streams meanwhile.
+    """
+
+    def __init__(self, runner: Runner, max_queue: int = 32, max_running: int = 8):
+        if max_queue < 0 or max_running < 1:
+            raise ValueError(f"need max_queue >= 0 and max_running >= 1, got {max_queue}, {max_running}")
+        self.runner, self.max_queue, self.max_running = runner, max_queue, max_running
+        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.waiting: deque[Job] = deque()  # checked and waiting for a running slot
+        self.running: list[Job] = []
+        self.n_jobs = 0  # submitted and not finished: bounded by max_queue + max_running
+        self.n_chunks = 0  # chunks streamed since start (lets a test see that a cancel stopped work)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mistral-ref-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what is left and end the thread; waits up to `timeout` s for a forward to end."""
+        self.stopping.set()
+        self.inbox.put(None)
+        self.thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises QueueFullError (503) when the engine has no room."""
+        capacity = self.max_queue + self.max_running
+        with self.lock:
+            if self.stopping.is_set():
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            if self.n_jobs >= capacity:
+                raise QueueFullError(capacity)
+            self.n_jobs += 1
+        self.inbox.put(job)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            n_jobs = self.n_jobs
+        running = len(self.running)
+        return {"running": running, "queued": max(0, n_jobs - running), "streamed_chunks": self.n_chunks}
+
+    # everything below runs on the engine thread
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            idle = not self.running and not self.waiting
+            self._take_inbox(block=idle)
+            while self.waiting and len(self.running) < self.max_running:
+                job = self.waiting.popleft()
+                if job.stream:
+                    self.running.append(job)
+                else:
+                    self._run_to_end(job)
+            for job in list(self.running):
+                self._step(job)
+        for job in self.running + list(self.waiting):
+            self._finish(job, APIError(503, "the server is shutting down", type="server_error",
+                                       code="shutting_down"))
+        while (job := self._inbox_get(block=False)) is not None:
+            self._finish(job, APIError(503, "the server is shutting down", type="server_error",
+                                       code="shutting_down"))
+
+    def _inbox_get(self, block: bool) -> Job | None:
+        try:
+            return self.inbox.get(block=block, timeout=1.0 if block else None)
+        except queue.Empty:
+            return None
+
+    def _take_inbox(self, block: bool) -> None:
+        """Move new jobs to `waiting`; a stream's request is checked now (its chunks are lazy), so
+        its client gets a 400 or its response headers without waiting for a running slot."""
+        job = self._inbox_get(block)
+        while job is not None:
+            if job.cancelled.is_set():
+                self._finish(job)
+            elif job.stream:
+                try:
+                    job.chunks = job.start()
+                except Exception as e:
+                    self._finish(job, e)
+                else:
+                    job.send("accepted")
+                    self.waiting.append(job)
+            else:
+                self.waiting.append(job)
+            job = self._inbox_get(block=False)
+
+    def _run_to_end(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return self._finish(job)
+        try:
+            job.send("result", job.start().to_dict())
+        except Exception as e:
+            return self._finish(job, e)
+        self._finish(job)
+
+    def _step(self, job: Job) -> None:
+        """One chunk of a running stream (usually one token of one of its sequences)."""
+        if job.cancelled.is_set():
+            return self._finish(job)
+        try:
+            chunk = next(job.chunks).to_dict()
+        except StopIteration:
+            return self._finish(job)
+        except Exception as e:
+            return self._finish(job, e)
+        self.n_chunks += 1
+        job.send("chunk", chunk)
+
+    def _finish(self, job: Job, error: BaseException | None = None) -> None:
+        if error is not None:
+            _log_unexpected(error)
+        if job.chunks is not None:
+            chunks, job.chunks = job.chunks, None
+            try:
+                chunks.close()  # ends the Runner's generator: its KV cache is freed
+            except Exception as e:
+                _log_unexpected(e)
+        if error is not None:
+            job.send("error", error)
+        job.send(_DONE)
+        if job in self.running:
+            self.running.remove(job)
+        with self.lock:
+            self.n_jobs -= 1
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+def _keep_alive_seconds() -> float:
+    raw = os.environ.get("KEEP_ALIVE_INTERVAL", "")
+    try:
+        ms = int(raw) if raw else DEFAULT_KEEP_ALIVE_MS
+    except ValueError:
+        raise ValueError(f"KEEP_ALIVE_INTERVAL must be milliseconds (an integer), got {raw!r}") from None
+    if ms <= 0:
+        raise ValueError(f"KEEP_ALIVE_INTERVAL must be > 0 ms, got {ms}")
+    return ms / 1000
+
+
+async def _read_json(request: Request, max_bytes: int) -> Any:
+    """The request body as JSON: 413 past `max_bytes`, 422 when it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {max_bytes} bytes",
+                       code="request_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > max_bytes:
+            raise APIError(413, f"request body is over the limit of {max_bytes} bytes",
+                           code="request_too_large")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise APIError(422, f"request body is not valid JSON: {e}", code="invalid_json") from None
+
+
+def _sse(data: Any) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def create_app(runner: Runner, model_id: str | None = None, api_key: str | None = None,
+               max_queue: int = 32, max_running: int = 8, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving `runner` under the name `model_id` (default: the GGUF file's name).
+
+    api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`. The engine thread starts and
+    stops with the app's lifespan (uvicorn runs it).
+    """
+    served_id = model_id or runner.model_id
+    keep_alive = _keep_alive_seconds()
+    engine = Engine(runner, max_queue=max_queue, max_running=max_running)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="mistral-ref", version="0.1.0", lifespan=lifespan, docs_url=None,
+                  redoc_url=None, description=__doc__.split("\n\n")[0])
+    app.state.engine = engine
+
+    # The Swagger UI page loads its script and style from here, not from a CDN: /docs works offline.
+    app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        message = (f"no route {request.method} {request.url.path}" if e.status_code in (404, 405)
+                   else str(e.detail))
+        return APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return APIError(422, f"invalid request: {e.errors()}").response()
+
+    @app.exception_handler(MistralRefError)
+    async def on_bad_input(request: Request, e: MistralRefError) -> JSONResponse:
+        return api_error(e).response()
+
+    @app.exception_handler(Exception)  # Starlette logs the traceback; the client gets a bare 500
+    async def on_any_error(request: Request, e: Exception) -> JSONResponse:
+        return api_error(e).response()
+
+    def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    def check_model(body: Any) -> None:
+        model = body.get("model", "") if isinstance(body, dict) else ""
+        if not isinstance(model, str):
+            raise APIError(400, f"model must be a string, got {model!r}", param="model")
+        if model not in ("", "default", served_id):
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {served_id!r}",
+                           param="model", code="model_not_found")
+
+    def stream_options(body: Any) -> bool:
+        """Whether the client asked for OpenAI's separate usage chunk."""
+        options = body.get("stream_options") if isinstance(body, dict) else None
+        if options is None:
+            return False
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise APIError(400, f"stream_options must be {{\"include_usage\": true|false}}, got {options!r}",
+                           param="stream_options")
+        return options.get("include_usage", False)
+
+    async def handle(request: Request, body: Any, build: Callable[[dict], Any],
+                    send: Callable[[Any], Any]) -> Response:
+        check_model(body)
+        include_usage = stream_options(body)
+        if isinstance(body, dict):
+            body = dict(body)
+            if body.get("model") in ("", "default"):
+                body["model"] = served_id
+            if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
+                body["max_tokens"] = body["max_completion_tokens"]  # OpenAI's newer name
+        req = build(body)  # raises InvalidRequestError: 400
+        job = Job(lambda: send(req), req.stream, asyncio.get_running_loop())
+        engine.submit(job)
+        if not req.stream:
+            return await _wait_result(request, job)
+        kind, value = await job.get()
+        if kind != "accepted":
+            raise api_error(value) if kind == "error" else APIError(
+                503, "the server is shutting down", type="server_error", code="shutting_down")
+        return StreamingResponse(_stream(job, include_usage, keep_alive), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # /docs: request bodies by example (the fields are the seed's ChatCompletionRequest, spelled as
+    # OpenAI's JSON); responses by the schema pydantic derives from the response dataclasses.
+    openapi_body = lambda example: {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object"}, "example": example}}}}
+    schemas: dict[str, Any] = {}
+
+    def responses(*classes: type) -> dict[int, Any]:
+        from pydantic import TypeAdapter
+        content = {}
+        for cls, media in zip(classes, ("application/json", "text/event-stream")):
+            schema = TypeAdapter(cls).json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            content[media] = {"schema": schema}
+        return {200: {"description": "OpenAI-compatible response (a stream: one chunk per `data:` line)",
+                      "content": content}}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            FastAPI.openapi(app)
+            app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
+        return app.openapi_schema
+    app.openapi = openapi
+
+    @v1.post("/chat/completions", openapi_extra=openapi_body(
+        {"model": "", "messages": [{"role": "system", "content": "You are Mistral.rs, an AI assistant."},
+                                   {"role": "user", "content": "Write a story about Rust error handling."}],
+         "max_tokens": 32}), responses=responses(ChatCompletionResponse, ChatCompletionChunkResponse))
+    async def chat_completions(request: Request) -> Response:
+        """Process an OpenAI compatible chat request; with `"stream": true`, Server-Sent Events
+        of chat.completion.chunk objects ending with `data: [DONE]`."""
+        body = await _read_json(request, max_body_bytes)
+        return await handle(request, body, ChatCompletionRequest.from_openai, runner.send_chat_completion_request)
+
+    @v1.post("/completions", openapi_extra=openapi_body(
+        {"model": "", "prompt": "What is Rust?", "max_tokens": 32, "temperature": 0}),
+        responses=responses(CompletionResponse, CompletionResponse))
+    async def completions(request: Request) -> Response:
+        """Process an OpenAI compatible text completion request (streaming supported)."""
+        body = await _read_json(request, max_body_bytes)
+        return await handle(request, body, CompletionRequest.from_openai, runner.send_completion_request)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": served_id, "object": "model", "created": created, "owned_by": "local"}
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        """Returns the running models."""
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model}")
+    async def model(model: str) -> dict[str, Any]:
+        """Returns one running model."""
+        check_model({"model": model})
+        return model_card()
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Returns the server health; answers while a generation runs."""
+        return {"status": "ok", "model": served_id, **engine.stats()}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        """Returns OpenAPI API docs (Swagger UI, served from this server)."""
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="mistral-ref API",
+                                   swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
+
+    return app
+
+
+async def _wait_result(request: Request, job: Job) -> Response:
+    """A non-streamed job's JSON; a client that hangs up before its turn is dropped from the queue."""
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.get(), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                continue
+            if kind == "result":
+                return JSONResponse(value)
+            if kind == "error":
+                raise api_error(value)
+            if kind is _DONE:  # cancelled
+                return APIError(499, "client closed the request", code="cancelled").response()
+    finally:
+        job.cancelled.set()
+
+
+async def _stream(job: Job, include_usage: bool, keep_alive: float) -> AsyncIterator[bytes]:
+    """SSE of a stream's chunks. The client hanging up ends this generator (Starlette cancels it or
+    closes it), and the `finally` cancels the job so the engine stops generating for it."""
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.wait_for(job.get(), keep_alive)
+            except asyncio.TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if kind == "chunk":
+                if include_usage and value.get("usage") is not None:
+                    # OpenAI's shape: the usage in a last chunk of its own, with no choices
+                    yield _sse({**value, "usage": None})
+                    yield _sse({**value, "choices": [], "usage": value["usage"]})
+                else:
+                    yield _sse(value)
+            elif kind == "error":
+                yield _sse(api_error(value).body())
+            elif kind is _DONE:
+                yield _sse("[DONE]")
+                return
+    finally:
+        job.cancelled.set()
+
+
+def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
+          api_key: str | None = None, model_id: str | None = None, max_queue: int = 32,
+          max_running: int = 8, chat_template: str | None = None, seed: int | None = None,
+          shutdown_timeout: float = 10.0, log_level: str = "info") -> None:
+    """Load the model and serve it until SIGINT/SIGTERM. In-flight requests then get up to
+    `shutdown_timeout` s to finish; what is left is cancelled."""
+    import uvicorn
+
+    from mistral_ref.runner import Which
+
+    runner = Runner(which=Which.GGUF(str(model_path)), chat_template=chat_template, seed=seed)
+    app = create_app(runner, model_id=model_id, api_key=api_key, max_queue=max_queue,
+                     max_running=max_running)
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn stops accepting and waits for open responses; past the timeout the engine
+            # ends what still runs with a 503 error event, so a stream closes properly.
+            if not self.should_exit:
+                timer = threading.Timer(shutdown_timeout, engine.stop)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own cancel is only the backstop for a non-streamed request (one uninterruptible
+    # Runner call) or a forward pass that outlasts the engine's stop.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + 10)
+    Server(config).run()
+
+
+__all__ = ["APIError", "Engine", "Job", "create_app", "serve"]

@@ -1,0 +1,346 @@
+"""The OpenAI-compatible server, as a client sees it: a real `mistral-ref serve` process on a free
+loopback port, driven by the official `openai` client and by raw HTTP (httpx).
+
+The reference for every generated text is the Runner called in this process on the same file:
+greedy decoding is deterministic, so the server must hand back exactly what the Runner makes.
+Model: the tiny random Mistral (real Mistral v1 tokenizer), so each request takes well under 1 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from mistral_ref.api_types import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from mistral_ref.runner import Runner, Which  # noqa: E402
+from mistral_ref.synth import synth_model  # noqa: E402
+
+API_KEY = "sk-test"
+# uvicorn shuts down gracefully, then re-raises the signal so the exit status says what ended it
+GRACEFUL = (0, -signal.SIGTERM)
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m mistral_ref.cli serve ...` on a free port, ready once /health answers."""
+
+    def __init__(self, model: Path, *args: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mistral_ref.cli", "serve", "--model", str(model),
+             "--port", str(self.port), "--log-level", "warning", *args],
+            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("server did not start within 120 s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("server") / "tiny.gguf"
+    synth_model(path, "tiny", "Q4_K_M", sliding_window=16, seed=0, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runner(model) -> Runner:
+    return Runner(which=Which.GGUF(str(model)))
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    # a short keep-alive interval: the openai client must read through the comments
+    s = ServerProcess(model, "--api-key", API_KEY, env={"KEEP_ALIVE_INTERVAL": "50"})
+    yield s
+    assert s.stop() in GRACEFUL
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def post(server, path: str, body, key: str | None = API_KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, timeout=60,
+                      headers={"Content-Type": "application/json", **headers}, **kw)
+
+
+def sse_events(lines) -> list:
+    """Parsed `data:` payloads of an SSE stream, "[DONE]" kept as a string; comments dropped."""
+    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+            for line in lines if line.startswith("data: ")]
+
+
+def reference_chat(runner, **kw) -> dict:
+    return runner.send_chat_completion_request(ChatCompletionRequest(messages=CHAT, temperature=0, **kw)).to_dict()
+
+
+# -- the official client ---------------------------------------------------------------------------
+def test_models_and_health(server, client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny.gguf"]
+    assert client.models.retrieve("tiny.gguf").id == "tiny.gguf"
+    assert server.health()["status"] == "ok"
+
+
+def test_docs_work_offline(server):
+    """/docs is Swagger UI whose script and style come from this server, not a CDN."""
+    page = httpx.get(server.url + "/docs", timeout=10)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+    for asset in ("/static/swagger-ui/swagger-ui-bundle.js", "/static/swagger-ui/swagger-ui.css"):
+        r = httpx.get(server.url + asset, timeout=10)
+        assert r.status_code == 200 and len(r.content) > 10_000
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    assert spec["openapi"].startswith("3.1")  # Swagger UI 5 renders 3.1; the 4.x bundle does not
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
+
+
+def test_chat_matches_runner(client, runner):
+    expected = reference_chat(runner, max_tokens=8)
+    got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=8, temperature=0)
+    assert got.object == "chat.completion" and got.model == "tiny.gguf"
+    assert got.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].finish_reason == "length"
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (expected["usage"]["prompt_tokens"], 8)
+    # the model may be named "" (mistral.rs's examples) and max_completion_tokens is OpenAI's newer name
+    also = client.chat.completions.create(model="", messages=CHAT, max_completion_tokens=8, temperature=0)
+    assert also.choices[0].message.content == got.choices[0].message.content
+
+
+def test_streaming_chat(client, runner):
+    expected = reference_chat(runner, max_tokens=8)
+    chunks = list(client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=8,
+                                                 temperature=0, stream=True))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert "".join(c.choices[0].delta.content for c in chunks) == expected["choices"][0]["message"]["content"]
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+    assert chunks[-1].usage.completion_tokens == 8 and all(c.usage is None for c in chunks[:-1])
+    # stream_options.include_usage: OpenAI's separate last chunk with no choices
+    chunks = list(client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == expected["usage"]["total_tokens"]
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions(client, runner):
+    expected = runner.send_completion_request(
+        CompletionRequest(prompt="The sky is", max_tokens=6, temperature=0)).to_dict()
+    got = client.completions.create(model="tiny.gguf", prompt="The sky is", max_tokens=6, temperature=0)
+    assert got.object == "text_completion"
+    assert got.choices[0].text == expected["choices"][0]["text"]
+    streamed = client.completions.create(model="tiny.gguf", prompt="The sky is", max_tokens=6,
+                                         temperature=0, stream=True, echo=True)
+    assert "".join(c.choices[0].text for c in streamed) == "The sky is" + expected["choices"][0]["text"]
+
+
+def test_logprobs(client, runner):
+    got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=5, temperature=0,
+                                         logprobs=True, top_logprobs=3)
+    content = got.choices[0].logprobs.content
+    expected = reference_chat(runner, max_tokens=5, logprobs=True, top_logprobs=3)
+    assert len(content) == 5
+    for token, ref in zip(content, expected["choices"][0]["logprobs"]["content"]):
+        assert token.token == ref["token"] and token.logprob == pytest.approx(ref["logprob"], abs=1e-9)
+        assert len(token.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-12)
+
+
+def test_n_choices_and_seed(client):
+    got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=6, n=2,
+                                         temperature=1.0, seed=7)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert got.usage.completion_tokens == 12
+    again = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=6, n=2,
+                                           temperature=1.0, seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in got.choices]
+
+
+def test_stop_string(client, runner):
+    text = reference_chat(runner, max_tokens=10)["choices"][0]["message"]["content"]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    cut = text[:text.index(stop)]
+    got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=10, temperature=0, stop=stop)
+    assert got.choices[0].message.content == cut and got.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=10, temperature=0,
+                                              stop=[stop, "\x00never"], stream=True)
+    assert "".join(c.choices[0].delta.content for c in streamed) == cut
+
+
+# -- bad input, raw HTTP ---------------------------------------------------------------------------
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in response.text
+    return error
+
+
+def test_bad_requests(server, client):
+    chat = "/v1/chat/completions"
+    ok = {"model": "tiny.gguf", "messages": CHAT, "max_tokens": 2}
+    error_of(post(server, chat, b'{"messages": [{"role": "user", "content": "hi"}'), 422)
+    error_of(post(server, chat, b"\xff\xfe not utf-8"), 422)
+    assert error_of(post(server, chat, [1, 2]), 400)["param"] == "body"
+    assert error_of(post(server, chat, {**ok, "messages": 5}), 400)["param"] == "messages"
+    assert error_of(post(server, chat, {**ok, "temperature": "hot"}), 400)["param"] == "temperature"
+    assert error_of(post(server, chat, {**ok, "max_tokens": -1}), 400)["param"] == "max_tokens"
+    assert error_of(post(server, chat, {**ok, "top_p": 0}), 400)["param"] == "top_p"
+    assert error_of(post(server, chat, {**ok, "n": 0}), 400)["param"] == "n_choices"
+    assert error_of(post(server, chat, {**ok, "logit_bias": {"x": 1}}), 400)["param"] == "logit_bias"
+    assert error_of(post(server, chat, {**ok, "logit_bias": {"99999999": 1}}), 400)["param"] == "logit_bias"
+    assert error_of(post(server, chat, {**ok, "stream_options": 3}), 400)["param"] == "stream_options"
+    assert error_of(post(server, chat, {**ok, "stream": True, "stop": [2**40]}), 400)["param"] == "stop_token_ids"
+    assert error_of(post(server, "/v1/completions", {"prompt": ""}), 400)["param"] == "prompt"
+    assert error_of(post(server, chat, {**ok, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    assert error_of(post(server, chat, ok, key=None), 401)["code"] == "invalid_api_key"
+    assert error_of(post(server, chat, ok, key="wrong"), 401)["code"] == "invalid_api_key"
+    error_of(post(server, "/v1/nothing", ok), 404)
+    error_of(httpx.get(server.url + "/nothing"), 404)
+    error_of(httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}), 405)
+    error_of(post(server, chat, b"[" + b" " * (5 << 20) + b"]"), 413)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=CHAT)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny.gguf", messages=CHAT, temperature=-1)
+    # unknown fields are ignored, as OpenAI does
+    assert post(server, chat, {**ok, "user": "me", "tools_choice_whatever": [1]}).status_code == 200
+    # a max_tokens past the context is cut at the context: the prompt nearly fills its 512 tokens
+    prompt = "one two three " * 166
+    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10**30, "temperature": 0}).json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 512
+    assert server.health()["status"] == "ok"
+    assert post(server, chat, ok).json()["usage"]["completion_tokens"] == 2  # still serving
+
+
+# -- concurrency ------------------------------------------------------------------------------------
+def test_eight_concurrent_streams(server, client, runner):
+    expected = reference_chat(runner, max_tokens=6)["choices"][0]["message"]["content"]
+    texts, errors = [None] * 8, []
+
+    def one(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=6,
+                                                    temperature=0, stream=True)
+            texts[i] = "".join(c.choices[0].delta.content for c in stream)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    health_seconds = []
+    while any(t.is_alive() for t in threads):
+        start = time.perf_counter()
+        assert server.health()["status"] == "ok"
+        health_seconds.append(time.perf_counter() - start)
+        time.sleep(0.05)
+    for t in threads:
+        t.join(60)
+    assert not errors and texts == [expected] * 8
+    assert max(health_seconds) < 2.0  # /health is not stuck behind generation
+
+
+def test_keep_alive_comments(server):
+    """A stream paused while a non-streamed request runs gets `: keep-alive` comments (every 50 ms)."""
+    body = {"model": "tiny.gguf", "messages": CHAT, "max_tokens": 8, "temperature": 0, "stream": True}
+    lines = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        blocker = None
+        for line in r.iter_lines():
+            lines.append(line)
+            if blocker is None and line.startswith("data: "):
+                blocker = threading.Thread(target=post, args=(server, "/v1/chat/completions", {
+                    "model": "tiny.gguf", "messages": CHAT, "max_tokens": 40, "temperature": 0}))
+                blocker.start()
+        blocker.join(60)
+    assert ": keep-alive" in lines
+    events = sse_events(lines)
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 8
+
+
+def test_disconnect_cancels_generation(server):
+    body = {"model": "tiny.gguf", "prompt": "Once", "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        n = 0
+        for line in r.iter_lines():
+            n += line.startswith("data: ")
+            if n == 3:
+                break
+    start = server.health()["streamed_chunks"]
+    deadline = time.monotonic() + 20
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    health = server.health()
+    assert health["running"] == 0 and health["queued"] == 0
+    # the engine stopped soon after the hang-up, far short of the 500 tokens asked for
+    assert health["streamed_chunks"] - start < 100
+
+
+def test_queue_full_and_graceful_shutdown(model):
+    s = ServerProcess(model, "--max-queue", "0", "--max-running", "1", "--shutdown-timeout", "1",
+                      "--log-level", "info")
+    body = {"model": "tiny.gguf", "prompt": "Once", "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "text_completion"
+        busy = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=10)
+        assert error_of(busy, 503)["code"] == "queue_full" and busy.headers["retry-after"] == "1"
+        s.proc.send_signal(signal.SIGTERM)
+        # the open stream ends properly: finished, or cut by the shutdown with an error event
+        events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    last = events[-2]
+    assert ("error" in last and last["error"]["code"] == "shutting_down") or last["choices"][0]["finish_reason"]
+    assert s.proc.wait(20) in GRACEFUL
+    log = s.proc.stdout.read()
+    assert "Finished server process" in log and "Traceback" not in log
