@@ -191,16 +191,17 @@ class Runner:
 
     which: the model (see `Which`). chat_template: a Jinja template or a file holding one,
     overriding the GGUF's. seed: default random seed of requests that give none (None: fresh
-    entropy). device: "cpu" or "cuda". activations: "f32" (exact) or "q8" (activations quantized
-    to 8 bits before each quantized matmul: llama.cpp's and mistral.rs's numerics, for comparing
-    outputs with them). token_source: accepted for mistral.rs compatibility; nothing is fetched, so
-    it is not used.
+    entropy). device: "cpu" or "cuda". activations: "q8" (default on the CPU: activations
+    quantized to 8 bits before each quantized matmul, llama.cpp's and mistral.rs's numerics, and
+    twice the decode speed) or "f32" (exact float32 arithmetic; the cuda device's only mode).
+    token_source: accepted for mistral.rs compatibility; nothing is fetched, so it is not used.
     """
 
     def __init__(self, which: Which.GGUF | Which.MistralGGUF, chat_template: str | None = None,
-                 seed: int | None = None, device: str = "cpu", activations: str = "f32",
+                 seed: int | None = None, device: str = "cpu", activations: str | None = None,
                  token_source: str = "cache"):
         gguf, tokenizer_json = resolve_which(which)
+        activations = activations or ("q8" if device == "cpu" else "f32")
         self.model = Model.from_gguf(gguf, device=device, activations=activations)
         metadata = self.model.file.metadata
         self.tokenizer = (Tokenizer.from_tokenizer_json(tokenizer_json, metadata) if tokenizer_json

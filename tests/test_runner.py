@@ -31,8 +31,10 @@ def tiny(tmp_path_factory) -> Runner:
 
 @pytest.fixture(scope="module")
 def smol(default_model) -> Runner:
+    # Exact float32 numerics: tests below recompute the logits in one pass and compare; with 8-bit
+    # activations (the default) a one-pass recompute and step-by-step decoding differ by ~0.5.
     return Runner(Which.MistralGGUF(tok_model_id=None, quantized_model_id=str(default_model.parent),
-                                    quantized_filename=default_model.name))
+                                    quantized_filename=default_model.name), activations="f32")
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,13 @@ def stream_text(chunks) -> tuple[list[str], list[str | None], object]:
 
 
 # -- Which ---------------------------------------------------------------------------------------
+def test_numerics_default_to_mistral_rs(tiny):
+    """On the CPU the Runner quantizes activations to 8 bits, as mistral.rs does."""
+    assert tiny.model.activations == "q8"
+    with pytest.raises(ValueError, match="activations"):
+        Runner(Which.GGUF(str(tiny.model.file.path)), activations="int4")
+
+
 def test_hub_ids_fail_with_a_clear_message(default_model):
     with pytest.raises(ModelSourceError, match="model hub"):
         seed_which = Which.MistralGGUF(tok_model_id="mistralai/Mistral-7B-Instruct-v0.1",

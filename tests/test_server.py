@@ -298,7 +298,7 @@ def test_keep_alive_comments(server):
             lines.append(line)
             if blocker is None and line.startswith("data: "):
                 blocker = threading.Thread(target=post, args=(server, "/v1/chat/completions", {
-                    "model": "tiny.gguf", "messages": CHAT, "max_tokens": 40, "temperature": 0}))
+                    "model": "tiny.gguf", "messages": CHAT, "max_tokens": 300, "temperature": 0}))
                 blocker.start()
         blocker.join(60)
     assert ": keep-alive" in lines
