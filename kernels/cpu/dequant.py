@@ -55,11 +55,12 @@ def fp16_at(raw, i):
 @numba.njit(inline="always", cache=True)
 def k_scale_min(raw, at, g):
     """Six-bit scale and min of group `g` (0-7) from Q4_K/Q5_K's 12 packed bytes at `raw[at]`."""
+    # Both branches return int32: mixed integer types would make Numba unify them as float64.
     if g < 4:
-        return raw[at + g] & 63, raw[at + g + 4] & 63
+        return np.int32(raw[at + g] & 63), np.int32(raw[at + g + 4] & 63)
     scale = (raw[at + g + 4] & 0x0F) | ((raw[at + g - 4] >> 6) << 4)
     minimum = (raw[at + g + 4] >> 4) | ((raw[at + g] >> 6) << 4)
-    return scale, minimum
+    return np.int32(scale), np.int32(minimum)
 
 
 @numba.njit(parallel=True, cache=True)
