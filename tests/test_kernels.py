@@ -11,22 +11,9 @@ import kernels
 from kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
 from kernels.formats import FORMATS
 from kernels.reference import ops as ref
+from conftest import random_rows
 
 rng = np.random.default_rng(0)
-
-
-def random_rows(qtype: QType, n_rows: int, n: int) -> np.ndarray:
-    """Random valid rows: random bytes with small finite fp16/f32 fields."""
-    fmt = FORMATS[qtype]
-    raw = rng.integers(0, 256, n_rows * fmt.row_bytes(n), dtype=np.uint8)
-    blocks = raw.view(fmt.block)
-    for name in fmt.block.names:
-        if fmt.block[name] in (np.dtype("<f2"), np.dtype("<f4")):
-            blocks[name] = rng.uniform(-0.1, 0.1, blocks[name].shape).astype(fmt.block[name])
-    if qtype == QType.BF16:  # the high halves of small float32 values
-        small = rng.uniform(-0.1, 0.1, blocks.shape).astype(np.float32)
-        blocks["value"] = small.view(np.uint32) >> 16
-    return raw.reshape(n_rows, -1)
 
 
 @pytest.mark.parametrize("qtype", list(FORMATS), ids=lambda q: q.name)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import kernels
 from kernels.cpu import vec_dot as cpu
 from kernels.formats import FORMATS
+from conftest import random_rows
 from kernels.reference import vec_dot as ref
 
 TYPES = list(ref.VEC_DOT)
@@ -30,21 +31,6 @@ def activations(seed: int, n: int) -> np.ndarray:
     x[256:288] = np.arange(-16, 16, dtype=np.float32) * np.float32(0.5)
     x[n - 1] = -9.0
     return x
-
-
-def random_rows(qtype: QType, n_rows: int, n: int, seed: int) -> np.ndarray:
-    """Every bit pattern of the weight fields, with small finite fp16 scales (read-only)."""
-    rng = np.random.default_rng(seed)
-    fmt = FORMATS[qtype]
-    rows = rng.integers(0, 256, (n_rows, fmt.row_bytes(n)), dtype=np.uint8)
-    blocks = rows.reshape(-1, fmt.type_size)
-    for field in ("d", "m", "dmin"):
-        if field in fmt.block.names:
-            at = fmt.offset(field)
-            half = ((rng.random(len(blocks)) - 0.3) * 0.02).astype(np.float16)
-            blocks[:, at:at + 2] = half.view(np.uint8).reshape(-1, 2)
-    rows.flags.writeable = False
-    return rows
 
 
 def dequantized_activations(y: np.ndarray) -> np.ndarray:

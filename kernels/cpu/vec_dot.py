@@ -6,9 +6,10 @@ integer sum is exact, and only the float combination of the sums with the scales
 differently (~1e-6 relative). Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the
 float kernel, kernels.cpu.matvec.
 
-Speed comes from three small LLVM intrinsics that do one block's integer dot product as
-fixed-width vector code (`dot_nibble_pairs`, `dot_fields`, `dot_bytes`): load 16 or 32 weight
-bytes, unpack the fields in byte lanes, multiply with the int8 activations and reduce to one int32.
+Speed comes from small LLVM intrinsics that do one block's integer dot product as fixed-width
+vector code (`dot_nibble_pairs`, `dot_fields`, `dot_bytes`, and `dot_q6_k` for a whole Q6_K
+super-block): load the weight bytes, unpack the fields in byte lanes, multiply with the int8
+activations and reduce to one int32.
 They are written in target-independent LLVM vector IR; on x86 with AVX-512 VNNI LLVM turns the
 unsigned-by-signed byte product and its reduction into `vpdpbusd`. Numba's own loop vectorizer
 cannot do this: a 16- or 32-iteration block loop is either fully unrolled (and stays scalar) or,
@@ -121,7 +122,7 @@ def dot_nibble_pairs(typingctx, w, at, high, x, x_at, n):
 def dot_fields(typingctx, w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n):
     """Integer dot product of n k-quant weights with x[x_at:x_at + n] (int8), where weight j is
     ((w[at + j] >> shift) & 15) | ((h[h_at + j] >> h_shift) & h_mask) << 4: Q4_K (h_mask 0),
-    Q5_K (its qh bits, h_mask 1), Q6_K (ql and qh, h_mask 3). n: a literal. Returns int32."""
+    Q5_K (its qh bits, h_mask 1). n: a literal. Returns int32."""
     if not isinstance(n, types.IntegerLiteral):
         return None
     width = n.literal_value
@@ -139,6 +140,56 @@ def dot_fields(typingctx, w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n):
         activations = _bytes_at(context, builder, signature.args[7], x_, x_at_, width)
         return _reduce_products(builder, weights, activations, width, False)
     return types.int32(w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n), codegen
+
+
+def _q6_k_half(context, builder, array_type, w, ql_at, qh_at):
+    """<128 x i8>: the signed weights q - 32 of one half of a Q6_K super-block, in weight order:
+    quarter c takes its low 4 bits from ql[32 * (c % 2) + l] (nibble c // 2) and its top 2 bits
+    from qh[l] bits 2c, 2c + 1, l < 32 (the layout kernels.cpu.matvec documents)."""
+    ql = _bytes_at(context, builder, array_type, w, ql_at, 64)
+    qh = _bytes_at(context, builder, array_type, w, qh_at, 32)
+    low = builder.shuffle_vector(builder.and_(ql, ir.Constant(ql.type, [15] * 64)),
+                                 builder.lshr(ql, ir.Constant(ql.type, [4] * 64)),
+                                 ir.Constant(ir.VectorType(_I32, 128), list(range(128))))
+    # Top bits of quarter c moved to bits 4-5 with one uniform shift per quarter.
+    top = [builder.and_(builder.shl(qh, ir.Constant(qh.type, [4] * 32)), ir.Constant(qh.type, [48] * 32)),
+           builder.and_(builder.shl(qh, ir.Constant(qh.type, [2] * 32)), ir.Constant(qh.type, [48] * 32)),
+           builder.and_(qh, ir.Constant(qh.type, [48] * 32)),
+           builder.and_(builder.lshr(qh, ir.Constant(qh.type, [2] * 32)), ir.Constant(qh.type, [48] * 32))]
+    pairs = [builder.shuffle_vector(top[i], top[i + 1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
+             for i in (0, 2)]
+    high = builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 128), list(range(128))))
+    return builder.sub(builder.or_(low, high), ir.Constant(low.type, [32] * 128))
+
+
+@intrinsic
+def dot_q6_k(typingctx, w, at, ql_at, qh_at, scales_at, x, x_at):
+    """sum over the 16 groups g of scales[g] * ((q - 32) . x) for the Q6_K super-block at w[at:]
+    (its fields at at + ql_at / qh_at / scales_at) and the int8 activations x[x_at:x_at + 256].
+    Exact in int32. One reduction: each scaled weight (q - 32) * scale fits in int16, so LLVM can
+    multiply it with x as pairs of int16 products summed into int32 lanes (vpmaddwd)."""
+    def codegen(context, builder, signature, args):
+        w_, at_, ql_at_, qh_at_, scales_at_, x_, x_at_ = args
+        w_type = signature.args[0]
+        halves = [_q6_k_half(context, builder, w_type, w_,
+                             builder.add(at_, builder.add(ql_at_, ir.Constant(at_.type, 64 * h))),
+                             builder.add(at_, builder.add(qh_at_, ir.Constant(at_.type, 32 * h))))
+                  for h in range(2)]
+        weights = builder.shuffle_vector(halves[0], halves[1],
+                                         ir.Constant(ir.VectorType(_I32, 256), list(range(256))))
+        i16s = ir.VectorType(ir.IntType(16), 256)
+        scales = builder.sext(_bytes_at(context, builder, w_type, w_, builder.add(at_, scales_at_), 16),
+                              ir.VectorType(ir.IntType(16), 16))
+        scale_per_weight = builder.shuffle_vector(
+            scales, scales, ir.Constant(ir.VectorType(_I32, 256), [j // 16 for j in range(256)]))
+        scaled = builder.mul(builder.sext(weights, i16s), scale_per_weight)
+        activations = _bytes_at(context, builder, signature.args[5], x_, x_at_, 256)
+        i32s = ir.VectorType(_I32, 256)
+        products = builder.mul(builder.sext(scaled, i32s), builder.sext(activations, i32s))
+        reduce_add = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_I32, [i32s]), "llvm.vector.reduce.add.v256i32")
+        return builder.call(reduce_add, [products])
+    return types.int32(w, at, ql_at, qh_at, scales_at, x, x_at), codegen
 
 
 @intrinsic
@@ -285,18 +336,12 @@ def q4_k_q5_k_row(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, xq, xd, xsu
 
 
 @numba.njit(inline="always", fastmath=FAST, cache=True)
-def q6_k_row(row, xq, xd, xsum):
-    """16 groups of 16: d * sum(scale * ((q . x) - 32 * bsum)); layout as kernels.cpu.matvec."""
+def q6_k_row(row, xq, xd):
+    """16 groups of 16 per super-block: d * sum(scale * ((q - 32) . x))."""
     s = F32(0)
     for b in range(xd.size):
-        at, xo = b * Q6_K_SIZE, b * QK_K
-        sumi = 0
-        for g in range(16):
-            half, c, r = g // 8, (g // 2) % 4, 16 * (g % 2)
-            dot = dot_fields(row, at + Q6_K_QL + 64 * half + 32 * (c % 2) + r, 4 * (c // 2),
-                             row, at + Q6_K_QH + 32 * half + r, 2 * c, 3, xq, xo + 16 * g, 16)
-            scale = np.int32(np.int8(row[at + Q6_K_SCALES + g]))
-            sumi += scale * (dot - 32 * xsum[16 * b + g])
+        at = b * Q6_K_SIZE
+        sumi = dot_q6_k(row, at, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, xq, b * QK_K)
         s += fp16(row, at + Q6_K_D) * xd[b] * F32(sumi)
     return s
 
@@ -310,7 +355,7 @@ def matvec_blocks(rows, qtype, xq, xd, xs, xsum, out):
             s = q4_k_q5_k_row(row, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1,
                               xq, xd, xsum)
         elif qtype == Q6_K_ID:
-            s = q6_k_row(row, xq, xd, xsum)
+            s = q6_k_row(row, xq, xd)
         elif qtype == Q5_K_ID:
             s = q4_k_q5_k_row(row, Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH,
                               xq, xd, xsum)
@@ -346,24 +391,6 @@ def matvec_q8(rows, qtype, x, out):
         xsum = np.empty(n_blocks, np.int32)
         quantize_q8_0(x, xq, xd, xs, xsum)
     matvec_blocks(rows, qtype, xq, xd, xs, xsum, out)
-
-
-@numba.njit(parallel=True, cache=True)
-def round_trip_q8(x, super_blocks, out):
-    """out[t] = x[t] as llama.cpp's 8-bit activation blocks hold it (q * d per block): Q8_K when
-    `super_blocks` (for k-quant weights), else Q8_0 (Q8_1 stores the same values). Prefill with
-    llama.cpp numerics multiplies these with dequantized weights. x, out: float32 (T, n)."""
-    n = x.shape[1]
-    block = QK_K if super_blocks else QK
-    for t in prange(x.shape[0]):
-        qs = np.empty(n, np.int8)
-        d, s = np.empty(n // block, F32), np.empty(n // block, F32)
-        if super_blocks:
-            quantize_q8_k(x[t], qs, d, s, np.empty(n // 16, np.int32))
-        else:
-            quantize_q8_0(x[t], qs, d, s, np.empty(n // QK, np.int32))
-        for j in range(n):
-            out[t, j] = F32(qs[j]) * d[j // block]
 
 
 @numba.njit(parallel=True, cache=True)
