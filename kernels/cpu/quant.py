@@ -330,39 +330,36 @@ def _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
 
 
 @numba.njit(parallel=True, cache=True)
-def q4_k(x, out):
+def _k_quant(x, out, size, d_at, dmin_at, scales_at, qs_at, qh_at, nmax, rmin, nstep):
+    """Q4_K (qh_at < 0) or Q5_K blocks: make_qkx2_quants fits per group of 32 (levels 0..nmax,
+    rmin/nstep as llama.cpp passes them), then the low nibbles packed two groups per 32 bytes and,
+    for Q5_K, the fifth bit of group g in bit g of qh."""
     n_blocks = x.size // QK_K
     for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
         L, Laux = np.empty(QK_K, np.uint8), np.empty(32, np.uint8)
         weights, scales, mins = np.empty(32, F32), np.empty(8, F32), np.empty(8, F32)
         first, end = task_bounds(task, n_blocks)
         for b in range(first, end):
-            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q4_K_SIZE:(b + 1) * Q4_K_SIZE]
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * size:(b + 1) * size]
             yb[:] = 0
-            _k_scales_and_levels(xb, yb, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, 15, F32(-1.0), 20,
-                                 L, Laux, weights, scales, mins)
-            for c in range(4):
-                for i in range(32):
-                    yb[Q4_K_QS + 32 * c + i] = L[64 * c + i] | (L[64 * c + 32 + i] << 4)
-
-
-@numba.njit(parallel=True, cache=True)
-def q5_k(x, out):
-    n_blocks = x.size // QK_K
-    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
-        L, Laux = np.empty(QK_K, np.uint8), np.empty(32, np.uint8)
-        weights, scales, mins = np.empty(32, F32), np.empty(8, F32), np.empty(8, F32)
-        first, end = task_bounds(task, n_blocks)
-        for b in range(first, end):
-            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q5_K_SIZE:(b + 1) * Q5_K_SIZE]
-            yb[:] = 0
-            _k_scales_and_levels(xb, yb, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, 31, F32(-0.5), 15,
+            _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
                                  L, Laux, weights, scales, mins)
             for c in range(4):
                 for i in range(32):
                     low, high = L[64 * c + i], L[64 * c + 32 + i]
-                    yb[Q5_K_QS + 32 * c + i] = (low & 0x0F) | ((high & 0x0F) << 4)
-                    yb[Q5_K_QH + i] |= ((low >> 4) << (2 * c)) | ((high >> 4) << (2 * c + 1))
+                    yb[qs_at + 32 * c + i] = (low & 0x0F) | ((high & 0x0F) << 4)
+                    if qh_at >= 0:
+                        yb[qh_at + i] |= ((low >> 4) << (2 * c)) | ((high >> 4) << (2 * c + 1))
+
+
+@numba.njit(cache=True)
+def q4_k(x, out):
+    _k_quant(x, out, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1, 15, F32(-1.0), 20)
+
+
+@numba.njit(cache=True)
+def q5_k(x, out):
+    _k_quant(x, out, Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, 31, F32(-0.5), 15)
 
 
 @numba.njit(parallel=True, cache=True)
