@@ -291,7 +291,7 @@ def profile(args) -> None:
     print(f"# {args.model.name}: one decode step at position ~{len(ids)}, {args.threads} threads; "
           f"{step * 1e3:.2f} ms unwrapped (median of {len(plain)}), {total * 1e3:.2f} ms wrapped "
           f"(mean of {n})")
-    print(f"| call | calls/token | µs/call | ms/token | % of step |\n|---|---|---|---|---|")
+    print("| call | calls/token | µs/call | ms/token | % of step |\n|---|---|---|---|---|")
     for label, (calls, seconds) in spent.items():
         if calls:
             print(f"| {label} | {calls / n:.0f} | {seconds / calls * 1e6:.1f} | "

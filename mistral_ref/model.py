@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as QType
 
 import kernels
 from mistral_ref.errors import ContextLengthError, InputError
-from mistral_ref.gguf import Config, GGUFFile, QuantizedTensor, load_gguf
+from mistral_ref.gguf import Config, GGUFFile, load_gguf
 
 PREFILL_CHUNK = 256  # tokens per prefill step: bounds activations and attention scratch
 
