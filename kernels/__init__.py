@@ -1,6 +1,7 @@
 """Block formats and compute kernels behind one dispatch point.
 
-Backends: "reference" (NumPy, reads like the spec), "cpu" (Numba), later "cuda" (numba-cuda).
+Backends: "reference" (NumPy, reads like the spec) and "cpu" (Numba); the forward pass's
+operations per device are `device("cpu")` (CPUDevice) and `device("cuda")` (kernels.cuda).
 Every backend is tested against the reference on the same inputs.
 """
 from __future__ import annotations

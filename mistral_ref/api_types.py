@@ -20,6 +20,12 @@ from mistral_ref.messages import Message
 from mistral_ref.sampler import GRAMMAR_TYPES
 
 
+# Bounds that keep one request from exhausting memory or time: every choice (or best_of candidate)
+# holds a KV cache of its own; top_logprobs is OpenAI's limit.
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
+
+
 # -- validation helpers -------------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -66,9 +72,14 @@ class _SamplingFields:
         _check_optional_int("n_choices", self.n_choices, 1, ">= 1")
         if self.n_choices is None:
             raise InvalidRequestError("n_choices", "must be an integer >= 1, got None")
+        if self.n_choices > MAX_CHOICES:
+            raise InvalidRequestError("n_choices", f"must be at most {MAX_CHOICES} (each choice holds "
+                                                   f"its own KV cache), got {self.n_choices}")
         _check_optional_number("temperature", self.temperature, 0.0, rule=">= 0")
         _check_optional_number("top_p", self.top_p, 0.0, 1.0, low_open=True, rule="in (0, 1]")
-        _check_optional_number("min_p", self.min_p, 0.0, 1.0, rule="in [0, 1]")
+        _check_optional_number("min_p", self.min_p, 0.0, 1.0, rule="in [0, 1)")
+        if self.min_p == 1.0:  # would keep only tokens tied with the best: say so, not sample all
+            raise InvalidRequestError("min_p", "must be in [0, 1), got 1.0")
         _check_optional_int("top_k", self.top_k, -1, ">= -1 (-1: all tokens)")
         _check_optional_number("presence_penalty", self.presence_penalty, -2.0, 2.0, rule="in [-2, 2]")
         _check_optional_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0, rule="in [-2, 2]")
@@ -100,6 +111,9 @@ class _SamplingFields:
 
     def _validate_logprobs(self, enabled: bool) -> None:
         _check_optional_int("top_logprobs", self.top_logprobs, 0, ">= 0")
+        if self.top_logprobs is not None and self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidRequestError("top_logprobs", f"must be at most {MAX_TOP_LOGPROBS} (as "
+                                                      f"OpenAI's), got {self.top_logprobs}")
         if self.top_logprobs and not enabled:
             raise InvalidRequestError("top_logprobs", "needs logprobs enabled")
 
@@ -218,6 +232,9 @@ class CompletionRequest(_SamplingFields):
         self._validate_sampling()
         _check_optional_int("logprobs", self.logprobs, 0, ">= 0")
         _check_optional_int("best_of", self.best_of, 1, ">= 1")
+        if self.best_of is not None and self.best_of > MAX_CHOICES:
+            raise InvalidRequestError("best_of", f"must be at most {MAX_CHOICES} (each candidate "
+                                                 f"holds its own KV cache), got {self.best_of}")
         if self.best_of is None or self.best_of < self.n_choices:
             raise InvalidRequestError("best_of", f"must be >= n_choices ({self.n_choices}), got {self.best_of}")
         if self.stream and self.best_of != self.n_choices:

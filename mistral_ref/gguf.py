@@ -239,6 +239,12 @@ def _config_from(f: GGUFFile) -> Config:
         sliding_window=get("attention.sliding_window", 0) or None,
         tied_embeddings="output.weight" not in f.tensors,
     )
+    if not 0 < config.rope_dim <= head_dim or config.rope_dim % 2:
+        raise MetadataError(f"{path}: rope.dimension_count {config.rope_dim} must be even and in "
+                            f"1..head_dim ({head_dim})")
+    if not config.rope_theta > 0 or not config.norm_eps > 0:
+        raise MetadataError(f"{path}: rope.freq_base {config.rope_theta} and layer_norm_rms_epsilon "
+                            f"{config.norm_eps} must be positive")
     _check_shapes(f, config)
     return config
 

@@ -206,6 +206,9 @@ class Runner:
         metadata = self.model.file.metadata
         self.tokenizer = (Tokenizer.from_tokenizer_json(tokenizer_json, metadata) if tokenizer_json
                           else Tokenizer.from_metadata(metadata))
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ModelSourceError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than "
+                                   f"the model's {self.model.config.vocab_size}")
         self.chat_template = chat_template
         self.repeat_last_n = which.repeat_last_n
         self.model_id = gguf.name

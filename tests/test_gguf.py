@@ -181,6 +181,9 @@ def test_row_not_whole_blocks(tmp_path):
     ("{arch}.block_count", None, "'llama.block_count' is missing"),
     ("{arch}.attention.layer_norm_rms_epsilon", None, "layer_norm_rms_epsilon' is missing"),
     ("general.alignment", 24, "not a power of two"),
+    ("{arch}.rope.dimension_count", 18, "must be even and in 1..head_dim"),
+    ("{arch}.rope.dimension_count", 7, "must be even"),
+    ("{arch}.rope.freq_base", 0.0, "must be positive"),
 ])
 def test_bad_metadata(tmp_path, key, value, match):
     with pytest.raises(errors.MetadataError, match=match):

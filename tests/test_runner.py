@@ -89,6 +89,8 @@ def test_hub_ids_fail_with_a_clear_message(default_model):
     (dict(logit_bias={"x": 1.0}), "logit_bias"), (dict(top_logprobs=3), "top_logprobs"),
     (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages"),
     (dict(presence_penalty=float("nan")), "presence_penalty"), (dict(stream="yes"), "stream"),
+    (dict(n_choices=17), "n_choices"), (dict(min_p=1.0), "min_p"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
 ])
 def test_invalid_chat_requests_name_the_field(kwargs, param):
     args = dict(messages=[Message(Role.User, "hi")], model="m") | kwargs

@@ -179,3 +179,14 @@ def test_numba_integer_sums_exact():
         out = np.empty(11, np.float32)
         cpu.matvec_q8(rows, int(qtype), x, out)
         assert np.array_equal(out, ref.matvec_q8(rows, qtype, x)), qtype.name
+
+
+def test_q8_0_activation_blocks_are_gguf_pys():
+    """The Q8_0 activation blocks of llama.cpp's numerics are the Q8_0 quantization gguf-py
+    writes for the same floats: an independent check that runs without llama-cpp-python."""
+    import gguf
+    x = np.random.default_rng(5).standard_normal(32 * 40).astype(np.float32) * 3
+    x[:32] = 0  # an all-zero block
+    ours = ref.quantize_activations(x, QType.Q4_0).view(np.uint8).reshape(-1)
+    theirs = gguf.quants.quantize(x.reshape(-1, 32), QType.Q8_0).reshape(-1)
+    np.testing.assert_array_equal(ours, theirs)
