@@ -242,14 +242,16 @@ class CompletionRequest(_SamplingFields):
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> CompletionRequest:
-        """From an OpenAI /v1/completions JSON body (`n`, `stop`, `echo`, `logprobs`)."""
+        """From an OpenAI /v1/completions JSON body (`n`, `stop`, `echo`, `logprobs`,
+        `max_completion_tokens`); unknown keys are ignored."""
         if not isinstance(body, Mapping):
             raise InvalidRequestError("body", "must be a JSON object")
         if "prompt" not in body:
             raise InvalidRequestError("prompt", "is required")
         names = {f.name for f in dataclasses.fields(cls)}
         args = {k: v for k, v in body.items() if k in names and k != "stop_seqs" and v is not None}
-        renames = {"n": "n_choices", "echo": "echo_prompt"}
+        renames = {"n": "n_choices", "echo": "echo_prompt",
+                   "max_completion_tokens": "max_tokens"}  # OpenAI's newer name for max_tokens
         args.update({renames[k]: v for k, v in body.items() if k in renames and v is not None})
         if "best_of" not in args and "n_choices" in args:
             args["best_of"] = args["n_choices"]

@@ -364,8 +364,6 @@ def create_app(runner: Runner, model_id: str | None = None, api_key: str | None 
             body = dict(body)
             if body.get("model") in ("", "default"):
                 body["model"] = served_id
-            if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
-                body["max_tokens"] = body["max_completion_tokens"]  # OpenAI's newer name
         req = build(body)  # raises InvalidRequestError: 400
         job = Job(lambda: send(req), req.stream, asyncio.get_running_loop())
         engine.submit(job)

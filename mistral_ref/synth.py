@@ -24,6 +24,7 @@ import kernels
 from kernels.formats import block_format
 from mistral_ref.chat_template import MISTRAL_INSTRUCT_TEMPLATE
 from mistral_ref.errors import QuantizeError
+from mistral_ref.gguf import Config, expected_shapes
 from mistral_ref.models import mistral_v1_tokenizer_path
 from mistral_ref.quantize import FILE_TYPES, TensorSpec, llama_cpp_order, tensor_types, write_gguf
 from mistral_ref.tokenizer import sentencepiece_gguf_metadata
@@ -62,23 +63,12 @@ _MEAN_LEVEL = {QType.Q4_1: 7.5, QType.Q5_1: 15.5, QType.Q4_K: 7.5, QType.Q5_K: 1
 
 
 def tensor_shapes(p: Preset) -> dict[str, tuple[int, ...]]:
-    """name -> NumPy shape (out_features, in_features) of every tensor of a preset."""
+    """name -> NumPy shape of every tensor of a preset (the loader's own expected shapes)."""
     head_dim = p.dim // p.n_heads
-    shapes = {"token_embd.weight": (p.vocab_size, p.dim), "output_norm.weight": (p.dim,),
-              "output.weight": (p.vocab_size, p.dim)}
-    for i in range(p.n_layers):
-        shapes |= {
-            f"blk.{i}.attn_norm.weight": (p.dim,),
-            f"blk.{i}.attn_q.weight": (p.n_heads * head_dim, p.dim),
-            f"blk.{i}.attn_k.weight": (p.n_kv_heads * head_dim, p.dim),
-            f"blk.{i}.attn_v.weight": (p.n_kv_heads * head_dim, p.dim),
-            f"blk.{i}.attn_output.weight": (p.dim, p.n_heads * head_dim),
-            f"blk.{i}.ffn_norm.weight": (p.dim,),
-            f"blk.{i}.ffn_gate.weight": (p.ffn_dim, p.dim),
-            f"blk.{i}.ffn_up.weight": (p.ffn_dim, p.dim),
-            f"blk.{i}.ffn_down.weight": (p.dim, p.ffn_dim),
-        }
-    return shapes
+    return expected_shapes(Config(
+        "llama", p.n_layers, p.dim, p.n_heads, p.n_kv_heads, head_dim, p.ffn_dim, p.vocab_size,
+        p.context_length, p.rope_theta, head_dim, p.norm_eps, p.sliding_window,
+        tied_embeddings=False))
 
 
 def random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: QType,
