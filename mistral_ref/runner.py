@@ -24,7 +24,8 @@ from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRe
 from mistral_ref.chat_template import apply_chat_template
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
 from mistral_ref.model import KVCache, Model
-from mistral_ref.sampler import GrammarConstraint, Sampler, SamplingParams, StopStrings
+from mistral_ref.sampler import (GrammarConstraint, Sampler, SamplingParams, StopStrings,
+                                 compile_grammar)
 from mistral_ref.tokenizer import IncrementalDetokenizer, Tokenizer
 
 SYSTEM_FINGERPRINT = "local"
@@ -98,7 +99,7 @@ class _Job:
     n_sequences: int
     stop_ids: frozenset[int]
     stop_seqs: list[str]
-    grammar: tuple[str, str] | None  # (grammar, grammar_type)
+    grammar: str | None  # compiled by sampler.compile_grammar
     seed: int | None
     logprobs: bool
 
@@ -312,9 +313,10 @@ class Runner:
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty, repeat_last_n=self.repeat_last_n,
             logit_bias=dict(request.logit_bias or {}), top_logprobs=top_logprobs if logprobs else 0)
-        grammar = (request.grammar, request.grammar_type) if request.grammar is not None else None
-        if grammar is not None:  # compile errors surface now, before any compute
-            GrammarConstraint(self.tokenizer, *grammar)
+        grammar = None
+        if request.grammar is not None:  # compiled once; errors surface now, before any compute
+            grammar = compile_grammar(request.grammar, request.grammar_type)
+            GrammarConstraint(self.tokenizer, grammar)
         return _Job(prompt_ids, params, request.max_tokens, n_sequences,
                     self.tokenizer.stop_ids | set(request.stop_token_ids or ()),
                     list(request.stop_seqs or ()), grammar, request.seed, logprobs)
@@ -330,7 +332,7 @@ class Runner:
         seeds = np.random.SeedSequence(job.seed) if job.seed is not None else self._seeds.spawn(1)[0]
         rngs = [np.random.default_rng(s) for s in seeds.spawn(job.n_sequences)]
         sequences = [_Sequence(i, job, cache if i == 0 else _fork(cache), rngs[i], self.tokenizer,
-                               GrammarConstraint(self.tokenizer, *job.grammar) if job.grammar else None)
+                               GrammarConstraint(self.tokenizer, job.grammar) if job.grammar else None)
                      for i in range(job.n_sequences)]
         if job.max_tokens == 0:
             timing.end = time.perf_counter()

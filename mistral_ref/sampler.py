@@ -281,11 +281,11 @@ def compile_grammar(grammar: str, grammar_type: str) -> str:
 class GrammarConstraint:
     """The set of tokens that keep the output inside a grammar, step by step (llguidance)."""
 
-    def __init__(self, tokenizer: Tokenizer, grammar: str, grammar_type: str):
+    def __init__(self, tokenizer: Tokenizer, compiled_grammar: str):
+        """compiled_grammar: what `compile_grammar` returns (compile once, match per sequence)."""
         import llguidance
         self.vocab_size = tokenizer.vocab_size
-        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), compile_grammar(grammar, grammar_type),
-                                            log_level=0)
+        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer), compiled_grammar, log_level=0)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
 
