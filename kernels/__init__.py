@@ -50,25 +50,37 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...],
-               backend: str = "cpu") -> np.ndarray:
+               backend: str = "cpu", out: np.ndarray | None = None) -> np.ndarray:
     """Dequantize a tensor's raw bytes.
 
     raw: uint8, the tensor's bytes (any shape, read as flat, C order). qtype: its GGML type (enum,
-    name or number). shape: its logical NumPy shape, rows along the last axis.
-    Returns a new float32 array of `shape`, bit-identical across backends and to llama.cpp.
+    name or number). shape: its logical NumPy shape, rows along the last axis. out: optional
+    float32 C-contiguous array with as many elements, written in place (a new array costs the
+    operating system's page zeroing, about as much as the dequantization itself).
+    Returns float32 of `shape` (a view of `out` when given), bit-identical across backends and to
+    llama.cpp.
     """
     fmt = block_format(qtype)
     _check_backend(backend)
     shape = tuple(int(n) for n in shape)
+    size = int(np.prod(shape, dtype=np.int64))
     raw = _read_only(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
     if raw.nbytes != fmt.nbytes(shape):
         raise ValueError(f"{fmt.qtype.name} tensor of shape {shape} needs {fmt.nbytes(shape)} bytes, "
                          f"got {raw.nbytes}")
+    if out is not None and (out.dtype != np.float32 or not out.flags.c_contiguous
+                            or out.size != size):
+        raise ValueError(f"out must be a C-contiguous float32 array of {size} elements, got "
+                         f"{out.dtype} {out.shape}")
     if backend == "reference" or fmt.qtype == QType.F32:
-        out = REFERENCE_DEQUANTIZE[fmt.qtype](raw)
+        values = REFERENCE_DEQUANTIZE[fmt.qtype](raw)
+        if out is None:
+            return values.reshape(shape)
+        out.reshape(-1)[:] = values.reshape(-1)
     else:
-        out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=np.float32)
-        CPU_DEQUANTIZE[fmt.qtype](raw, out)
+        if out is None:
+            out = np.empty(size, dtype=np.float32)
+        CPU_DEQUANTIZE[fmt.qtype](raw, out.reshape(-1))
     return out.reshape(shape)
 
 
@@ -150,19 +162,9 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
         with _THREADPOOLS.limit(limits=1, user_api="blas"):
             for r0 in range(0, rows.shape[0], tile_rows):
                 tile = rows[r0:r0 + tile_rows]
-                w = scratch[:tile.shape[0] * n]
-                dequantize_into(tile, fmt.qtype, w)
-                out[:, r0:r0 + tile.shape[0]] = x @ w.reshape(tile.shape[0], n).T
+                w = dequantize(tile, fmt.qtype, (tile.shape[0], n), out=scratch[:tile.shape[0] * n])
+                out[:, r0:r0 + tile.shape[0]] = x @ w.T
     return out
-
-
-def dequantize_into(rows: np.ndarray, qtype: QType, out: np.ndarray) -> None:
-    """Dequantize whole rows (uint8, C-contiguous) into the flat float32 buffer `out` (CPU)."""
-    raw = _read_only(rows.reshape(-1))
-    if qtype == QType.F32:
-        out[:] = raw.view(np.float32)
-    else:
-        CPU_DEQUANTIZE[qtype](raw, out)
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, backend: str = "cpu") -> np.ndarray:

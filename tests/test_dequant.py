@@ -58,12 +58,47 @@ def test_random_blocks_match_gguf_py(qtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_f16_every_bit_pattern(backend):
+    """All 65536 halves convert as NumPy converts them, infinities and NaN payloads included,
+    except that signalling NaNs come back quiet (the CPU's vcvtph2ps does that, and so does
+    llama.cpp's F16C conversion; NumPy converts bit by bit)."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    want = bits.view(np.float16).astype(np.float32)
+    signalling = ((bits & 0x7C00) == 0x7C00) & ((bits & 0x3FF) != 0) & ((bits & 0x200) == 0)
+    want.view(np.uint32)[signalling] |= 0x00400000  # the quiet bit
+    assert_bit_identical(kernels.dequantize(bits.view(np.uint8), QType.F16, (1 << 16,),
+                                            backend=backend), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_every_tensor_of_default_model(default_model, backend):
     f = load_gguf(default_model)
     assert {t.qtype for t in f.tensors.values()} == {QType.F32, QType.Q4_1, QType.Q8_0}
     for t in f.tensors.values():
         assert_bit_identical(kernels.dequantize(t.data, t.qtype, t.shape, backend=backend),
                              gguf.quants.dequantize(t.rows, t.qtype).reshape(t.shape))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", [QType.F32, QType.Q4_K, QType.Q6_K], ids=lambda q: q.name)
+def test_out_is_written_in_place(qtype, backend):
+    @settings(max_examples=5, deadline=None)
+    @given(random_tensor(qtype))
+    def check(tensor):
+        raw, shape = tensor
+        out = np.full(shape, np.nan, np.float32)
+        got = kernels.dequantize(raw, qtype, shape, backend=backend, out=out)
+        assert np.shares_memory(got, out) and got.shape == shape
+        assert_bit_identical(out, gguf.quants.dequantize(raw, qtype))
+    check()
+
+
+@pytest.mark.parametrize("out", [np.zeros(255, np.float32), np.zeros(256, np.float64),
+                                 np.zeros((256, 2), np.float32)[:, 0]])
+def test_bad_out_is_refused(out):
+    raw = np.zeros(144, np.uint8)
+    with pytest.raises(ValueError, match="out must be a C-contiguous float32 array of 256"):
+        kernels.dequantize(raw, QType.Q4_K, (256,), out=out)
 
 
 def test_qtype_by_name_and_number():

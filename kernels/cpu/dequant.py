@@ -8,9 +8,11 @@ bit-identical to the NumPy reference (no fastmath: reassociating or fusing would
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
-from numba import prange
+from numba import prange, types
+from numba.extending import intrinsic
 
-from kernels.cpu.fp16 import fp16_to_f32
+from kernels.cpu import lanes
+from kernels.cpu.fp16 import fp16_at, half_to_float
 from kernels.formats import FORMATS, QK, QK_K
 
 F32 = np.float32
@@ -47,12 +49,6 @@ Q6_K_SIZE, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D = (
 
 
 @numba.njit(inline="always", cache=True)
-def fp16_at(raw, i):
-    """The fp16 stored at byte `i` of `raw`, as float32."""
-    return fp16_to_f32(raw[i], raw[i + 1])
-
-
-@numba.njit(inline="always", cache=True)
 def k_scale_min(raw, at, g):
     """Six-bit scale and min of group `g` (0-7) from Q4_K/Q5_K's 12 packed bytes at `raw[at]`."""
     # Both branches return int32: mixed integer types would make Numba unify them as float64.
@@ -64,9 +60,14 @@ def k_scale_min(raw, at, g):
 
 
 @numba.njit(parallel=True, cache=True)
-def f16(raw, out):
+def _widen_f16(bits, out):
     for i in prange(out.size):
-        out[i] = fp16_at(raw, 2 * i)
+        out[i] = half_to_float(bits[i])
+
+
+@numba.njit(cache=True)
+def f16(raw, out):
+    _widen_f16(raw.view(np.uint16), out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -82,57 +83,74 @@ def bf16(raw, out):
     _widen_bf16(raw.view(np.uint16), out.view(np.uint32))
 
 
-# Loop length: the 16-weight loops of the 32-weight formats take their length from the buffers at
-# run time ("half_block_length"): with a constant trip count of 16, LLVM unrolls them completely
-# before its loop vectorizer runs and the SLP vectorizer leaves them scalar (measured: 4x slower).
-#
-# Vector width: Numba types integer arithmetic as int64, and int64 -> float32 conversion runs 8
-# lanes at a time at best. So shifts are literals (arguments of inline functions called with
-# constants), and offsets such as "q - 8" are applied after the conversion to float32, which is
-# exact for these small integers and so gives the same bits as llama.cpp's integer subtraction.
+# The quantized formats write each run of weights that shares a scale (a legacy block, a k-quant
+# group) with one intrinsic that unpacks it in byte lanes (kernels.cpu.lanes) and stores float32
+# vectors: Numba's own loop vectorizer left the 16-weight loops scalar, and even the 32-weight
+# ones ran at half the speed (measured with the output in cache, 2 threads: Q4_K 48 -> 81 GB/s
+# of float32 written). Integer offsets (q - 8, q - 32) are applied in the integer lanes, which is
+# exact, so the float operations and their bits are llama.cpp's.
 
-@numba.njit(inline="always", cache=True)
-def nibbles_centered(raw, at, shift, d, out, o, n, offset):
-    """out[o + l] = d * ((raw[at + l] >> shift & 15) - offset), l < n (Q4_0)."""
-    for l in range(n):
-        out[o + l] = d * (F32((raw[at + l] >> shift) & 0x0F) - offset)
+@intrinsic
+def dequantize_nibble_pairs(typingctx, raw, at, high, offset, d, m, out, o):
+    """out[o + j] = d * (q_j - offset) + m, j < 32, for the legacy block whose 16 packed bytes
+    are raw[at:at + 16] and whose fifth bits are `high` (0 for Q4_0/Q4_1; see
+    lanes.nibble_pairs). offset: a literal; m: float32, or None for no addition."""
+    if not isinstance(offset, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        raw_, at_, high_, _, d_, m_, out_, o_ = args
+        packed = lanes.bytes_at(context, builder, signature.args[0], raw_, at_, QK // 2)
+        weights = builder.sub(lanes.nibble_pairs(builder, packed, high_),
+                              lanes.constant(QK, offset.literal_value))
+        lanes.store_scaled(context, builder, signature.args[6], out_, o_, weights, d_,
+                           None if isinstance(m, types.NoneType) else m_)
+        return context.get_dummy_value()
+    return types.none(raw, at, types.uint32, offset, types.float32,
+                      m if isinstance(m, types.NoneType) else types.float32, out, o), codegen
 
 
-@numba.njit(inline="always", cache=True)
-def nibbles_affine(raw, at, shift, d, m, out, o, n):
-    """out[o + l] = d * (raw[at + l] >> shift & 15) + m, l < n (Q4_1)."""
-    for l in range(n):
-        out[o + l] = d * F32((raw[at + l] >> shift) & 0x0F) + m
+@intrinsic
+def dequantize_fields(typingctx, raw, at, shift, low_mask, h_at, h_shift, h_mask, h_pos, offset,
+                      scale, bias, out, o, n):
+    """out[o + j] = scale * (q_j - offset) + bias, j < n, for the k-quant group whose weight j is
+    ((raw[at + j] >> shift) & low_mask) | (((raw[h_at + j] >> h_shift) & h_mask) << h_pos)
+    (lanes.fields). h_pos, offset, n: literals; scale: float32; bias: float32 or None."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (h_pos, offset, n)):
+        return None
+    width = n.literal_value
 
-
-@numba.njit(inline="always", cache=True)
-def nibbles_minus_min(raw, at, shift, width, d, m, out, o, n):
-    """out[o + l] = d * (raw[at + l] >> shift & (2^width - 1)) - m, l < n (Q2_K, Q4_K)."""
-    mask = (1 << width) - 1
-    for l in range(n):
-        out[o + l] = d * F32((raw[at + l] >> shift) & mask) - m
+    def codegen(context, builder, signature, args):
+        raw_, at_, shift_, low_mask_, h_at_, h_shift_, h_mask_ = args[:7]
+        scale_, bias_, out_, o_ = args[9:13]
+        raw_type = signature.args[0]
+        weights = lanes.fields(builder, lanes.bytes_at(context, builder, raw_type, raw_, at_, width),
+                               shift_, low_mask_,
+                               lanes.bytes_at(context, builder, raw_type, raw_, h_at_, width),
+                               h_shift_, h_mask_, h_pos.literal_value)
+        weights = builder.sub(weights, lanes.constant(width, offset.literal_value))
+        lanes.store_scaled(context, builder, signature.args[11], out_, o_, weights, scale_,
+                           None if isinstance(bias, types.NoneType) else bias_)
+        return context.get_dummy_value()
+    integer = types.intp
+    return types.none(raw, integer, integer, integer, integer, integer, integer, h_pos, offset,
+                      types.float32, bias if isinstance(bias, types.NoneType) else types.float32,
+                      out, integer, n), codegen
 
 
 @numba.njit(parallel=True, cache=True)
 def q4_0(raw, out):
-    n_blocks = raw.size // Q4_0_SIZE
-    half = out.size // n_blocks // 2  # QK // 2, known only at run time (see above)
-    for i in prange(n_blocks):
-        b, y = i * Q4_0_SIZE, i * QK
-        d = fp16_at(raw, b + Q4_0_D)
-        nibbles_centered(raw, b + Q4_0_QS, 0, d, out, y, half, F32(8))
-        nibbles_centered(raw, b + Q4_0_QS, 4, d, out, y + half, half, F32(8))
+    for i in prange(raw.size // Q4_0_SIZE):
+        b = i * Q4_0_SIZE
+        dequantize_nibble_pairs(raw, b + Q4_0_QS, 0, 8, fp16_at(raw, b + Q4_0_D), None, out, i * QK)
 
 
 @numba.njit(parallel=True, cache=True)
 def q4_1(raw, out):
-    n_blocks = raw.size // Q4_1_SIZE
-    half = out.size // n_blocks // 2
-    for i in prange(n_blocks):
-        b, y = i * Q4_1_SIZE, i * QK
-        d, m = fp16_at(raw, b + Q4_1_D), fp16_at(raw, b + Q4_1_M)
-        nibbles_affine(raw, b + Q4_1_QS, 0, d, m, out, y, half)
-        nibbles_affine(raw, b + Q4_1_QS, 4, d, m, out, y + half, half)
+    for i in prange(raw.size // Q4_1_SIZE):
+        b = i * Q4_1_SIZE
+        dequantize_nibble_pairs(raw, b + Q4_1_QS, 0, 0, fp16_at(raw, b + Q4_1_D),
+                                fp16_at(raw, b + Q4_1_M), out, i * QK)
 
 
 @numba.njit(inline="always", cache=True)
@@ -142,57 +160,44 @@ def q5_high_bits(raw, at):
             | (np.uint32(raw[at + 3]) << 24))
 
 
-@numba.njit(inline="always", cache=True)
-def q5_value(raw, at, shift, high, j):
-    """Five-bit value: nibble at `shift` of raw[at], fifth bit j of `high`."""
-    return np.int32((raw[at] >> shift) & 0x0F) | np.int32(((high >> j) & 1) << 4)
-
-
 @numba.njit(parallel=True, cache=True)
 def q5_0(raw, out):
-    n_blocks = raw.size // Q5_0_SIZE
-    half = out.size // n_blocks // 2
-    for i in prange(n_blocks):
-        b, y = i * Q5_0_SIZE, i * QK
-        d, high = fp16_at(raw, b + Q5_0_D), q5_high_bits(raw, b + Q5_0_QH)
-        for j in range(half):
-            out[y + j] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 0, high, j)) - F32(16))
-        for j in range(half):
-            out[y + j + half] = d * (F32(q5_value(raw, b + Q5_0_QS + j, 4, high, j + half)) - F32(16))
+    for i in prange(raw.size // Q5_0_SIZE):
+        b = i * Q5_0_SIZE
+        dequantize_nibble_pairs(raw, b + Q5_0_QS, q5_high_bits(raw, b + Q5_0_QH), 16,
+                                fp16_at(raw, b + Q5_0_D), None, out, i * QK)
 
 
 @numba.njit(parallel=True, cache=True)
 def q5_1(raw, out):
-    n_blocks = raw.size // Q5_1_SIZE
-    half = out.size // n_blocks // 2
-    for i in prange(n_blocks):
-        b, y = i * Q5_1_SIZE, i * QK
-        d, m = fp16_at(raw, b + Q5_1_D), fp16_at(raw, b + Q5_1_M)
-        high = q5_high_bits(raw, b + Q5_1_QH)
-        for j in range(half):
-            out[y + j] = d * F32(q5_value(raw, b + Q5_1_QS + j, 0, high, j)) + m
-        for j in range(half):
-            out[y + j + half] = d * F32(q5_value(raw, b + Q5_1_QS + j, 4, high, j + half)) + m
+    for i in prange(raw.size // Q5_1_SIZE):
+        b = i * Q5_1_SIZE
+        dequantize_nibble_pairs(raw, b + Q5_1_QS, q5_high_bits(raw, b + Q5_1_QH), 0,
+                                fp16_at(raw, b + Q5_1_D), fp16_at(raw, b + Q5_1_M), out, i * QK)
 
 
 @numba.njit(parallel=True, cache=True)
 def q8_0(raw, out):
-    signed = raw.view(np.int8)
+    # A plain loop vectorizes here (int8 -> float32 needs no unpacking) once its length is a
+    # run-time value: a constant 32 is fully unrolled and left scalar.
+    signed, block = raw.view(np.int8), out.size // max(raw.size // Q8_0_SIZE, 1)
     for i in prange(raw.size // Q8_0_SIZE):
         b, y = i * Q8_0_SIZE, i * QK
-        d = fp16_at(raw, b + Q8_0_D)
-        for j in range(QK):
-            out[y + j] = F32(signed[b + Q8_0_QS + j]) * d
+        d, qs = fp16_at(raw, b + Q8_0_D), signed[b + Q8_0_QS:b + Q8_0_QS + block]
+        o = out[y:y + block]
+        for j in range(block):
+            o[j] = F32(qs[j]) * d
 
 
 @numba.njit(inline="always", cache=True)
 def q2_k_pair(raw, b, y, g, shift, d, dmin, out):
-    """Groups g and g + 1 of a Q2_K block: 16 weights each from 32 bytes at one shift."""
+    """Groups g and g + 1 of the Q2_K block at raw[b:] (weights out[y:]): 16 weights each, 2 bits
+    at `shift` of 32 bytes of qs."""
     q_at = b + Q2_K_QS + (g // 8) * 32
     for h in range(2):
         sc = raw[b + Q2_K_SCALES + g + h]
-        nibbles_minus_min(raw, q_at + 16 * h, shift, 2, d * F32(sc & 0x0F), dmin * F32(sc >> 4),
-                          out, y + 16 * (g + h), 16)
+        dequantize_fields(raw, q_at + 16 * h, shift, 3, q_at, 0, 0, 0, 0, d * F32(sc & 0x0F),
+                          -(dmin * F32(sc >> 4)), out, y + 16 * (g + h), 16)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -218,15 +223,13 @@ def q3_k_scale(raw, at, g):
 
 @numba.njit(inline="always", cache=True)
 def q3_k_pair(raw, b, y, g, shift, d, out):
-    """Groups g and g + 1: 2 low bits at `shift`, minus 4 where hmask bit g // 2 is clear."""
-    q_at, bit = b + Q3_K_QS + (g // 8) * 32, np.uint8(1 << (g // 2))
+    """Groups g and g + 1: 2 low bits at `shift`, and 4 more where hmask bit g // 2 is set; the
+    weight is that minus 4."""
+    q_at = b + Q3_K_QS + (g // 8) * 32
     for h in range(2):
-        dl = d * F32(q3_k_scale(raw, b + Q3_K_SCALES, g + h))
-        for l in range(16):
-            q = F32((raw[q_at + 16 * h + l] >> shift) & 3)
-            if not raw[b + Q3_K_HMASK + 16 * h + l] & bit:
-                q -= F32(4)
-            out[y + 16 * (g + h) + l] = dl * q
+        dequantize_fields(raw, q_at + 16 * h, shift, 3, b + Q3_K_HMASK + 16 * h, g // 2, 1, 2, 4,
+                          d * F32(q3_k_scale(raw, b + Q3_K_SCALES, g + h)), None, out,
+                          y + 16 * (g + h), 16)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -242,30 +245,28 @@ def q3_k(raw, out):
             q3_k_pair(raw, b, y, g + 6, 6, d, out)
 
 
+@numba.njit(inline="always", cache=True)
+def k_group(raw, b, y, g, shift, d, dmin, scales_at, qs_at, qh_at, out):
+    """Group g (32 weights) of the Q4_K (qh_at < 0) or Q5_K block at raw[b:]: nibbles at `shift`
+    of 32 bytes of qs, and for Q5_K 16 more where bit g of the qh byte is set."""
+    sc, m = k_scale_min(raw, b + scales_at, g)
+    at = b + qs_at + 32 * (g // 2)
+    if qh_at < 0:
+        dequantize_fields(raw, at, shift, 15, at, 0, 0, 0, 0, d * F32(sc), -(dmin * F32(m)), out,
+                          y + 32 * g, 32)
+    else:
+        dequantize_fields(raw, at, shift, 15, b + qh_at, g, 1, 4, 0, d * F32(sc), -(dmin * F32(m)),
+                          out, y + 32 * g, 32)
+
+
 @numba.njit(parallel=True, cache=True)
 def q4_k(raw, out):
     for i in prange(raw.size // Q4_K_SIZE):
         b, y = i * Q4_K_SIZE, i * QK_K
         d, dmin = fp16_at(raw, b + Q4_K_D), fp16_at(raw, b + Q4_K_DMIN)
         for c in range(4):  # 32 bytes: group 2c in the low nibbles, group 2c + 1 in the high
-            q_at = b + Q4_K_QS + 32 * c
-            sc, m = k_scale_min(raw, b + Q4_K_SCALES, 2 * c)
-            nibbles_minus_min(raw, q_at, 0, 4, d * F32(sc), dmin * F32(m), out, y + 64 * c, 32)
-            sc, m = k_scale_min(raw, b + Q4_K_SCALES, 2 * c + 1)
-            nibbles_minus_min(raw, q_at, 4, 4, d * F32(sc), dmin * F32(m), out, y + 64 * c + 32, 32)
-
-
-@numba.njit(inline="always", cache=True)
-def q5_k_group(raw, b, y, g, shift, d, dmin, out):
-    """Group g: nibbles at `shift` of 32 bytes of qs, fifth bit g of each qh byte."""
-    sc, m = k_scale_min(raw, b + Q5_K_SCALES, g)
-    d1, m1 = d * F32(sc), dmin * F32(m)
-    q_at, bit = b + Q5_K_QS + 32 * (g // 2), np.uint8(1 << g)
-    for l in range(32):
-        q = F32((raw[q_at + l] >> shift) & 0x0F)
-        if raw[b + Q5_K_QH + l] & bit:
-            q += F32(16)
-        out[y + 32 * g + l] = d1 * q - m1
+            k_group(raw, b, y, 2 * c, 0, d, dmin, Q4_K_SCALES, Q4_K_QS, -1, out)
+            k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q4_K_SCALES, Q4_K_QS, -1, out)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -274,23 +275,21 @@ def q5_k(raw, out):
         b, y = i * Q5_K_SIZE, i * QK_K
         d, dmin = fp16_at(raw, b + Q5_K_D), fp16_at(raw, b + Q5_K_DMIN)
         for c in range(4):
-            q5_k_group(raw, b, y, 2 * c, 0, d, dmin, out)
-            q5_k_group(raw, b, y, 2 * c + 1, 4, d, dmin, out)
+            k_group(raw, b, y, 2 * c, 0, d, dmin, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, out)
+            k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, out)
 
 
 @numba.njit(inline="always", cache=True)
 def q6_k_quarter(raw, b, y, half, quarter, low_shift, high_shift, d, out):
-    """32 weights of a half: low nibbles at `low_shift` of 32 ql bytes, 2 bits at `high_shift`."""
+    """32 weights of a half: low nibbles at `low_shift` of 32 ql bytes, 2 bits at `high_shift` of
+    32 qh bytes, minus 32; a scale per 16."""
     ql_at = b + Q6_K_QL + 64 * half + 32 * (quarter % 2)
     qh_at = b + Q6_K_QH + 32 * half
-    scales = raw.view(np.int8)
     for h in range(2):
         g = 8 * half + 2 * quarter + h
-        dl = d * F32(scales[b + Q6_K_SCALES + g])
-        for l in range(16):
-            low = (raw[ql_at + 16 * h + l] >> low_shift) & 0x0F
-            high = (raw[qh_at + 16 * h + l] >> high_shift) & 3
-            out[y + 16 * g + l] = dl * (F32(low | (high << 4)) - F32(32))
+        scale = d * F32(np.int8(raw[b + Q6_K_SCALES + g]))
+        dequantize_fields(raw, ql_at + 16 * h, low_shift, 15, qh_at + 16 * h, high_shift, 3, 4, 32,
+                          scale, None, out, y + 16 * g, 16)
 
 
 @numba.njit(parallel=True, cache=True)

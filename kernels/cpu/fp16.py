@@ -1,30 +1,36 @@
-"""IEEE half-precision conversion inside Numba code (Numba's CPU target has no float16 type).
+"""IEEE half-precision conversion inside Numba CPU code (Numba's CPU target has no float16 type).
 
-Plain scalar functions, so the CUDA module can compile the same source as device functions.
+Decoding is one LLVM `fpext half` instruction; encoding rounds exactly in float64. The CUDA kernels
+decode with their own table (kernels/cuda/blocks.py): an LLVM intrinsic cannot run on the
+simulator.
 """
 import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 
-# Value of one mantissa unit for each biased fp16 exponent: 2^(e - 25) for normal numbers, whose
-# significand is 1024 + mantissa units, and 2^-24 for e = 0 (zero and subnormals). A table lookup
-# instead of math.ldexp: ldexp is a libm call per scale, and it dominated the quantized kernels.
-HALF_UNIT = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 value of the IEEE half with bits `bits` (an integer; its low 16 bits): one
+    `fpext half` (vcvtph2ps / vcvtsh2ss), which LLVM vectorizes. Exact for every half; NaNs keep
+    their payload and come back quiet, as in NumPy's astype(float32)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
+        return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
+    return types.float32(bits), codegen
 
 
 @numba.njit(inline="always", cache=True)
-def fp16_to_f32(lo: np.uint8, hi: np.uint8) -> np.float32:
-    """Exact float32 value of the little-endian fp16 whose bytes are `lo`, `hi`."""
-    bits = np.int32(lo) | (np.int32(hi) << 8)
-    exponent = (bits >> 10) & 0x1F
-    mantissa = bits & 0x3FF
-    if exponent == 31:
-        value = np.float32(np.inf) if mantissa == 0 else np.float32(np.nan)
-    else:  # exact: an integer below 2^11 times a power of two
-        value = np.float32(mantissa + (1024 if exponent else 0)) * HALF_UNIT[exponent]
-    return -value if bits & 0x8000 else value
+def fp16_at(raw: np.ndarray, i: int) -> np.float32:
+    """The little-endian fp16 stored at byte `i` of `raw` (uint8), as float32."""
+    return half_to_float(np.uint16(raw[i]) | (np.uint16(raw[i + 1]) << 8))
 
 
 @numba.njit(inline="always", cache=True)

@@ -10,7 +10,7 @@ Two Numba habits make the inner loops vectorize (measured; see docs/kernels.md):
 - the half-block length arrives as a run-time argument (`half`, always 16): with a constant trip
   count LLVM fully unrolls the 16-iteration loops before its loop vectorizer runs, and the code
   stays scalar (4x slower);
-- the fp16 scales decode through a table (kernels.cpu.fp16), not math.ldexp (5x).
+- the fp16 scales decode with one `fpext half` (kernels.cpu.fp16), not math.ldexp (5x).
 """
 import numba
 import numpy as np
@@ -22,7 +22,8 @@ from kernels.cpu.dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_
                                  Q5_0_QH, Q5_0_QS, Q5_0_SIZE, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
                                  Q5_1_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
                                  Q5_K_SIZE, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SIZE,
-                                 Q8_0_D, Q8_0_QS, Q8_0_SIZE, fp16_at, k_scale_min, q5_high_bits)
+                                 Q8_0_D, Q8_0_QS, Q8_0_SIZE, k_scale_min, q5_high_bits)
+from kernels.cpu.fp16 import fp16_at
 from kernels.formats import QK, QK_K
 
 F32 = np.float32

@@ -13,7 +13,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from numba import prange
 
-from kernels.cpu.fp16 import f32_to_fp16_bits, fp16_to_f32
+from kernels.cpu.fp16 import f32_to_fp16_bits, half_to_float
 from kernels.formats import FORMATS, QK, QK_K
 
 F32 = np.float32
@@ -64,9 +64,8 @@ def roundf(v):
 def store_fp16(out, at, v):
     """Write float32 `v` as little-endian fp16 at out[at:at+2]; return the value it now holds."""
     bits = f32_to_fp16_bits(v)
-    lo, hi = np.uint8(bits & 0xFF), np.uint8(bits >> 8)
-    out[at], out[at + 1] = lo, hi
-    return fp16_to_f32(lo, hi)
+    out[at], out[at + 1] = np.uint8(bits & 0xFF), np.uint8(bits >> 8)
+    return half_to_float(bits)
 
 
 @numba.njit(inline="always", cache=True)

@@ -29,7 +29,8 @@ from kernels.cpu.dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_
                                  Q5_1_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
                                  Q5_K_SIZE, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SIZE,
                                  Q8_0_D, Q8_0_QS, Q8_0_SIZE, k_scale_min, q5_high_bits)
-from kernels.cpu.fp16 import f32_to_fp16_bits
+from kernels.cpu import lanes
+from kernels.cpu.fp16 import f32_to_fp16_bits, fp16_at, half_to_float
 from kernels.cpu.quant import inverse, nearest_int, roundf
 from kernels.formats import QK, QK_K
 
@@ -44,49 +45,15 @@ SUPPORTED = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q
 
 # ------------------------------------------------------------------ LLVM vector intrinsics
 
-_I8, _I32 = ir.IntType(8), ir.IntType(32)
-
-
-def _bytes_at(context, builder, array_type, array, at, n):
-    """<n x i8> loaded from array[at:at + n] (no bounds check: callers index whole blocks)."""
-    data = context.make_array(array_type)(context, builder, array).data
-    pointer = builder.bitcast(builder.gep(data, [at]), ir.VectorType(_I8, n).as_pointer())
-    return builder.load(pointer, align=1)
-
-
-def _splat(builder, value, n):
-    """<n x iK> with every lane `value` (an iK)."""
-    vector = builder.insert_element(ir.Constant(ir.VectorType(value.type, n), None), value,
-                                    ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, n), [0] * n))
-
-
-def _to_i8(builder, value):
-    return builder.trunc(value, _I8) if value.type.width > 8 else value
-
-
 def _reduce_products(builder, weights, x, n, weights_signed):
     """sum(weights * x) in int32 over two <n x i8>; x is signed. The zero-extended unsigned form
     is the pattern LLVM maps to vpdpbusd (u8 x s8 -> i32) on AVX-512 VNNI / AVX-VNNI."""
-    wide = ir.VectorType(_I32, n)
+    wide = ir.VectorType(lanes.I32, n)
     extend = builder.sext if weights_signed else builder.zext
     products = builder.mul(extend(weights, wide), builder.sext(x, wide))
     reduce_add = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(_I32, [wide]), f"llvm.vector.reduce.add.v{n}i32")
+        builder.module, ir.FunctionType(lanes.I32, [wide]), f"llvm.vector.reduce.add.v{n}i32")
     return builder.call(reduce_add, [products])
-
-
-@intrinsic
-def half_to_float(typingctx, bits):
-    """float32 value of the IEEE half with bits `bits` (an integer; its low 16 bits): one
-    `fpext half` (vcvtph2ps / vcvtsh2ss). Exact for every half; NaNs come back quiet."""
-    if not isinstance(bits, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        low = builder.trunc(args[0], ir.IntType(16)) if bits.bitwidth > 16 else args[0]
-        return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
-    return types.float32(bits), codegen
 
 
 @intrinsic
@@ -101,20 +68,10 @@ def dot_nibble_pairs(typingctx, w, at, high, x, x_at, n):
 
     def codegen(context, builder, signature, args):
         w_, at_, high_, x_, x_at_, _ = args
-        packed = _bytes_at(context, builder, signature.args[0], w_, at_, width)
-        byte_vector = ir.VectorType(_I8, width)
-        low = builder.and_(packed, ir.Constant(byte_vector, [15] * width))
-        upper = builder.lshr(packed, ir.Constant(byte_vector, [4] * width))
-        nibbles = builder.shuffle_vector(
-            low, upper, ir.Constant(ir.VectorType(_I32, 2 * width), list(range(2 * width))))
-        high32 = builder.zext(high_, _I32) if high_.type.width < 32 else builder.trunc(high_, _I32)
-        lane_bits = builder.lshr(_splat(builder, high32, 2 * width),
-                                 ir.Constant(ir.VectorType(_I32, 2 * width), list(range(2 * width))))
-        fifth = builder.shl(builder.trunc(builder.and_(lane_bits, ir.Constant(lane_bits.type, [1] * 2 * width)),
-                                          ir.VectorType(_I8, 2 * width)),
-                            ir.Constant(ir.VectorType(_I8, 2 * width), [4] * 2 * width))
-        activations = _bytes_at(context, builder, signature.args[3], x_, x_at_, 2 * width)
-        return _reduce_products(builder, builder.or_(nibbles, fifth), activations, 2 * width, False)
+        packed = lanes.bytes_at(context, builder, signature.args[0], w_, at_, width)
+        activations = lanes.bytes_at(context, builder, signature.args[3], x_, x_at_, 2 * width)
+        return _reduce_products(builder, lanes.nibble_pairs(builder, packed, high_), activations,
+                                2 * width, False)
     return types.int32(w, at, high, x, x_at, n), codegen
 
 
@@ -129,37 +86,13 @@ def dot_fields(typingctx, w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n):
 
     def codegen(context, builder, signature, args):
         w_, at_, shift_, h_, h_at_, h_shift_, h_mask_, x_, x_at_, _ = args
-        lanes = ir.VectorType(_I8, width)
-        low = builder.and_(builder.lshr(_bytes_at(context, builder, signature.args[0], w_, at_, width),
-                                        _splat(builder, _to_i8(builder, shift_), width)),
-                           ir.Constant(lanes, [15] * width))
-        high = builder.and_(builder.lshr(_bytes_at(context, builder, signature.args[3], h_, h_at_, width),
-                                         _splat(builder, _to_i8(builder, h_shift_), width)),
-                            _splat(builder, _to_i8(builder, h_mask_), width))
-        weights = builder.or_(low, builder.shl(high, ir.Constant(lanes, [4] * width)))
-        activations = _bytes_at(context, builder, signature.args[7], x_, x_at_, width)
+        weights = lanes.fields(
+            builder, lanes.bytes_at(context, builder, signature.args[0], w_, at_, width), shift_,
+            ir.Constant(lanes.I8, 15), lanes.bytes_at(context, builder, signature.args[3], h_, h_at_, width),
+            h_shift_, h_mask_, 4)
+        activations = lanes.bytes_at(context, builder, signature.args[7], x_, x_at_, width)
         return _reduce_products(builder, weights, activations, width, False)
     return types.int32(w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n), codegen
-
-
-def _q6_k_half(context, builder, array_type, w, ql_at, qh_at):
-    """<128 x i8>: the signed weights q - 32 of one half of a Q6_K super-block, in weight order:
-    quarter c takes its low 4 bits from ql[32 * (c % 2) + l] (nibble c // 2) and its top 2 bits
-    from qh[l] bits 2c, 2c + 1, l < 32 (the layout kernels.cpu.matvec documents)."""
-    ql = _bytes_at(context, builder, array_type, w, ql_at, 64)
-    qh = _bytes_at(context, builder, array_type, w, qh_at, 32)
-    low = builder.shuffle_vector(builder.and_(ql, ir.Constant(ql.type, [15] * 64)),
-                                 builder.lshr(ql, ir.Constant(ql.type, [4] * 64)),
-                                 ir.Constant(ir.VectorType(_I32, 128), list(range(128))))
-    # Top bits of quarter c moved to bits 4-5 with one uniform shift per quarter.
-    top = [builder.and_(builder.shl(qh, ir.Constant(qh.type, [4] * 32)), ir.Constant(qh.type, [48] * 32)),
-           builder.and_(builder.shl(qh, ir.Constant(qh.type, [2] * 32)), ir.Constant(qh.type, [48] * 32)),
-           builder.and_(qh, ir.Constant(qh.type, [48] * 32)),
-           builder.and_(builder.lshr(qh, ir.Constant(qh.type, [2] * 32)), ir.Constant(qh.type, [48] * 32))]
-    pairs = [builder.shuffle_vector(top[i], top[i + 1], ir.Constant(ir.VectorType(_I32, 64), list(range(64))))
-             for i in (0, 2)]
-    high = builder.shuffle_vector(pairs[0], pairs[1], ir.Constant(ir.VectorType(_I32, 128), list(range(128))))
-    return builder.sub(builder.or_(low, high), ir.Constant(low.type, [32] * 128))
 
 
 @intrinsic
@@ -171,23 +104,23 @@ def dot_q6_k(typingctx, w, at, ql_at, qh_at, scales_at, x, x_at):
     def codegen(context, builder, signature, args):
         w_, at_, ql_at_, qh_at_, scales_at_, x_, x_at_ = args
         w_type = signature.args[0]
-        halves = [_q6_k_half(context, builder, w_type, w_,
+        halves = [lanes.q6_k_half(context, builder, w_type, w_,
                              builder.add(at_, builder.add(ql_at_, ir.Constant(at_.type, 64 * h))),
                              builder.add(at_, builder.add(qh_at_, ir.Constant(at_.type, 32 * h))))
                   for h in range(2)]
         weights = builder.shuffle_vector(halves[0], halves[1],
-                                         ir.Constant(ir.VectorType(_I32, 256), list(range(256))))
+                                         ir.Constant(ir.VectorType(lanes.I32, 256), list(range(256))))
         i16s = ir.VectorType(ir.IntType(16), 256)
-        scales = builder.sext(_bytes_at(context, builder, w_type, w_, builder.add(at_, scales_at_), 16),
+        scales = builder.sext(lanes.bytes_at(context, builder, w_type, w_, builder.add(at_, scales_at_), 16),
                               ir.VectorType(ir.IntType(16), 16))
         scale_per_weight = builder.shuffle_vector(
-            scales, scales, ir.Constant(ir.VectorType(_I32, 256), [j // 16 for j in range(256)]))
+            scales, scales, ir.Constant(ir.VectorType(lanes.I32, 256), [j // 16 for j in range(256)]))
         scaled = builder.mul(builder.sext(weights, i16s), scale_per_weight)
-        activations = _bytes_at(context, builder, signature.args[5], x_, x_at_, 256)
-        i32s = ir.VectorType(_I32, 256)
+        activations = lanes.bytes_at(context, builder, signature.args[5], x_, x_at_, 256)
+        i32s = ir.VectorType(lanes.I32, 256)
         products = builder.mul(builder.sext(scaled, i32s), builder.sext(activations, i32s))
         reduce_add = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_I32, [i32s]), "llvm.vector.reduce.add.v256i32")
+            builder.module, ir.FunctionType(lanes.I32, [i32s]), "llvm.vector.reduce.add.v256i32")
         return builder.call(reduce_add, [products])
     return types.int32(w, at, ql_at, qh_at, scales_at, x, x_at), codegen
 
@@ -201,16 +134,10 @@ def dot_bytes(typingctx, w, at, x, x_at, n):
 
     def codegen(context, builder, signature, args):
         w_, at_, x_, x_at_, _ = args
-        weights = _bytes_at(context, builder, signature.args[0], w_, at_, width)
-        activations = _bytes_at(context, builder, signature.args[2], x_, x_at_, width)
+        weights = lanes.bytes_at(context, builder, signature.args[0], w_, at_, width)
+        activations = lanes.bytes_at(context, builder, signature.args[2], x_, x_at_, width)
         return _reduce_products(builder, weights, activations, width, True)
     return types.int32(w, at, x, x_at, n), codegen
-
-
-@numba.njit(inline="always", cache=True)
-def fp16(raw, i):
-    """The fp16 stored at byte `i` of `raw`, as float32."""
-    return half_to_float(np.uint16(raw[i]) | (np.uint16(raw[i + 1]) << 8))
 
 
 # ------------------------------------------------------------------ activation quantizers
@@ -269,7 +196,7 @@ def q4_0_row(row, xq, xd, xsum):
     for b in range(xd.size):
         at = b * Q4_0_SIZE
         sumi = dot_nibble_pairs(row, at + Q4_0_QS, 0, xq, b * QK, HALF) - 8 * xsum[b]
-        s += fp16(row, at + Q4_0_D) * xd[b] * F32(sumi)
+        s += fp16_at(row, at + Q4_0_D) * xd[b] * F32(sumi)
     return s
 
 
@@ -280,7 +207,7 @@ def q5_0_row(row, xq, xd, xsum):
         at = b * Q5_0_SIZE
         high = q5_high_bits(row, at + Q5_0_QH)
         sumi = dot_nibble_pairs(row, at + Q5_0_QS, high, xq, b * QK, HALF) - 16 * xsum[b]
-        s += fp16(row, at + Q5_0_D) * xd[b] * F32(sumi)
+        s += fp16_at(row, at + Q5_0_D) * xd[b] * F32(sumi)
     return s
 
 
@@ -292,8 +219,8 @@ def affine_row(row, size, d_at, m_at, qs_at, qh_at, xq, xd, xs):
         at = b * size
         high = q5_high_bits(row, at + qh_at) if qh_at >= 0 else np.uint32(0)
         sumi = dot_nibble_pairs(row, at + qs_at, high, xq, b * QK, HALF)
-        s += fp16(row, at + d_at) * xd[b] * F32(sumi)
-        sm += fp16(row, at + m_at) * xs[b]
+        s += fp16_at(row, at + d_at) * xd[b] * F32(sumi)
+        sm += fp16_at(row, at + m_at) * xs[b]
     return s + sm
 
 
@@ -302,7 +229,7 @@ def q8_0_row(row, xq, xd):
     s = F32(0)
     for b in range(xd.size):
         at = b * Q8_0_SIZE
-        s += fp16(row, at + Q8_0_D) * xd[b] * F32(dot_bytes(row, at + Q8_0_QS, xq, b * QK, QK))
+        s += fp16_at(row, at + Q8_0_D) * xd[b] * F32(dot_bytes(row, at + Q8_0_QS, xq, b * QK, QK))
     return s
 
 
@@ -330,8 +257,8 @@ def q4_k_q5_k_row(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, xq, xd, xsu
         at, xo = b * size, b * QK_K
         sumi0, summ0 = k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, 0, 4)
         sumi1, summ1 = k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, 4, 8)
-        s += fp16(row, at + d_at) * xd[b] * F32(sumi0 + sumi1)
-        sm += fp16(row, at + dmin_at) * xd[b] * F32(summ0 + summ1)
+        s += fp16_at(row, at + d_at) * xd[b] * F32(sumi0 + sumi1)
+        sm += fp16_at(row, at + dmin_at) * xd[b] * F32(summ0 + summ1)
     return s - sm
 
 
@@ -342,7 +269,7 @@ def q6_k_row(row, xq, xd):
     for b in range(xd.size):
         at = b * Q6_K_SIZE
         sumi = dot_q6_k(row, at, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, xq, b * QK_K)
-        s += fp16(row, at + Q6_K_D) * xd[b] * F32(sumi)
+        s += fp16_at(row, at + Q6_K_D) * xd[b] * F32(sumi)
     return s
 
 

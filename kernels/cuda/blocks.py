@@ -11,8 +11,9 @@ lookup) is built from them:
 so the matvec computes scale * sum(q * x) + bias * sum(x) per unit, and the dequantizers write
 scale * q + bias. `row` is one row of the weight matrix: uint8 bytes (a float32 view for F32).
 Byte offsets come from kernels.cpu.dequant (taken from kernels.formats), and the helpers that
-unpack fp16, Q4_K/Q5_K scales and Q5_0 high bits are the CPU module's own Python source compiled
-as device functions. The arithmetic is llama.cpp's: on the simulator (no FMA) dequantized weights
+unpack Q4_K/Q5_K scales and Q5_0 high bits are the CPU module's own Python source compiled as
+device functions; fp16 decodes through a table here (the CPU's LLVM `fpext` intrinsic cannot run
+on the simulator). The arithmetic is llama.cpp's: on the simulator (no FMA) dequantized weights
 are bit-identical to the reference.
 """
 from __future__ import annotations
@@ -24,16 +25,37 @@ from gguf import GGMLQuantizationType as QType
 from numba import cuda
 
 from kernels.cpu import dequant as cpu
-from kernels.cpu.fp16 import fp16_to_f32
 from kernels.formats import QK, QK_K
 
 F32, U32 = np.float32, np.uint32
 device = cuda.jit(device=True, inline="always")
 
-fp16_bytes_to_f32 = device(fp16_to_f32.py_func)
+# Value of one mantissa unit for each biased fp16 exponent: 2^(e - 25) for normal numbers, whose
+# significand is 1024 + mantissa units, and 2^-24 for e = 0 (zero and subnormals).
+HALF_UNIT = np.array([2.0 ** -24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+
+
+@device
+def fp16_bytes_to_f32(lo, hi):
+    """Exact float32 value of the little-endian fp16 whose bytes are `lo`, `hi`."""
+    bits = np.int32(lo) | (np.int32(hi) << 8)
+    exponent = (bits >> 10) & 0x1F
+    mantissa = bits & 0x3FF
+    if exponent == 31:
+        value = F32(np.inf) if mantissa == 0 else F32(np.nan)
+    else:  # exact: an integer below 2^11 times a power of two
+        value = F32(mantissa + (1024 if exponent else 0)) * HALF_UNIT[exponent]
+    return -value if bits & 0x8000 else value
+
+
 k_scale_min = device(cpu.k_scale_min.py_func)
 q5_high_bits = device(cpu.q5_high_bits.py_func)
-q5_value = device(cpu.q5_value.py_func)
+
+
+@device
+def q5_value(row, at, shift, high, j):
+    """Five-bit value: nibble at `shift` of row[at], fifth bit j of `high`."""
+    return np.int32((row[at] >> shift) & 0x0F) | np.int32(((high >> j) & 1) << 4)
 
 
 @device

@@ -1,0 +1,103 @@
+"""Block formats unpacked in LLVM vector lanes: the building blocks of the CPU intrinsics.
+
+Numba's loop vectorizer handles a block's 16- or 32-weight loops badly (fully unrolled and left
+scalar, or vectorized for long trip counts and never entered; see docs/kernels-q8.md), so the hot
+kernels emit fixed-width LLVM vector IR themselves through `numba.extending.intrinsic`:
+kernels.cpu.vec_dot multiplies the unpacked weights with int8 activations, kernels.cpu.dequant
+scales them to float32. Both unpack with the functions here, so each format's bit layout in
+lanes is written once. The IR is target-independent; LLVM picks the instructions (AVX-512 VNNI
+and GFNI byte shifts on these machines).
+
+Conventions: `builder` is an llvmlite IRBuilder; byte vectors are <n x i8>; no bounds checks
+(callers index whole blocks inside tensors whose size the dispatch checked).
+"""
+from llvmlite import ir
+
+I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+
+
+def bytes_at(context, builder, array_type, array, at, n):
+    """<n x i8> loaded from array[at:at + n] (array: a Numba uint8/int8 array value)."""
+    data = context.make_array(array_type)(context, builder, array).data
+    pointer = builder.bitcast(builder.gep(data, [at]), ir.VectorType(I8, n).as_pointer())
+    return builder.load(pointer, align=1)
+
+
+def splat(builder, value, n):
+    """<n x T> with every lane `value` (a T)."""
+    vector = builder.insert_element(ir.Constant(ir.VectorType(value.type, n), None), value,
+                                    ir.Constant(I32, 0))
+    return builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(I32, n), [0] * n))
+
+
+def byte_splat(builder, value, n):
+    """<n x i8> with every lane the integer `value` truncated to 8 bits."""
+    return splat(builder, builder.trunc(value, I8) if value.type.width > 8 else value, n)
+
+
+def constant(n, value, element=I8):
+    return ir.Constant(ir.VectorType(element, n), [value] * n)
+
+
+def concat(builder, a, b):
+    """<2n x T>: the lanes of a, then the lanes of b (both <n x T>)."""
+    n = a.type.count
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
+
+
+def nibble_pairs(builder, packed, high):
+    """<2n x i8> weights of a legacy block from its n packed bytes (<n x i8>): weight j < n is
+    packed[j] & 15, weight n + j is packed[j] >> 4; with `high` (an integer: Q5_0/Q5_1's qh,
+    or None for Q4_0/Q4_1), bit j of high is added as 16 to weight j."""
+    n = packed.type.count
+    weights = concat(builder, builder.and_(packed, constant(n, 15)),
+                     builder.lshr(packed, constant(n, 4)))
+    if high is None:
+        return weights
+    high32 = builder.zext(high, I32) if high.type.width < 32 else builder.trunc(high, I32)
+    lane_bits = builder.lshr(splat(builder, high32, 2 * n),
+                             ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
+    fifth = builder.trunc(builder.and_(lane_bits, constant(2 * n, 1, I32)), ir.VectorType(I8, 2 * n))
+    return builder.or_(weights, builder.shl(fifth, constant(2 * n, 4)))
+
+
+def fields(builder, low, shift, low_mask, high, h_shift, h_mask, h_pos):
+    """<n x i8> weights of k-quant groups, lane j being
+    ((low[j] >> shift) & low_mask) | (((high[j] >> h_shift) & h_mask) << h_pos).
+    low, high: <n x i8>; the rest integers (h_pos a Python int). With h_mask 0, low alone."""
+    n = low.type.count
+    weights = builder.and_(builder.lshr(low, byte_splat(builder, shift, n)),
+                           byte_splat(builder, low_mask, n))
+    top = builder.and_(builder.lshr(high, byte_splat(builder, h_shift, n)),
+                       byte_splat(builder, h_mask, n))
+    return builder.or_(weights, builder.shl(top, constant(n, h_pos)))
+
+
+def q6_k_half(context, builder, array_type, w, ql_at, qh_at):
+    """<128 x i8>: the signed weights q - 32 of one half of a Q6_K super-block, in weight order:
+    quarter c takes its low 4 bits from ql[32 * (c % 2) + l] (nibble c // 2) and its top 2 bits
+    from qh[l] bits 2c, 2c + 1, l < 32 (llama.cpp's layout)."""
+    ql = bytes_at(context, builder, array_type, w, ql_at, 64)
+    qh = bytes_at(context, builder, array_type, w, qh_at, 32)
+    low = concat(builder, builder.and_(ql, constant(64, 15)), builder.lshr(ql, constant(64, 4)))
+    # Top bits of quarter c moved to bits 4-5 with one uniform shift per quarter.
+    top = [builder.and_(builder.shl(qh, constant(32, 4)), constant(32, 48)),
+           builder.and_(builder.shl(qh, constant(32, 2)), constant(32, 48)),
+           builder.and_(qh, constant(32, 48)),
+           builder.and_(builder.lshr(qh, constant(32, 2)), constant(32, 48))]
+    high = concat(builder, concat(builder, top[0], top[1]), concat(builder, top[2], top[3]))
+    return builder.sub(builder.or_(low, high), constant(128, 32))
+
+
+def store_scaled(context, builder, array_type, out, at, weights, scale, bias):
+    """out[at + j] = scale * float(weights[j]) (+ bias), j < n, as float32 operations in that
+    order (llama.cpp's, so the bits match). weights: <n x i8>, signed; scale, bias: float32
+    values (bias None: no addition; a subtraction `- m` is passed as bias -m, the same bits)."""
+    n = weights.type.count
+    values = builder.fmul(splat(builder, scale, n),
+                          builder.sitofp(weights, ir.VectorType(F32, n)))
+    if bias is not None:
+        values = builder.fadd(values, splat(builder, bias, n))
+    data = context.make_array(array_type)(context, builder, out).data
+    builder.store(values, builder.bitcast(builder.gep(data, [at]),
+                                          ir.VectorType(F32, n).as_pointer()), align=4)
