@@ -4,10 +4,13 @@ the NumPy reference of the latter, and llama.cpp's own mul_mat when llama-cpp-py
 on Mistral-7B-shaped matrices.
 
     .venv/bin/python bench/matvec.py [--threads 1 2] [--shapes 4096x4096 14336x4096] [--types Q4_K ...]
+                                     [--stream MB]
 
 Weights are random bytes with sane fp16 scales: speed does not depend on the values. Each figure
 is the best of --repeats calls (the machines are shared and noisy; the best is the least
-disturbed), and the weights (9-80 MB) are larger than the caches, so they stream from memory.
+disturbed). One matrix of a few MB called again and again stays in the caches; --stream MB makes
+copies of it until they hold MB megabytes and times one call on each in turn, so the weights come
+from memory as in a model's decode step (use 600 or more).
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ class LlamaCppMatvec:
         self.base = ctypes.CDLL(glob.glob(os.path.join(libdir, "libggml-base.so"))[0])
         self.cpu = ctypes.CDLL(glob.glob(os.path.join(libdir, "libggml-cpu.so"))[0])
         self.cpu.ggml_cpu_init()
+        self._contexts = []
 
         class InitParams(ctypes.Structure):
             _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
@@ -98,11 +102,13 @@ class LlamaCppMatvec:
         base.ggml_build_forward_expand(graph, y)
         out = np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(y), ctypes.POINTER(ctypes.c_float)),
                                     shape=(rows.shape[0],))
-        self._keep = ctx
+        self._contexts.append(ctx)
         return (lambda: self.cpu.ggml_graph_compute_with_ctx(ctx, graph, n_threads)), out
 
     def free(self):
-        self.base.ggml_free(self._keep)
+        for ctx in self._contexts:
+            self.base.ggml_free(ctx)
+        self._contexts = []
 
 
 def main() -> None:
@@ -112,6 +118,8 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=[t.name for t in SUPPORTED])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
+    parser.add_argument("--stream", type=float, default=0,
+                        help="MB of weight copies to cycle through (0: one matrix)")
     args = parser.parse_args()
     try:
         llama = LlamaCppMatvec()
@@ -129,25 +137,29 @@ def main() -> None:
         x = rng.standard_normal(n).astype(np.float32)
         for name in args.types:
             qtype = QType[name]
-            rows = random_rows(qtype, n_rows, n, rng)
+            copies = [random_rows(qtype, n_rows, n, rng)]
+            while sum(c.nbytes for c in copies) < args.stream * 1e6:
+                copies.append(random_rows(qtype, n_rows, n, rng))
+            rows = copies[0]
             out = np.empty(n_rows, np.float32)
-            gbs = lambda seconds: rows.nbytes / seconds / 1e9  # noqa: E731
+            gbs = lambda seconds: sum(c.nbytes for c in copies) / seconds / 1e9  # noqa: E731
             reference = "-"
             if not args.no_reference and 1 in args.threads:
                 seconds = best_seconds(lambda: reference_matvec_q8(rows, qtype, x), 1)
-                reference = f"{gbs(seconds):.2f}"
+                reference = f"{rows.nbytes / seconds / 1e9:.2f}"
             for threads in args.threads:
                 numba.set_num_threads(threads)
-                f32 = gbs(best_seconds(lambda: f32_matvec(rows, int(qtype), x, out, QK // 2),
-                                       args.repeats))
-                q8 = gbs(best_seconds(lambda: matvec_q8(rows, int(qtype), x, out), args.repeats))
-                ours = "-"
+                f32 = gbs(best_seconds(lambda: [f32_matvec(c, int(qtype), x, out, QK // 2)
+                                                for c in copies], args.repeats))
+                q8 = gbs(best_seconds(lambda: [matvec_q8(c, int(qtype), x, out) for c in copies],
+                                      args.repeats))
+                theirs = "-"
                 if llama is not None:
-                    compute, _ = llama.prepare(rows, qtype, x, threads)
-                    ours = f"{gbs(best_seconds(compute, args.repeats)):.1f}"
+                    computes = [llama.prepare(c, qtype, x, threads)[0] for c in copies]
+                    theirs = f"{gbs(best_seconds(lambda: [f() for f in computes], args.repeats)):.1f}"
                     llama.free()
                 print(f"{name:6} {shape:>11} {threads:>3} {f32:10.1f} {q8:10.1f} "
-                      f"{reference if threads == 1 else '-':>10} {ours:>10}", flush=True)
+                      f"{reference if threads == 1 else '-':>10} {theirs:>10}", flush=True)
 
 
 if __name__ == "__main__":

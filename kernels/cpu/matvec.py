@@ -23,6 +23,7 @@ from kernels.cpu.dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_
                                  Q5_1_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
                                  Q5_K_SIZE, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SIZE,
                                  Q8_0_D, Q8_0_QS, Q8_0_SIZE, k_scale_min, q5_high_bits)
+from kernels.cpu import lanes
 from kernels.cpu.fp16 import fp16_at
 from kernels.formats import QK, QK_K
 
@@ -188,6 +189,7 @@ def matvec(rows, qtype, x, out, half):
     for blk in range(xsum.size):
         xsum[blk] = x[blk * QK:(blk + 1) * QK].sum()
     for r in prange(rows.shape[0]):
+        lanes.prefetch_row(rows, r + 1)
         row = rows[r]
         s = F32(0)
         if qtype == Q4_K_ID:

@@ -277,6 +277,7 @@ def q6_k_row(row, xq, xd):
 def matvec_blocks(rows, qtype, xq, xd, xs, xsum, out):
     """out[r] = row r . x for activations already quantized (see quantize_q8_0 / quantize_q8_k)."""
     for r in prange(rows.shape[0]):
+        lanes.prefetch_row(rows, r + 1)
         row = rows[r]
         if qtype == Q4_K_ID:
             s = q4_k_q5_k_row(row, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1,
