@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType as QType
 
 from kernels.cpu.matvec import matvec as f32_matvec
 from kernels.cpu.vec_dot import SUPPORTED, matvec_q8
-from kernels.formats import FORMATS, QK
+from kernels.formats import FORMATS
 from kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
 
 MACHINE_READ_GBS = 49  # Numba prange sum of int64 with 2 threads (shared/notes/cpu-kernel-facts.md)
@@ -149,7 +149,7 @@ def main() -> None:
                 reference = f"{rows.nbytes / seconds / 1e9:.2f}"
             for threads in args.threads:
                 numba.set_num_threads(threads)
-                f32 = gbs(best_seconds(lambda: [f32_matvec(c, int(qtype), x, out, QK // 2)
+                f32 = gbs(best_seconds(lambda: [f32_matvec(c, int(qtype), x, out)
                                                 for c in copies], args.repeats))
                 q8 = gbs(best_seconds(lambda: [matvec_q8(c, int(qtype), x, out) for c in copies],
                                       args.repeats))

@@ -150,7 +150,7 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
     elif n_tokens == 1 and q8:
         cpu_matvec_q8(rows, int(fmt.qtype), x[0], out[0])
     elif n_tokens == 1 and fmt.qtype in MATVEC_TYPES:
-        cpu_matvec(rows, int(fmt.qtype), x[0], out[0], QK // 2)
+        cpu_matvec(rows, int(fmt.qtype), x[0], out[0])
     else:
         if q8:
             x8 = np.empty_like(x)
@@ -225,6 +225,7 @@ class CPUDevice:
     """
 
     name = "cpu"
+    weight_types = tuple(FORMATS)  # the formats its matmul and embed read
 
     def __init__(self, activations: str = "f32"):
         if activations not in ACTIVATIONS:

@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 import kernels
-from mistral_ref.errors import ContextLengthError, InputError
+from mistral_ref.errors import ContextLengthError, InputError, UnsupportedTensorTypeError
 from mistral_ref.gguf import Config, GGUFFile, load_gguf
 
 PREFILL_CHUNK = 256  # tokens per prefill step: bounds activations and attention scratch
@@ -74,7 +74,7 @@ class Model:
         self.device = kernels.device(device, activations)  # the forward's operations
         t, c, dev = gguf.tensors, gguf.config, self.device
         vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape))
-        matrix = lambda name: Weight(dev.upload(t[name].rows), t[name].qtype)
+        matrix = lambda name: Weight(dev.upload(self._check_type(t[name], name).rows), t[name].qtype)
         self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrix(f"blk.{i}.attn_q.weight"),
                              matrix(f"blk.{i}.attn_k.weight"), matrix(f"blk.{i}.attn_v.weight"),
                              matrix(f"blk.{i}.attn_output.weight"), vector(f"blk.{i}.ffn_norm.weight"),
@@ -85,6 +85,15 @@ class Model:
         self.output = self.embedding if c.tied_embeddings else matrix("output.weight")
         # RoPE frequency of pair i: theta^(-2i / rope_dim), in float64 (see kernels.cpu.ops.rope).
         self.inv_freq = dev.upload(c.rope_theta ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
+
+    def _check_type(self, tensor, name: str):
+        """The tensor, when the device can multiply its format."""
+        if tensor.qtype not in self.device.weight_types:
+            raise UnsupportedTensorTypeError(
+                f"{self.file.path}: tensor {name!r} is {tensor.qtype.name}, which the "
+                f"{self.device.name} device does not read (it reads "
+                f"{', '.join(t.name for t in self.device.weight_types)})")
+        return tensor
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32") -> Model:

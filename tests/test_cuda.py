@@ -25,7 +25,6 @@ import kernels  # noqa: E402
 from kernels import cuda as gpu  # noqa: E402
 from kernels.cuda import backend  # noqa: E402
 from kernels.reference import ops as ref  # noqa: E402
-from mistral_ref.errors import UnsupportedTensorTypeError  # noqa: E402
 
 FORMATS = [QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K,
            QType.Q5_K, QType.Q6_K]
@@ -174,7 +173,7 @@ def test_kv_write(start_pos, n_tokens):
 def test_bad_input():
     rows = gpu.upload(weights(QType.Q4_0, 2, 64))
     x = cuda.to_device(activations((1, 64)))
-    with pytest.raises(UnsupportedTensorTypeError, match="Q2_K"):
+    with pytest.raises(ValueError, match="does not support Q2_K"):
         gpu.matmul(rows, QType.Q2_K, x)
     with pytest.raises(ValueError, match="rows of 32 weights"):
         gpu.matmul(rows, QType.Q4_0, cuda.to_device(activations((1, 32))))
@@ -213,3 +212,18 @@ def test_whole_model_matches_cpu(tmp_path):
         expected = cpu_model.forward(tokens, cpu_cache)
         np.testing.assert_allclose(gpu_model.forward(tokens, gpu_cache), expected, atol=1e-3, rtol=0)
     assert gpu_cache.k.shape[2] == 4  # the ring holds the window, not the sequence
+
+
+def test_model_with_unsupported_weights_is_refused_at_load(tmp_path):
+    from conftest import tiny_tensors, write_tiny_gguf
+    from mistral_ref.errors import UnsupportedTensorTypeError
+    from mistral_ref.model import Model
+
+    dims = dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=256, vocab=40)
+    tensors = tiny_tensors(**dims)
+    tensors["blk.0.ffn_down.weight"] = np.zeros((32, kernels.block_format(QType.Q2_K).row_bytes(256)), np.uint8)
+    path = write_tiny_gguf(tmp_path / "m.gguf", tensors=tensors,
+                           raw_types={"blk.0.ffn_down.weight": QType.Q2_K}, **dims)
+    Model.from_gguf(path)  # the CPU reads every format
+    with pytest.raises(UnsupportedTensorTypeError, match="blk.0.ffn_down.weight.*Q2_K"):
+        Model.from_gguf(path, device="cuda")

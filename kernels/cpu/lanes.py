@@ -79,6 +79,38 @@ def fields(builder, low, shift, low_mask, high, h_shift, h_mask, h_pos):
     return builder.or_(weights, builder.shl(top, constant(n, h_pos)))
 
 
+def vector_at(context, builder, array_type, array, at, n):
+    """<n x T> loaded from array[at:at + n], T the array's element type."""
+    data = context.make_array(array_type)(context, builder, array).data
+    pointer = builder.bitcast(builder.gep(data, [at]),
+                              ir.VectorType(data.type.pointee, n).as_pointer())
+    return builder.load(pointer, align=1)
+
+
+def pick(builder, vector, indices):
+    """<len(indices) x T> with lane k = vector[indices[k]]; an index None gives a zero lane."""
+    zero = ir.Constant(vector.type, None)
+    n = vector.type.count
+    return builder.shuffle_vector(vector, zero, ir.Constant(
+        ir.VectorType(I32, len(indices)), [n if i is None else i for i in indices]))
+
+
+def k_scales_mins(builder, packed):
+    """(<8 x i8> scales, <8 x i8> mins): the 6-bit scale and min of the 8 groups of a Q4_K / Q5_K
+    super-block from its 12 packed bytes (<12 x i8>). Groups 0-3: the low 6 bits of bytes 0-3
+    (scales) and 4-7 (mins); groups 4-7: the low (scales) or high (mins) nibble of bytes 8-11,
+    with bits 4-5 from the top 2 bits of bytes 0-3 (scales) or 4-7 (mins)."""
+    def top_bits(first):  # bits 6-7 of bytes first..first + 3 as bits 4-5 of groups 4-7
+        return builder.shl(builder.lshr(pick(builder, packed, [None] * 4 + list(range(first, first + 4))),
+                                        constant(8, 6)), constant(8, 4))
+    low_scales = builder.and_(pick(builder, packed, [0, 1, 2, 3, 8, 9, 10, 11]),
+                              ir.Constant(ir.VectorType(I8, 8), [63] * 4 + [15] * 4))
+    low_mins = builder.and_(builder.lshr(pick(builder, packed, [4, 5, 6, 7, 8, 9, 10, 11]),
+                                         ir.Constant(ir.VectorType(I8, 8), [0] * 4 + [4] * 4)),
+                            ir.Constant(ir.VectorType(I8, 8), [63] * 4 + [15] * 4))
+    return builder.or_(low_scales, top_bits(0)), builder.or_(low_mins, top_bits(4))
+
+
 def q6_k_half(context, builder, array_type, w, ql_at, qh_at):
     """<128 x i8>: the signed weights q - 32 of one half of a Q6_K super-block, in weight order:
     quarter c takes its low 4 bits from ql[32 * (c % 2) + l] (nibble c // 2) and its top 2 bits

@@ -22,6 +22,7 @@ class CUDADevice:
     `to_host` is asked for comes back."""
 
     name = "cuda"
+    weight_types = SUPPORTED  # the formats its matmul and embed read
 
     def __init__(self, activations: str = "f32"):
         if activations != "f32":

@@ -19,7 +19,6 @@ from numba import cuda, float32
 
 from kernels.cuda.blocks import UNITS, Unit
 from kernels.formats import block_format
-from mistral_ref.errors import UnsupportedTensorTypeError
 
 F32 = np.float32
 WARP = 32
@@ -196,7 +195,7 @@ def _kernel(kind, qtype: QType):
 def _format(qtype: QType | str | int, rows_dev, n: int) -> QType:
     fmt = block_format(qtype)
     if fmt.qtype not in UNITS:
-        raise UnsupportedTensorTypeError(
+        raise ValueError(
             f"the CUDA backend does not support {fmt.qtype.name} weights (supported: "
             f"{', '.join(t.name for t in UNITS)})")
     if len(rows_dev.shape) != 2 or rows_dev.shape[1] != fmt.row_bytes(n):
