@@ -6,6 +6,9 @@ Every backend is tested against the reference on the same inputs.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 from threadpoolctl import ThreadpoolController
@@ -32,6 +35,7 @@ ACTIVATIONS = ("f32", "q8")
 # BLAS runs single-threaded inside our prefill: its thread pool and Numba's spin-wait on the same
 # cores, and together they made a SmolLM2 prefill 8x slower (38 vs 332 tok/s on 2 cores).
 _THREADPOOLS = ThreadpoolController()
+_PREFILL_POOL: ThreadPoolExecutor | None = None
 
 __all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat", "attention",
            "block_format", "dequantize", "matmul", "quantize", "rmsnorm", "rope", "swiglu"]
@@ -156,15 +160,38 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
             x8 = np.empty_like(x)
             round_trip_q8(x, fmt.block_size == QK_K, x8)
             x = x8
-        if scratch is None or scratch.size < n:
-            scratch = np.empty(max(n, 1 << 21), np.float32)
-        tile_rows = scratch.size // n
+        workers = numba.get_num_threads()
+        if scratch is None or scratch.size < workers * n:
+            scratch = np.empty(max(workers * n, 1 << 21), np.float32)
+        part_rows, part_scratch = -(-rows.shape[0] // workers), scratch.size // workers
         with _THREADPOOLS.limit(limits=1, user_api="blas"):
-            for r0 in range(0, rows.shape[0], tile_rows):
-                tile = rows[r0:r0 + tile_rows]
-                w = dequantize(tile, fmt.qtype, (tile.shape[0], n), out=scratch[:tile.shape[0] * n])
-                out[:, r0:r0 + tile.shape[0]] = x @ w.T
+            parts = [_prefill_pool(workers).submit(
+                _multiply_dequantized, rows[r0:r0 + part_rows], fmt.qtype, x,
+                out[:, r0:r0 + part_rows], scratch[i * part_scratch:(i + 1) * part_scratch])
+                for i, r0 in enumerate(range(0, rows.shape[0], part_rows))]
+            for part in parts:
+                part.result()
     return out
+
+
+def _prefill_pool(workers: int) -> ThreadPoolExecutor:
+    global _PREFILL_POOL
+    if _PREFILL_POOL is None or _PREFILL_POOL._max_workers != workers:
+        _PREFILL_POOL = ThreadPoolExecutor(workers, thread_name_prefix="prefill")
+    return _PREFILL_POOL
+
+
+def _multiply_dequantized(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
+                          scratch: np.ndarray) -> None:
+    """out = x @ W.T for the quantized rows of W, dequantized a tile at a time into scratch, all
+    on the calling thread (one of the prefill pool's: Numba and BLAS each single-threaded here)."""
+    numba.set_num_threads(1)  # per thread
+    n = x.shape[1]
+    tile_rows = scratch.size // n
+    for r0 in range(0, rows.shape[0], tile_rows):
+        tile = rows[r0:r0 + tile_rows]
+        w = dequantize(tile, qtype, (tile.shape[0], n), out=scratch[:tile.shape[0] * n])
+        out[:, r0:r0 + tile.shape[0]] = x @ w.T
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, backend: str = "cpu") -> np.ndarray:

@@ -190,3 +190,20 @@ def test_q8_0_activation_blocks_are_gguf_pys():
     ours = ref.quantize_activations(x, QType.Q4_0).view(np.uint8).reshape(-1)
     theirs = gguf.quants.quantize(x.reshape(-1, 32), QType.Q8_0).reshape(-1)
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("weight_qtype", [QType.Q4_0, QType.Q4_K], ids=lambda t: t.name)
+def test_round_trip_is_the_activation_blocks_values(weight_qtype):
+    """The prefill's x (round_trip_q8) is bit for bit q * d of the activation blocks llama.cpp
+    quantizes x to (the reference, checked against llama.cpp and gguf-py above), on blocks with
+    zeros, rounding halves, and ties between +max and -max (the first sets Q8_K's sign, and
+    with it the sign of every zero q * d)."""
+    x = np.stack([activations(seed, 1024) for seed in range(3)])
+    x[1, 512:768] = np.tile(np.float32([-4, 0, 4, 0.01]), 64)
+    x[2, 512:768] = np.tile(np.float32([4, 0, -4, 0.01]), 64)
+    got = np.empty_like(x)
+    cpu.round_trip_q8(x, weight_qtype == QType.Q4_K, got)
+    for t in range(len(x)):
+        y = ref.quantize_activations(x[t], weight_qtype)
+        want = (y["qs"].astype(np.float32) * y["d"].astype(np.float32)[:, None]).ravel()
+        np.testing.assert_array_equal(got[t].view(np.uint32), want.view(np.uint32))

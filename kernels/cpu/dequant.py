@@ -59,24 +59,24 @@ def k_scale_min(raw, at, g):
     return np.int32(scale), np.int32(minimum)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _widen_f16(bits, out):
     for i in prange(out.size):
         out[i] = half_to_float(bits[i])
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def f16(raw, out):
     _widen_f16(raw.view(np.uint16), out)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _widen_bf16(bits, wide):
     for i in prange(wide.size):
         wide[i] = np.uint32(bits[i]) << 16
 
 
-@numba.njit(cache=True)
+@numba.njit(nogil=True, cache=True)
 def bf16(raw, out):
     # The views are made outside the parallel loop: Numba 0.68 drops stores made inside a prange
     # body through a view created in the same function.
@@ -138,14 +138,14 @@ def dequantize_fields(typingctx, raw, at, shift, low_mask, h_at, h_shift, h_mask
                       out, integer, n), codegen
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q4_0(raw, out):
     for i in prange(raw.size // Q4_0_SIZE):
         b = i * Q4_0_SIZE
         dequantize_nibble_pairs(raw, b + Q4_0_QS, 0, 8, fp16_at(raw, b + Q4_0_D), None, out, i * QK)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q4_1(raw, out):
     for i in prange(raw.size // Q4_1_SIZE):
         b = i * Q4_1_SIZE
@@ -160,7 +160,7 @@ def q5_high_bits(raw, at):
             | (np.uint32(raw[at + 3]) << 24))
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q5_0(raw, out):
     for i in prange(raw.size // Q5_0_SIZE):
         b = i * Q5_0_SIZE
@@ -168,7 +168,7 @@ def q5_0(raw, out):
                                 fp16_at(raw, b + Q5_0_D), None, out, i * QK)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q5_1(raw, out):
     for i in prange(raw.size // Q5_1_SIZE):
         b = i * Q5_1_SIZE
@@ -176,7 +176,7 @@ def q5_1(raw, out):
                                 fp16_at(raw, b + Q5_1_D), fp16_at(raw, b + Q5_1_M), out, i * QK)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q8_0(raw, out):
     # A plain loop vectorizes here (int8 -> float32 needs no unpacking) once its length is a
     # run-time value: a constant 32 is fully unrolled and left scalar.
@@ -200,7 +200,7 @@ def q2_k_pair(raw, b, y, g, shift, d, dmin, out):
                           -(dmin * F32(sc >> 4)), out, y + 16 * (g + h), 16)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q2_k(raw, out):
     for i in prange(raw.size // Q2_K_SIZE):
         b, y = i * Q2_K_SIZE, i * QK_K
@@ -232,7 +232,7 @@ def q3_k_pair(raw, b, y, g, shift, d, out):
                           y + 16 * (g + h), 16)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q3_k(raw, out):
     for i in prange(raw.size // Q3_K_SIZE):
         b, y = i * Q3_K_SIZE, i * QK_K
@@ -259,7 +259,7 @@ def k_group(raw, b, y, g, shift, d, dmin, scales_at, qs_at, qh_at, out):
                           out, y + 32 * g, 32)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q4_k(raw, out):
     for i in prange(raw.size // Q4_K_SIZE):
         b, y = i * Q4_K_SIZE, i * QK_K
@@ -269,7 +269,7 @@ def q4_k(raw, out):
             k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q4_K_SCALES, Q4_K_QS, -1, out)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q5_k(raw, out):
     for i in prange(raw.size // Q5_K_SIZE):
         b, y = i * Q5_K_SIZE, i * QK_K
@@ -292,7 +292,7 @@ def q6_k_quarter(raw, b, y, half, quarter, low_shift, high_shift, d, out):
                           scale, None, out, y + 16 * g, 16)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def q6_k(raw, out):
     for i in prange(raw.size // Q6_K_SIZE):
         b, y = i * Q6_K_SIZE, i * QK_K
