@@ -35,7 +35,6 @@ ACTIVATIONS = ("f32", "q8")
 # BLAS runs single-threaded inside our prefill: its thread pool and Numba's spin-wait on the same
 # cores, and together they made a SmolLM2 prefill 8x slower (38 vs 332 tok/s on 2 cores).
 _THREADPOOLS = ThreadpoolController()
-_PREFILL_POOL: ThreadPoolExecutor | None = None
 
 __all__ = ["BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat", "attention",
            "block_format", "dequantize", "matmul", "quantize", "rmsnorm", "rope", "swiglu"]
@@ -163,29 +162,43 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
         workers = numba.get_num_threads()
         if scratch is None or scratch.size < workers * n:
             scratch = np.empty(max(workers * n, 1 << 21), np.float32)
-        part_rows, part_scratch = -(-rows.shape[0] // workers), scratch.size // workers
         with _THREADPOOLS.limit(limits=1, user_api="blas"):
-            parts = [_prefill_pool(workers).submit(
-                _multiply_dequantized, rows[r0:r0 + part_rows], fmt.qtype, x,
-                out[:, r0:r0 + part_rows], scratch[i * part_scratch:(i + 1) * part_scratch])
-                for i, r0 in enumerate(range(0, rows.shape[0], part_rows))]
-            for part in parts:
-                part.result()
+            if workers == 1 or rows.shape[0] * n < PREFILL_POOL_MIN_WEIGHTS:
+                _multiply_dequantized(rows, fmt.qtype, x, out, scratch)
+            else:
+                _multiply_dequantized_in_pool(rows, fmt.qtype, x, out, scratch, workers)
     return out
 
 
-def _prefill_pool(workers: int) -> ThreadPoolExecutor:
+# Prefill of a big matrix splits its rows between `workers` threads of our own, each
+# dequantizing a tile into its share of the scratch and multiplying it with a single-threaded BLAS
+# (numpy releases the GIL, the dequantizers are nogil). One thread dequantizing with Numba's
+# threads and then a 2-thread BLAS left the two pools spinning against each other; this way both
+# cores run BLAS. Mistral-1B, 64-token prefill: 49 -> 66 tok/s. For small matrices handing work
+# to the threads costs more than it saves (SmolLM2: 335 -> 299 tok/s), hence the threshold.
+PREFILL_POOL_MIN_WEIGHTS = 1 << 22
+_PREFILL_POOL: ThreadPoolExecutor | None = None
+
+
+def _multiply_dequantized_in_pool(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
+                                  scratch: np.ndarray, workers: int) -> None:
     global _PREFILL_POOL
     if _PREFILL_POOL is None or _PREFILL_POOL._max_workers != workers:
-        _PREFILL_POOL = ThreadPoolExecutor(workers, thread_name_prefix="prefill")
-    return _PREFILL_POOL
+        _PREFILL_POOL = ThreadPoolExecutor(workers, thread_name_prefix="prefill",
+                                           initializer=numba.set_num_threads, initargs=(1,))
+    part_rows, part_scratch = -(-rows.shape[0] // workers), scratch.size // workers
+    parts = [_PREFILL_POOL.submit(_multiply_dequantized, rows[r0:r0 + part_rows], qtype, x,
+                                  out[:, r0:r0 + part_rows],
+                                  scratch[i * part_scratch:(i + 1) * part_scratch])
+             for i, r0 in enumerate(range(0, rows.shape[0], part_rows))]
+    for part in parts:
+        part.result()
 
 
 def _multiply_dequantized(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
                           scratch: np.ndarray) -> None:
-    """out = x @ W.T for the quantized rows of W, dequantized a tile at a time into scratch, all
-    on the calling thread (one of the prefill pool's: Numba and BLAS each single-threaded here)."""
-    numba.set_num_threads(1)  # per thread
+    """out = x @ W.T for the quantized rows of W (uint8 (R, row_bytes)), dequantized a tile of
+    rows at a time into scratch (float32, at least one row). x: float32 (T, n); out: (T, R)."""
     n = x.shape[1]
     tile_rows = scratch.size // n
     for r0 in range(0, rows.shape[0], tile_rows):
