@@ -60,11 +60,14 @@ def nibble_pairs(builder, packed, high):
                      builder.lshr(packed, constant(n, 4)))
     if high is None:
         return weights
-    high32 = builder.zext(high, I32) if high.type.width < 32 else builder.trunc(high, I32)
-    lane_bits = builder.lshr(splat(builder, high32, 2 * n),
-                             ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
-    fifth = builder.trunc(builder.and_(lane_bits, constant(2 * n, 1, I32)), ir.VectorType(I8, 2 * n))
-    return builder.or_(weights, builder.shl(fifth, constant(2 * n, 4)))
+    # high's bits as a lane mask (bit j -> lane j on little-endian targets) selecting 16 or 0:
+    # one mask-register move and a masked byte move on AVX-512, where shifting a splat by each
+    # lane's index needs 32-bit lanes and narrowing (Q5_0 float matvec, 1 thread: 5.3 -> 7.1 GB/s).
+    word = ir.IntType(2 * n)
+    high_word = builder.zext(high, word) if high.type.width < 2 * n else builder.trunc(high, word)
+    fifth = builder.select(builder.bitcast(high_word, ir.VectorType(ir.IntType(1), 2 * n)),
+                           constant(2 * n, 16), constant(2 * n, 0))
+    return builder.or_(weights, fifth)
 
 
 def fields(builder, low, shift, low_mask, high, h_shift, h_mask, h_pos):
