@@ -177,19 +177,18 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
 # cores run BLAS. Mistral-1B, 64-token prefill: 49 -> 66 tok/s. For small matrices handing work
 # to the threads costs more than it saves (SmolLM2: 335 -> 299 tok/s), hence the threshold.
 PREFILL_POOL_MIN_WEIGHTS = 1 << 22
-_PREFILL_POOL: ThreadPoolExecutor | None = None
+_PREFILL_POOLS: dict[int, ThreadPoolExecutor] = {}  # by number of workers
 
 
 def _multiply_dequantized_in_pool(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
                                   scratch: np.ndarray, workers: int) -> None:
-    global _PREFILL_POOL
-    if _PREFILL_POOL is None or _PREFILL_POOL._max_workers != workers:
-        _PREFILL_POOL = ThreadPoolExecutor(workers, thread_name_prefix="prefill",
-                                           initializer=numba.set_num_threads, initargs=(1,))
+    if workers not in _PREFILL_POOLS:  # Numba's thread count is per thread: 1 in these
+        _PREFILL_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="prefill",
+                                                     initializer=numba.set_num_threads, initargs=(1,))
+    pool = _PREFILL_POOLS[workers]
     part_rows, part_scratch = -(-rows.shape[0] // workers), scratch.size // workers
-    parts = [_PREFILL_POOL.submit(_multiply_dequantized, rows[r0:r0 + part_rows], qtype, x,
-                                  out[:, r0:r0 + part_rows],
-                                  scratch[i * part_scratch:(i + 1) * part_scratch])
+    parts = [pool.submit(_multiply_dequantized, rows[r0:r0 + part_rows], qtype, x,
+                         out[:, r0:r0 + part_rows], scratch[i * part_scratch:(i + 1) * part_scratch])
              for i, r0 in enumerate(range(0, rows.shape[0], part_rows))]
     for part in parts:
         part.result()
