@@ -51,6 +51,14 @@ def concat(builder, a, b):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
 
 
+def reduce_add(builder, vector):
+    """The sum of an integer vector's lanes (llvm.vector.reduce.add), in its element type."""
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector.type.element, [vector.type]),
+        f"llvm.vector.reduce.add.v{vector.type.count}i{vector.type.element.width}")
+    return builder.call(function, [vector])
+
+
 def nibble_pairs(builder, packed, high):
     """<2n x i8> weights of a legacy block from its n packed bytes (<n x i8>): weight j < n is
     packed[j] & 15, weight n + j is packed[j] >> 4; with `high` (an integer: Q5_0/Q5_1's qh,
@@ -104,8 +112,8 @@ def k_scales_mins(builder, packed):
     (scales) and 4-7 (mins); groups 4-7: the low (scales) or high (mins) nibble of bytes 8-11,
     with bits 4-5 from the top 2 bits of bytes 0-3 (scales) or 4-7 (mins)."""
     def top_bits(first):  # bits 6-7 of bytes first..first + 3 as bits 4-5 of groups 4-7
-        return builder.shl(builder.lshr(pick(builder, packed, [None] * 4 + list(range(first, first + 4))),
-                                        constant(8, 6)), constant(8, 4))
+        upper_bytes = pick(builder, packed, [None] * 4 + list(range(first, first + 4)))
+        return builder.shl(builder.lshr(upper_bytes, constant(8, 6)), constant(8, 4))
     low_scales = builder.and_(pick(builder, packed, [0, 1, 2, 3, 8, 9, 10, 11]),
                               ir.Constant(ir.VectorType(I8, 8), [63] * 4 + [15] * 4))
     low_mins = builder.and_(builder.lshr(pick(builder, packed, [4, 5, 6, 7, 8, 9, 10, 11]),

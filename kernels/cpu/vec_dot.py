@@ -20,7 +20,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 from numba import prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.cpu.dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS, Q4_1_SIZE,
@@ -50,10 +49,7 @@ def _reduce_products(builder, weights, x, n, weights_signed):
     is the pattern LLVM maps to vpdpbusd (u8 x s8 -> i32) on AVX-512 VNNI / AVX-VNNI."""
     wide = ir.VectorType(lanes.I32, n)
     extend = builder.sext if weights_signed else builder.zext
-    products = builder.mul(extend(weights, wide), builder.sext(x, wide))
-    reduce_add = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(lanes.I32, [wide]), f"llvm.vector.reduce.add.v{n}i32")
-    return builder.call(reduce_add, [products])
+    return lanes.reduce_add(builder, builder.mul(extend(weights, wide), builder.sext(x, wide)))
 
 
 @intrinsic
@@ -86,10 +82,10 @@ def dot_fields(typingctx, w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n):
 
     def codegen(context, builder, signature, args):
         w_, at_, shift_, h_, h_at_, h_shift_, h_mask_, x_, x_at_, _ = args
-        weights = lanes.fields(
-            builder, lanes.bytes_at(context, builder, signature.args[0], w_, at_, width), shift_,
-            ir.Constant(lanes.I8, 15), lanes.bytes_at(context, builder, signature.args[3], h_, h_at_, width),
-            h_shift_, h_mask_, 4)
+        low = lanes.bytes_at(context, builder, signature.args[0], w_, at_, width)
+        high = lanes.bytes_at(context, builder, signature.args[3], h_, h_at_, width)
+        weights = lanes.fields(builder, low, shift_, ir.Constant(lanes.I8, 15), high, h_shift_,
+                               h_mask_, 4)
         activations = lanes.bytes_at(context, builder, signature.args[7], x_, x_at_, width)
         return _reduce_products(builder, weights, activations, width, False)
     return types.int32(w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n), codegen
@@ -104,24 +100,22 @@ def dot_q6_k(typingctx, w, at, ql_at, qh_at, scales_at, x, x_at):
     def codegen(context, builder, signature, args):
         w_, at_, ql_at_, qh_at_, scales_at_, x_, x_at_ = args
         w_type = signature.args[0]
-        halves = [lanes.q6_k_half(context, builder, w_type, w_,
-                             builder.add(at_, builder.add(ql_at_, ir.Constant(at_.type, 64 * h))),
-                             builder.add(at_, builder.add(qh_at_, ir.Constant(at_.type, 32 * h))))
-                  for h in range(2)]
-        weights = builder.shuffle_vector(halves[0], halves[1],
-                                         ir.Constant(ir.VectorType(lanes.I32, 256), list(range(256))))
+
+        def field(offset, extra):
+            return builder.add(at_, builder.add(offset, ir.Constant(at_.type, extra)))
+
+        halves = [lanes.q6_k_half(context, builder, w_type, w_, field(ql_at_, 64 * h),
+                                  field(qh_at_, 32 * h)) for h in range(2)]
+        weights = lanes.concat(builder, *halves)
         i16s = ir.VectorType(ir.IntType(16), 256)
-        scales = builder.sext(lanes.bytes_at(context, builder, w_type, w_, builder.add(at_, scales_at_), 16),
-                              ir.VectorType(ir.IntType(16), 16))
-        scale_per_weight = builder.shuffle_vector(
-            scales, scales, ir.Constant(ir.VectorType(lanes.I32, 256), [j // 16 for j in range(256)]))
+        scale_bytes = lanes.bytes_at(context, builder, w_type, w_, field(scales_at_, 0), 16)
+        scales = builder.sext(scale_bytes, ir.VectorType(ir.IntType(16), 16))
+        scale_per_weight = lanes.pick(builder, scales, [j // 16 for j in range(256)])
         scaled = builder.mul(builder.sext(weights, i16s), scale_per_weight)
         activations = lanes.bytes_at(context, builder, signature.args[5], x_, x_at_, 256)
         i32s = ir.VectorType(lanes.I32, 256)
-        products = builder.mul(builder.sext(scaled, i32s), builder.sext(activations, i32s))
-        reduce_add = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(lanes.I32, [i32s]), "llvm.vector.reduce.add.v256i32")
-        return builder.call(reduce_add, [products])
+        return lanes.reduce_add(builder, builder.mul(builder.sext(scaled, i32s),
+                                                     builder.sext(activations, i32s)))
     return types.int32(w, at, ql_at, qh_at, scales_at, x, x_at), codegen
 
 
