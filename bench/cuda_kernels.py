@@ -52,7 +52,7 @@ def time_call(fn, repeats: int) -> float:
 def bench_kernels(args, bandwidth: float, flops: float) -> None:
     from numba import cuda
 
-    from kernels import cuda as gpu
+    from mistral_ref_kernels import cuda as gpu
     rng = np.random.default_rng(0)
     print(f"{'type':6} {'shape':>11} {'decode GB/s':>12} {'of peak':>8} "
           f"{'prefill TFLOP/s':>16} {'of peak':>8}")

@@ -13,9 +13,9 @@ import gguf
 import numba
 import numpy as np
 
-import kernels
+import mistral_ref_kernels as kernels
 from gguf import GGMLQuantizationType as QType
-from kernels.formats import FORMATS
+from mistral_ref_kernels.formats import FORMATS
 
 
 def random_blocks(qtype, nbytes: int, rng: np.random.Generator) -> tuple[np.ndarray, tuple]:

@@ -236,7 +236,7 @@ def profile(args) -> None:
     """Time one decode step of ours per kernel call, by wrapping the kernel entry points."""
     import numba
     numba.set_num_threads(args.threads)
-    import kernels
+    import mistral_ref_kernels as kernels
     from mistral_ref import Tokenizer
     from mistral_ref.model import Model
     model = Model.from_gguf(args.model, **activations_option(args))

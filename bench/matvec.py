@@ -24,10 +24,10 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from kernels.cpu.matvec import matvec as f32_matvec
-from kernels.cpu.vec_dot import SUPPORTED, matvec_q8
-from kernels.formats import FORMATS
-from kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
+from mistral_ref_kernels.cpu.matvec import matvec as f32_matvec
+from mistral_ref_kernels.cpu.vec_dot import SUPPORTED, matvec_q8
+from mistral_ref_kernels.formats import FORMATS
+from mistral_ref_kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
 
 MACHINE_READ_GBS = 49  # Numba prange sum of int64 with 2 threads (shared/notes/cpu-kernel-facts.md)
 

@@ -16,8 +16,8 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-import kernels
-from kernels.formats import block_format
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.formats import block_format
 
 TYPES = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K]
 

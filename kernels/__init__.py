@@ -13,19 +13,19 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from threadpoolctl import ThreadpoolController
 
-from kernels.cpu import ops as cpu_ops
-from kernels.cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
-from kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
-from kernels.cpu.matvec import matvec as cpu_matvec
-from kernels.cpu.quant import QUANTIZE as CPU_QUANTIZE
-from kernels.cpu.vec_dot import SUPPORTED as Q8_TYPES
-from kernels.cpu.vec_dot import matvec_q8 as cpu_matvec_q8
-from kernels.cpu.vec_dot import round_trip_q8
-from kernels.formats import FORMATS, QK, QK_K, BlockFormat, block_format
-from kernels.reference import ops as reference_ops
-from kernels.reference import vec_dot as reference_vec_dot
-from kernels.reference.dequant import DEQUANTIZE as REFERENCE_DEQUANTIZE
-from kernels.reference.quant import QUANTIZE as REFERENCE_QUANTIZE
+from .cpu import ops as cpu_ops
+from .cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
+from .cpu.matvec import SUPPORTED as MATVEC_TYPES
+from .cpu.matvec import matvec as cpu_matvec
+from .cpu.quant import QUANTIZE as CPU_QUANTIZE
+from .cpu.vec_dot import SUPPORTED as Q8_TYPES
+from .cpu.vec_dot import matvec_q8 as cpu_matvec_q8
+from .cpu.vec_dot import round_trip_q8
+from .formats import FORMATS, QK, QK_K, BlockFormat, block_format
+from .reference import ops as reference_ops
+from .reference import vec_dot as reference_vec_dot
+from .reference.dequant import DEQUANTIZE as REFERENCE_DEQUANTIZE
+from .reference.quant import QUANTIZE as REFERENCE_QUANTIZE
 
 BACKENDS = ("reference", "cpu")
 # How activations enter a quantized matmul: "f32" keeps them float32 (exact: agrees with a
@@ -306,6 +306,6 @@ def device(name: str, activations: str = "f32"):
     if name == "cpu":
         return CPUDevice(activations)
     if name == "cuda":
-        from kernels.cuda import CUDADevice
+        from .cuda import CUDADevice
         return CUDADevice(activations)
     raise ValueError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")

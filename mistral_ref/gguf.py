@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from kernels.formats import BlockFormat, block_format
+from mistral_ref_kernels.formats import BlockFormat, block_format
 from mistral_ref.errors import (GGUFError, MetadataError, MissingTensorError, NotGGUFError,
                                 TensorShapeError, TruncatedGGUFError,
                                 UnsupportedArchitectureError, UnsupportedTensorTypeError,

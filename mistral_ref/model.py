@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-import kernels
+import mistral_ref_kernels as kernels
 from mistral_ref.errors import ContextLengthError, InputError, UnsupportedTensorTypeError
 from mistral_ref.gguf import Config, GGUFFile, load_gguf
 

@@ -21,8 +21,8 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.constants import GGML_QUANT_VERSION
 from tqdm import tqdm
 
-import kernels
-from kernels.formats import block_format
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.formats import block_format
 from mistral_ref.errors import QuantizeError
 from mistral_ref.gguf import load_gguf
 

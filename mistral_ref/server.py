@@ -10,6 +10,10 @@ Request validation and the response JSON are the Runner's (`ChatCompletionReques
 `response.to_dict()`); this module adds routing, authentication, Server-Sent Events and OpenAI's
 error shape. No traceback reaches a client: unexpected exceptions are logged and answered with a
 bare 500.
+
+The routes, exception handlers and checks are module-level functions; what the routes share (the
+Runner, the engine, the served model's name, the API key) is one `ServerState` per app, kept on
+`app.state.server`. `create_app` only builds that state and wires the app together.
 """
 from __future__ import annotations
 
@@ -24,13 +28,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path  # Swagger UI 5's files (swagger-ui-bundle-v2 on PyPI)
 
@@ -281,6 +288,212 @@ def _sse(data: Any) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
+@dataclass(frozen=True)
+class ServerState:
+    """What the routes share: one per app, built by `create_app` and kept on `app.state.server`, so
+    the routes can be plain module-level functions."""
+
+    runner: Runner
+    engine: Engine
+    served_id: str  # the model's name in /v1/models and in requests
+    api_key: str | None  # None: no authentication
+    keep_alive: float  # seconds between `: keep-alive` comments of a stream with nothing new
+    created: int  # the model card's `created`: when the app was built
+    max_body_bytes: int
+
+
+async def _server_state(request: Request) -> ServerState:
+    """The app's ServerState, for the routes (as StateDep); async, so FastAPI calls it on the event
+    loop rather than in a worker thread."""
+    return request.app.state.server
+
+
+StateDep = Annotated[ServerState, Depends(_server_state)]
+
+
+# exception handlers: whatever goes wrong, the client gets OpenAI's error shape
+async def _on_api_error(request: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+async def _on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors: mainly an unknown route (404) or a known one with the wrong method (405)."""
+    message = (f"no route {request.method} {request.url.path}" if e.status_code in (404, 405)
+               else str(e.detail))
+    return APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
+
+
+async def _on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    return APIError(422, f"invalid request: {e.errors()}").response()
+
+
+async def _on_error(request: Request, e: Exception) -> JSONResponse:
+    return api_error(e).response()
+
+
+_EXCEPTION_HANDLERS: dict[Any, Callable[..., Any]] = {
+    APIError: _on_api_error,
+    StarletteHTTPException: _on_http_error,
+    RequestValidationError: _on_validation_error,
+    MistralRefError: _on_error,  # mostly bad input found by the Runner (400): not logged as a crash
+    Exception: _on_error,  # a bug: Starlette logs the traceback; the client gets a bare 500
+}
+
+
+def _check_api_key(state: StateDep, request: Request) -> None:
+    """The /v1 router's dependency: with an API key set, 401 unless the request bears it."""
+    if state.api_key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), state.api_key.encode()):
+        raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+
+
+def _check_model(body: Any, served_id: str) -> None:
+    """A request may name the served model, "" or "default" (mistral.rs's examples); else 404."""
+    model = body.get("model", "") if isinstance(body, dict) else ""
+    if not isinstance(model, str):
+        raise APIError(400, f"model must be a string, got {model!r}", param="model")
+    if model not in ("", "default", served_id):
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served_id!r}",
+                       param="model", code="model_not_found")
+
+
+def _include_usage(body: Any) -> bool:
+    """Whether the client asked for OpenAI's separate usage chunk (`stream_options`)."""
+    options = body.get("stream_options") if isinstance(body, dict) else None
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise APIError(400, f"stream_options must be {{\"include_usage\": true|false}}, got {options!r}",
+                       param="stream_options")
+    return options.get("include_usage", False)
+
+
+async def _handle(request: Request, state: ServerState, body: Any, build: Callable[[dict], Any],
+                  send: Callable[[Any], Any]) -> Response:
+    """Run a generation request on the engine: its JSON once done, or its SSE once the engine has
+    checked it (so a bad value is still a 400, not an error event)."""
+    _check_model(body, state.served_id)
+    include_usage = _include_usage(body)
+    if isinstance(body, dict):
+        body = dict(body)
+        if body.get("model") in ("", "default"):
+            body["model"] = state.served_id
+    req = build(body)  # raises InvalidRequestError: 400
+    job = Job(lambda: send(req), req.stream, asyncio.get_running_loop())
+    state.engine.submit(job)
+    if not req.stream:
+        return await _wait_result(request, job)
+    kind, value = await job.get()
+    if kind != "accepted":
+        raise api_error(value) if kind == "error" else APIError(
+            503, "the server is shutting down", type="server_error", code="shutting_down")
+    return StreamingResponse(_stream(job, include_usage, state.keep_alive), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# /docs: request bodies by example (the fields are the seed's ChatCompletionRequest, spelled as
+# OpenAI's JSON); responses by the schema pydantic derives from the response dataclasses.
+_SCHEMAS: dict[str, Any] = {}  # the response schemas' shared definitions, for `_openapi`
+
+
+def _example_body(example: dict[str, Any]) -> dict[str, Any]:
+    """An operation's JSON body shown by example: the routes read it themselves, not via pydantic."""
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object"}, "example": example}}}}
+
+
+def _responses(*classes: type) -> dict[int, Any]:
+    """The 200 response: JSON of the first class, SSE chunks of the second. Their `$defs` go to
+    _SCHEMAS, since FastAPI does not know of schemas it did not derive itself."""
+    content = {}
+    for cls, media in zip(classes, ("application/json", "text/event-stream")):
+        schema = TypeAdapter(cls).json_schema(mode="serialization",
+                                              ref_template="#/components/schemas/{model}")
+        _SCHEMAS.update(schema.pop("$defs", {}))
+        content[media] = {"schema": schema}
+    return {200: {"description": "OpenAI-compatible response (a stream: one chunk per `data:` line)",
+                  "content": content}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document (built once) with _SCHEMAS added to its components."""
+    if app.openapi_schema is None:
+        FastAPI.openapi(app)
+        app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(_SCHEMAS)
+    return app.openapi_schema
+
+
+# routes: the OpenAI API under /v1, behind the API key when one is set; /health and /docs never are
+_v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+_root = APIRouter()
+
+
+@_v1.post("/chat/completions", openapi_extra=_example_body(
+    {"model": "", "messages": [{"role": "system", "content": "You are Mistral.rs, an AI assistant."},
+                               {"role": "user", "content": "Write a story about Rust error handling."}],
+     "max_tokens": 32}), responses=_responses(ChatCompletionResponse, ChatCompletionChunkResponse))
+async def chat_completions(request: Request, state: StateDep) -> Response:
+    """Process an OpenAI compatible chat request; with `"stream": true`, Server-Sent Events
+    of chat.completion.chunk objects ending with `data: [DONE]`."""
+    body = await _read_json(request, state.max_body_bytes)
+    return await _handle(request, state, body, ChatCompletionRequest.from_openai,
+                         state.runner.send_chat_completion_request)
+
+
+@_v1.post("/completions", openapi_extra=_example_body(
+    {"model": "", "prompt": "What is Rust?", "max_tokens": 32, "temperature": 0}),
+    responses=_responses(CompletionResponse, CompletionResponse))
+async def completions(request: Request, state: StateDep) -> Response:
+    """Process an OpenAI compatible text completion request (streaming supported)."""
+    body = await _read_json(request, state.max_body_bytes)
+    return await _handle(request, state, body, CompletionRequest.from_openai,
+                         state.runner.send_completion_request)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.served_id, "object": "model", "created": state.created, "owned_by": "local"}
+
+
+@_v1.get("/models")
+async def models(state: StateDep) -> dict[str, Any]:
+    """Returns the running models."""
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@_v1.get("/models/{model}")
+async def model(model: str, state: StateDep) -> dict[str, Any]:
+    """Returns one running model."""
+    _check_model({"model": model}, state.served_id)
+    return _model_card(state)
+
+
+@_root.get("/health")
+async def health(state: StateDep) -> dict[str, Any]:
+    """Returns the server health; answers while a generation runs."""
+    return {"status": "ok", "model": state.served_id, **state.engine.stats()}
+
+
+@_root.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    """Returns OpenAPI API docs (Swagger UI, served from this server)."""
+    return get_swagger_ui_html(openapi_url=request.app.openapi_url, title="mistral-ref API",
+                               swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+                               swagger_css_url="/static/swagger-ui/swagger-ui.css",
+                               swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The engine thread runs while the app is served (uvicorn enters and leaves this)."""
+    engine = app.state.server.engine
+    engine.start()
+    yield
+    engine.stop()
+
+
 def create_app(runner: Runner, model_id: str | None = None, api_key: str | None = None,
                max_queue: int = 32, max_running: int = 8, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app serving `runner` under the name `model_id` (default: the GGUF file's name).
@@ -288,164 +501,19 @@ def create_app(runner: Runner, model_id: str | None = None, api_key: str | None 
     api_key: when set, /v1/* needs `Authorization: Bearer <api_key>`. The engine thread starts and
     stops with the app's lifespan (uvicorn runs it).
     """
-    served_id = model_id or runner.model_id
-    keep_alive = _keep_alive_seconds()
-    engine = Engine(runner, max_queue=max_queue, max_running=max_running)
-    created = int(time.time())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine.start()
-        yield
-        engine.stop()
-
-    app = FastAPI(title="mistral-ref", version="0.1.0", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, description=__doc__.split("\n\n")[0])
-    app.state.engine = engine
-
+    state = ServerState(runner=runner, served_id=model_id or runner.model_id, api_key=api_key,
+                        keep_alive=_keep_alive_seconds(),
+                        engine=Engine(runner, max_queue=max_queue, max_running=max_running),
+                        created=int(time.time()), max_body_bytes=max_body_bytes)
+    app = FastAPI(title="mistral-ref", version="0.1.0", lifespan=_lifespan, docs_url=None,
+                  redoc_url=None, description=__doc__.split("\n\n")[0],
+                  exception_handlers=_EXCEPTION_HANDLERS)
+    app.state.server = state
+    app.openapi = partial(_openapi, app)
     # The Swagger UI page loads its script and style from here, not from a CDN: /docs works offline.
     app.mount("/static/swagger-ui", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
-
-    @app.exception_handler(APIError)
-    async def on_api_error(request: Request, e: APIError) -> JSONResponse:
-        return e.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        message = (f"no route {request.method} {request.url.path}" if e.status_code in (404, 405)
-                   else str(e.detail))
-        return APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        return APIError(422, f"invalid request: {e.errors()}").response()
-
-    @app.exception_handler(MistralRefError)
-    async def on_bad_input(request: Request, e: MistralRefError) -> JSONResponse:
-        return api_error(e).response()
-
-    @app.exception_handler(Exception)  # Starlette logs the traceback; the client gets a bare 500
-    async def on_any_error(request: Request, e: Exception) -> JSONResponse:
-        return api_error(e).response()
-
-    def check_api_key(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
-
-    def check_model(body: Any) -> None:
-        model = body.get("model", "") if isinstance(body, dict) else ""
-        if not isinstance(model, str):
-            raise APIError(400, f"model must be a string, got {model!r}", param="model")
-        if model not in ("", "default", served_id):
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {served_id!r}",
-                           param="model", code="model_not_found")
-
-    def stream_options(body: Any) -> bool:
-        """Whether the client asked for OpenAI's separate usage chunk."""
-        options = body.get("stream_options") if isinstance(body, dict) else None
-        if options is None:
-            return False
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise APIError(400, f"stream_options must be {{\"include_usage\": true|false}}, got {options!r}",
-                           param="stream_options")
-        return options.get("include_usage", False)
-
-    async def handle(request: Request, body: Any, build: Callable[[dict], Any],
-                    send: Callable[[Any], Any]) -> Response:
-        check_model(body)
-        include_usage = stream_options(body)
-        if isinstance(body, dict):
-            body = dict(body)
-            if body.get("model") in ("", "default"):
-                body["model"] = served_id
-        req = build(body)  # raises InvalidRequestError: 400
-        job = Job(lambda: send(req), req.stream, asyncio.get_running_loop())
-        engine.submit(job)
-        if not req.stream:
-            return await _wait_result(request, job)
-        kind, value = await job.get()
-        if kind != "accepted":
-            raise api_error(value) if kind == "error" else APIError(
-                503, "the server is shutting down", type="server_error", code="shutting_down")
-        return StreamingResponse(_stream(job, include_usage, keep_alive), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    # /docs: request bodies by example (the fields are the seed's ChatCompletionRequest, spelled as
-    # OpenAI's JSON); responses by the schema pydantic derives from the response dataclasses.
-    openapi_body = lambda example: {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object"}, "example": example}}}}
-    schemas: dict[str, Any] = {}
-
-    def responses(*classes: type) -> dict[int, Any]:
-        from pydantic import TypeAdapter
-        content = {}
-        for cls, media in zip(classes, ("application/json", "text/event-stream")):
-            schema = TypeAdapter(cls).json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
-            schemas.update(schema.pop("$defs", {}))
-            content[media] = {"schema": schema}
-        return {200: {"description": "OpenAI-compatible response (a stream: one chunk per `data:` line)",
-                      "content": content}}
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            FastAPI.openapi(app)
-            app.openapi_schema.setdefault("components", {}).setdefault("schemas", {}).update(schemas)
-        return app.openapi_schema
-    app.openapi = openapi
-
-    @v1.post("/chat/completions", openapi_extra=openapi_body(
-        {"model": "", "messages": [{"role": "system", "content": "You are Mistral.rs, an AI assistant."},
-                                   {"role": "user", "content": "Write a story about Rust error handling."}],
-         "max_tokens": 32}), responses=responses(ChatCompletionResponse, ChatCompletionChunkResponse))
-    async def chat_completions(request: Request) -> Response:
-        """Process an OpenAI compatible chat request; with `"stream": true`, Server-Sent Events
-        of chat.completion.chunk objects ending with `data: [DONE]`."""
-        body = await _read_json(request, max_body_bytes)
-        return await handle(request, body, ChatCompletionRequest.from_openai, runner.send_chat_completion_request)
-
-    @v1.post("/completions", openapi_extra=openapi_body(
-        {"model": "", "prompt": "What is Rust?", "max_tokens": 32, "temperature": 0}),
-        responses=responses(CompletionResponse, CompletionResponse))
-    async def completions(request: Request) -> Response:
-        """Process an OpenAI compatible text completion request (streaming supported)."""
-        body = await _read_json(request, max_body_bytes)
-        return await handle(request, body, CompletionRequest.from_openai, runner.send_completion_request)
-
-    def model_card() -> dict[str, Any]:
-        return {"id": served_id, "object": "model", "created": created, "owned_by": "local"}
-
-    @v1.get("/models")
-    async def models() -> dict[str, Any]:
-        """Returns the running models."""
-        return {"object": "list", "data": [model_card()]}
-
-    @v1.get("/models/{model}")
-    async def model(model: str) -> dict[str, Any]:
-        """Returns one running model."""
-        check_model({"model": model})
-        return model_card()
-
-    app.include_router(v1)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Returns the server health; answers while a generation runs."""
-        return {"status": "ok", "model": served_id, **engine.stats()}
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        """Returns OpenAPI API docs (Swagger UI, served from this server)."""
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="mistral-ref API",
-                                   swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
-                                   swagger_css_url="/static/swagger-ui/swagger-ui.css",
-                                   swagger_favicon_url="/static/swagger-ui/favicon-32x32.png")
-
+    app.include_router(_v1)
+    app.include_router(_root)
     return app
 
 
@@ -508,7 +576,7 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
     runner = Runner(which=Which.GGUF(str(model_path)), chat_template=chat_template, seed=seed)
     app = create_app(runner, model_id=model_id, api_key=api_key, max_queue=max_queue,
                      max_running=max_running)
-    engine = app.state.engine
+    engine = app.state.server.engine
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:

@@ -20,8 +20,8 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_VERSION
 
-import kernels
-from kernels.formats import block_format
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.formats import block_format
 from mistral_ref.chat_template import MISTRAL_INSTRUCT_TEMPLATE
 from mistral_ref.errors import QuantizeError
 from mistral_ref.gguf import Config, expected_shapes

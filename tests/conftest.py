@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFWriter
 
-from kernels.formats import FORMATS
+from mistral_ref_kernels.formats import FORMATS
 from mistral_ref.models import default_model_path
 
 

@@ -21,10 +21,10 @@ if "numba.cuda" not in sys.modules:
     numba.core.config.reload_config()
 from numba import cuda  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import cuda as gpu  # noqa: E402
-from kernels.cuda import backend  # noqa: E402
-from kernels.reference import ops as ref  # noqa: E402
+import mistral_ref_kernels as kernels  # noqa: E402
+from mistral_ref_kernels import cuda as gpu  # noqa: E402
+from mistral_ref_kernels.cuda import backend  # noqa: E402
+from mistral_ref_kernels.reference import ops as ref  # noqa: E402
 
 FORMATS = [QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K,
            QType.Q5_K, QType.Q6_K]

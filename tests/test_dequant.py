@@ -8,8 +8,8 @@ from gguf import GGMLQuantizationType as QType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.formats import FORMATS
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.formats import FORMATS
 from mistral_ref import load_gguf
 
 BACKENDS = ["reference", "cpu"]

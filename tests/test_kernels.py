@@ -7,10 +7,10 @@ from gguf import GGMLQuantizationType as QType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
-from kernels.formats import FORMATS
-from kernels.reference import ops as ref
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
+from mistral_ref_kernels.formats import FORMATS
+from mistral_ref_kernels.reference import ops as ref
 from conftest import random_rows
 
 rng = np.random.default_rng(0)

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import kernels
-from kernels.cpu.fp16 import f32_to_fp16_bits
-from kernels.formats import block_format
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.cpu.fp16 import f32_to_fp16_bits
+from mistral_ref_kernels.formats import block_format
 
 LEGACY = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
 K_QUANTS = [QType.Q4_K, QType.Q5_K, QType.Q6_K]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
 
-import kernels
+import mistral_ref_kernels as kernels
 from mistral_ref import quantize as q
 from mistral_ref.cli import main
 from mistral_ref.errors import QuantizeError

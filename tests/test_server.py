@@ -138,6 +138,35 @@ def test_docs_work_offline(server):
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(spec["paths"])
 
 
+def refs(node) -> list[str]:
+    """Every `$ref` in a JSON document."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "$ref"] + [r for v in node.values() for r in refs(v)]
+    return [r for v in node for r in refs(v)] if isinstance(node, list) else []
+
+
+def test_openapi_examples_and_response_schemas(server):
+    """/docs shows a working example body per generation route and the response schemas, whose
+    shared definitions all resolve."""
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    schemas = spec["components"]["schemas"]
+    documented = [("/v1/chat/completions", "ChatCompletionResponse", "ChatCompletionChunkResponse"),
+                  ("/v1/completions", "CompletionResponse", "CompletionResponse")]
+    for path, response, chunk in documented:
+        operation = spec["paths"][path]["post"]
+        assert operation["requestBody"]["required"] is True
+        example = operation["requestBody"]["content"]["application/json"]["example"]
+        content = operation["responses"]["200"]["content"]
+        assert content["application/json"]["schema"]["title"] == response
+        assert content["text/event-stream"]["schema"]["title"] == chunk
+        assert "choices" in content["application/json"]["schema"]["properties"]
+        # the example is a request the server answers
+        assert post(server, path, {**example, "max_tokens": 2}).json()["usage"]["completion_tokens"] == 2
+    assert {"Choice", "ChunkChoice", "CompletionChoice", "Usage"} <= set(schemas)
+    prefix = "#/components/schemas/"
+    assert refs(spec) and all(r.startswith(prefix) and r[len(prefix):] in schemas for r in refs(spec))
+
+
 def test_chat_matches_runner(client, runner):
     expected = reference_chat(runner, max_tokens=8)
     got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=8, temperature=0)
@@ -239,6 +268,7 @@ def test_bad_requests(server, client):
     assert error_of(post(server, chat, {**ok, "model": "gpt-4"}), 404)["code"] == "model_not_found"
     assert error_of(post(server, chat, ok, key=None), 401)["code"] == "invalid_api_key"
     assert error_of(post(server, chat, ok, key="wrong"), 401)["code"] == "invalid_api_key"
+    assert error_of(httpx.get(server.url + "/v1/models"), 401)["code"] == "invalid_api_key"
     error_of(post(server, "/v1/nothing", ok), 404)
     error_of(httpx.get(server.url + "/nothing"), 404)
     error_of(httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}), 405)

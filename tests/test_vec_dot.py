@@ -12,11 +12,11 @@ from gguf import GGMLQuantizationType as QType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels.cpu import vec_dot as cpu
-from kernels.formats import FORMATS
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.cpu import vec_dot as cpu
+from mistral_ref_kernels.formats import FORMATS
 from conftest import random_rows
-from kernels.reference import vec_dot as ref
+from mistral_ref_kernels.reference import vec_dot as ref
 
 TYPES = list(ref.VEC_DOT)
 

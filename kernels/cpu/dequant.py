@@ -11,9 +11,9 @@ from gguf import GGMLQuantizationType as QType
 from numba import prange, types
 from numba.extending import intrinsic
 
-from kernels.cpu import lanes
-from kernels.cpu.fp16 import fp16_at, half_to_float
-from kernels.formats import FORMATS, QK, QK_K
+from . import lanes
+from .fp16 import fp16_at, half_to_float
+from ..formats import FORMATS, QK, QK_K
 
 F32 = np.float32
 _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (FORMATS[t] for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0,

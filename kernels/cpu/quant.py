@@ -13,8 +13,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from numba import prange
 
-from kernels.cpu.fp16 import f32_to_fp16_bits, half_to_float
-from kernels.formats import FORMATS, QK, QK_K
+from .fp16 import f32_to_fp16_bits, half_to_float
+from ..formats import FORMATS, QK, QK_K
 
 F32 = np.float32
 ZERO, HALF, ONE = F32(0.0), F32(0.5), F32(1.0)

@@ -6,9 +6,9 @@ run on a GPU or on the simulator (set NUMBA_ENABLE_CUDASIM=1 before the first im
 import numpy as np
 from numba import cuda
 
-from kernels.cuda.backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write,
+from .backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write,
                                   matmul, rmsnorm, rope, simulated, swiglu, upload)
-from kernels.cuda.blocks import UNITS
+from .blocks import UNITS
 
 SUPPORTED = tuple(UNITS)
 

@@ -17,8 +17,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from numba import cuda, float32
 
-from kernels.cuda.blocks import UNITS, Unit
-from kernels.formats import block_format
+from .blocks import UNITS, Unit
+from ..formats import block_format
 
 F32 = np.float32
 WARP = 32

@@ -24,8 +24,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from numba import cuda
 
-from kernels.cpu import dequant as cpu
-from kernels.formats import QK, QK_K
+from ..cpu import dequant as cpu
+from ..formats import QK, QK_K
 
 F32, U32 = np.float32, np.uint32
 device = cuda.jit(device=True, inline="always")

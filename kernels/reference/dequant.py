@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from kernels.formats import FORMATS, K_SCALE_SIZE, QK_K
+from ..formats import FORMATS, K_SCALE_SIZE, QK_K
 
 F32 = np.float32
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.reference.dequant import DEQUANTIZE
+from .dequant import DEQUANTIZE
 
 
 def matvec(rows: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from kernels.formats import FORMATS, QK_K
+from ..formats import FORMATS, QK_K
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # llama.cpp: a group whose largest |weight| is below this is all zero

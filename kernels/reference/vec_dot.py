@@ -21,9 +21,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from kernels.formats import FORMATS, QK, QK_K
-from kernels.reference.dequant import _bits, _nibbles, _q5_values, k_scales_mins
-from kernels.reference.quant import _absmax_signed, _inverse, nearest_int, roundf
+from ..formats import FORMATS, QK, QK_K
+from .dequant import _bits, _nibbles, _q5_values, k_scales_mins
+from .quant import _absmax_signed, _inverse, nearest_int, roundf
 
 F32 = np.float32
 
