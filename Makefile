@@ -28,8 +28,7 @@ bench: $(STAMP)
 	$(PYTHON) bench/serve.py
 	$(PYTHON) bench/cuda_kernels.py
 
-# Numba's cache is keyed on each kernel's own source file: after editing an inlined helper in
-# another file, drop the cache so no kernel keeps the old version.
+# Disk space only: kernels/jit_cache.py already recompiles every kernel after any edit under kernels/.
 clean-cache:
 	find kernels mistral_ref -name '*.nbi' -delete -o -name '*.nbc' -delete
 

@@ -246,13 +246,12 @@ def profile(args) -> None:
     # nothing else), and inside kernels.matmul and kernels.attention the compiled kernels they wrap
     # (indented labels: already counted in their caller).
     dev = model.device
-    operations = ("embed", "matmul", "rmsnorm", "rope", "attention", "kv_write", "add_", "swiglu")
+    operations = ("embed", "matmul", "rmsnorm", "rope", "attention", "kv_write_", "add_", "swiglu")
     points = [(dev, name, f"device.{name}") for name in operations if hasattr(dev, name)]
-    points += [(obj, name, label) for obj, name, label in [
-        (kernels, "cpu_matvec", "  numba matvec kernel (f32 activations)"),
-        (kernels, "cpu_matvec_q8", "  numba matvec kernel (q8 activations)"),
-        (kernels.cpu_ops, "attention", "  numba attention kernel")] if hasattr(obj, name)]
-    spent = {label: [0, 0.0] for _, _, label in points}
+    points.append((kernels.dispatch.cpu_ops, "attention", "  numba attention kernel"))
+    kernel_maps = [(kernels.dispatch.CPU_MATVEC, "  numba matvec kernels (f32 activations)"),
+                   (kernels.dispatch.CPU_MATVEC_Q8, "  numba matvec kernels (q8 activations)")]
+    spent = {label: [0, 0.0] for _, _, label in points + [(None, None, label) for _, label in kernel_maps]}
 
     def timed(fn, label):
         def wrapper(*a, **k):
@@ -276,8 +275,11 @@ def profile(args) -> None:
         token = int(np.argmax(model.forward([token], cache)))
         plain.append(time.perf_counter() - t)
     originals = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in points]
+    map_originals = [(kernel_map, dict(kernel_map)) for kernel_map, _ in kernel_maps]
     for obj, name, label in points:
         setattr(obj, name, timed(getattr(obj, name), label))
+    for kernel_map, label in kernel_maps:
+        kernel_map.update({t: timed(fn, label) for t, fn in kernel_map.items()})
     try:
         n = steps - steps // 2
         t = time.perf_counter()
@@ -287,6 +289,8 @@ def profile(args) -> None:
     finally:
         for obj, name, fn in originals:  # the device's methods live on its class: drop the shadow
             setattr(obj, name, fn) if fn is not None else delattr(obj, name)
+        for kernel_map, original in map_originals:
+            kernel_map.update(original)
     step = statistics.median(plain)
     print(f"# {args.model.name}: one decode step at position ~{len(ids)}, {args.threads} threads; "
           f"{step * 1e3:.2f} ms unwrapped (median of {len(plain)}), {total * 1e3:.2f} ms wrapped "

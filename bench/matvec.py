@@ -24,8 +24,8 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
-from mistral_ref_kernels.cpu.matvec import matvec as f32_matvec
-from mistral_ref_kernels.cpu.vec_dot import SUPPORTED, matvec_q8
+from mistral_ref_kernels.cpu.matvec import MATVEC
+from mistral_ref_kernels.cpu.vec_dot import MATVEC_Q8
 from mistral_ref_kernels.formats import FORMATS
 from mistral_ref_kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096"])
-    parser.add_argument("--types", nargs="+", default=[t.name for t in SUPPORTED])
+    parser.add_argument("--types", nargs="+", default=[t.name for t in MATVEC_Q8])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
     parser.add_argument("--stream", type=float, default=0,
@@ -149,9 +149,9 @@ def main() -> None:
                 reference = f"{rows.nbytes / seconds / 1e9:.2f}"
             for threads in args.threads:
                 numba.set_num_threads(threads)
-                f32 = gbs(best_seconds(lambda: [f32_matvec(c, int(qtype), x, out)
+                f32 = gbs(best_seconds(lambda: [MATVEC[qtype](c, x, out)
                                                 for c in copies], args.repeats))
-                q8 = gbs(best_seconds(lambda: [matvec_q8(c, int(qtype), x, out) for c in copies],
+                q8 = gbs(best_seconds(lambda: [MATVEC_Q8[qtype](c, x, out) for c in copies],
                                       args.repeats))
                 theirs = "-"
                 if llama is not None:

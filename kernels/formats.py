@@ -2,12 +2,13 @@
 
 A quantized row of `n` weights is `n / block_size` consecutive blocks of `type_size` bytes. The
 fields of one block are a NumPy structured dtype below; the NumPy reference views raw bytes through
-it, and the Numba and CUDA kernels take their byte offsets from it (`BlockFormat.offset`), so a
-layout exists in exactly one place. Field names follow llama.cpp's `block_*` structs in
+it, and the Numba and CUDA kernels take their byte offsets from it through the `Layout` constants
+at the end (`Q4_K.size`, `Q4_K.qs`, ...), so a layout exists in exactly one place. Field names follow llama.cpp's `block_*` structs in
 ggml-common.h. All multi-byte fields are little-endian; `d`, `m` and `dmin` are IEEE fp16.
 """
 from __future__ import annotations
 
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,15 @@ class BlockFormat:
     def offset(self, field: str) -> int:
         """Byte offset of `field` inside one block."""
         return self.block.fields[field][1]
+
+    @property
+    def layout(self) -> tuple:
+        """A named tuple of plain ints: `size` (bytes per block), then each field's byte offset
+        under its own name. Numba and numba-cuda freeze a global tuple into the compiled code,
+        so `b + Q4_K.qs` compiles to an add of a constant."""
+        fields = self.block.names
+        return namedtuple(f"{self.qtype.name}Layout", ("size", *fields))(
+            self.type_size, *(self.offset(f) for f in fields))
 
     def row_bytes(self, n_weights: int) -> int:
         """Bytes of one row of `n_weights` weights; raises ValueError if blocks do not tile it."""
@@ -103,3 +113,9 @@ def block_format(qtype: QType | str | int) -> BlockFormat:
         supported = ", ".join(t.name for t in FORMATS)
         raise ValueError(
             f"tensor type {name} is not supported (supported: {supported})") from None
+
+
+# The layouts of the quantized formats as module constants, for the compiled kernels.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K = (
+    FORMATS[t].layout for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
+                                QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K))

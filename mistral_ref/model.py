@@ -7,6 +7,7 @@ a decode step is a chunk of one.
 """
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,15 @@ class KVCache:
         self.window = config.sliding_window or 0
         self.slots = min(max_tokens, self.window) if self.window else max_tokens
         shape = (config.n_layers, config.n_kv_heads, self.slots, config.head_dim)
-        device = device or kernels.device("cpu")
-        self.k, self.v = device.zeros(shape), device.zeros(shape)  # on the model's device
+        self.device = device or kernels.device("cpu")
+        self.k, self.v = self.device.zeros(shape), self.device.zeros(shape)  # on the model's device
         self.length = 0  # positions written so far: the next token goes to position `length`
+
+    def fork(self) -> KVCache:
+        """An independent copy, on the same device (a choice continuing from a shared prompt)."""
+        forked = copy.copy(self)
+        forked.k, forked.v = self.device.copy(self.k), self.device.copy(self.v)
+        return forked
 
 
 class Weight(NamedTuple):
@@ -99,7 +106,8 @@ class Model:
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32") -> Model:
         """Load a model; the weights stay quantized (and memory-mapped on the CPU).
 
-        device: "cpu" or "cuda"; activations: "f32" (exact) or "q8" (llama.cpp's numerics, CPU)."""
+        device: "cpu", "cuda" or "reference" (the NumPy kernels that read like the spec: slow,
+        for checking); activations: "f32" (exact) or "q8" (llama.cpp's numerics; not on cuda)."""
         return cls(load_gguf(path), device, activations)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
@@ -138,10 +146,10 @@ class Model:
             q = self._linear(layer.wq, h).reshape(n_tokens, c.n_heads, c.head_dim)
             k = self._linear(layer.wk, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
             v = self._linear(layer.wv, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
-            dev.rope(q, positions, self.inv_freq)
-            dev.rope(k, positions, self.inv_freq)
+            q = dev.rope(q, positions, self.inv_freq)
+            k = dev.rope(k, positions, self.inv_freq)
             attn = dev.attention(q, k, v, cache.k[i], cache.v[i], start, cache.window)
-            dev.kv_write(cache.k[i], cache.v[i], start, k, v)
+            dev.kv_write_(cache.k[i], cache.v[i], start, k, v)
             dev.add_(x, self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim)))
             h = dev.rmsnorm(x, layer.ffn_norm, c.norm_eps)
             gate_up = dev.swiglu(self._linear(layer.w_gate, h), self._linear(layer.w_up, h))

@@ -7,7 +7,6 @@ go). Responses, streamed or not, are assembled from the per-token `_Event`s it y
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 import uuid
@@ -180,13 +179,6 @@ class _Sequence:
         return _Event(self.index, text, sample.logprob, logprob, self.finish_reason)
 
 
-def _fork(cache: KVCache) -> KVCache:
-    """An independent copy of a KV cache (a choice continuing from the shared prompt prefill)."""
-    forked = copy.copy(cache)
-    forked.k, forked.v = cache.k.copy(), cache.v.copy()
-    return forked
-
-
 class Runner:
     """Loads a model and serves completion requests, as `mistralrs.Runner`.
 
@@ -331,7 +323,7 @@ class Runner:
         timing.prompt_done = time.perf_counter()
         seeds = np.random.SeedSequence(job.seed) if job.seed is not None else self._seeds.spawn(1)[0]
         rngs = [np.random.default_rng(s) for s in seeds.spawn(job.n_sequences)]
-        sequences = [_Sequence(i, job, cache if i == 0 else _fork(cache), rngs[i], self.tokenizer,
+        sequences = [_Sequence(i, job, cache if i == 0 else cache.fork(), rngs[i], self.tokenizer,
                                GrammarConstraint(self.tokenizer, job.grammar) if job.grammar else None)
                      for i in range(job.n_sequences)]
         if job.max_tokens == 0:

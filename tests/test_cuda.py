@@ -7,6 +7,7 @@ Python thread, so shapes are tiny, but they still cross the kernels' tile bounda
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import numba.core.config  # noqa: E402
@@ -186,12 +187,10 @@ def test_bad_input():
         gpu.attention(q, q, q, q, q, 0, 0)
 
 
-@pytest.mark.slow
-def test_whole_model_matches_cpu(tmp_path):
-    """A tiny mixed-format Mistral model (window 4) on the CUDA device: prefill 4 tokens, then
-    decode 2 that wrap the KV ring; logits within 1e-3 of the CPU device at every step."""
+@pytest.fixture
+def tiny_mixed_model(tmp_path):
+    """A tiny Mistral model (window 4) whose matrices use several formats."""
     from conftest import tiny_tensors, write_tiny_gguf
-    from mistral_ref.model import Model
 
     dims = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab=40)
     tensors = tiny_tensors(**dims)
@@ -203,15 +202,58 @@ def test_whole_model_matches_cpu(tmp_path):
                  if name.endswith(suffix)}
     for name, qtype in raw_types.items():
         tensors[name] = kernels.quantize(tensors[name], qtype)
-    path = write_tiny_gguf(tmp_path / "m.gguf", arch="mistral", tensors=tensors,
+    return write_tiny_gguf(tmp_path / "m.gguf", arch="mistral", tensors=tensors,
                            raw_types=raw_types, context=16,
                            metadata={"{arch}.attention.sliding_window": 4}, **dims)
-    cpu_model, gpu_model = Model.from_gguf(path), Model.from_gguf(path, device="cuda")
+
+
+@pytest.mark.slow
+def test_whole_model_matches_cpu(tiny_mixed_model):
+    """Prefill 4 tokens, then decode 2 that wrap the KV ring; logits within 1e-3 of the CPU
+    device at every step."""
+    from mistral_ref.model import Model
+
+    cpu_model = Model.from_gguf(tiny_mixed_model)
+    gpu_model = Model.from_gguf(tiny_mixed_model, device="cuda")
     cpu_cache, gpu_cache = cpu_model.new_cache(8), gpu_model.new_cache(8)
     for tokens in ([1, 5, 19, 2], [11], [37]):
         expected = cpu_model.forward(tokens, cpu_cache)
         np.testing.assert_allclose(gpu_model.forward(tokens, gpu_cache), expected, atol=1e-3, rtol=0)
     assert gpu_cache.k.shape[2] == 4  # the ring holds the window, not the sequence
+
+
+def test_real_device_arrays_have_no_copy_method():
+    """Why the next test patches the simulator: numba-cuda's DeviceNDArray has no .copy() (asked
+    in a process without the simulator), while the simulator's array forwards it to NumPy."""
+    code = ("from numba.cuda.cudadrv.devicearray import DeviceNDArray as A\n"
+            "print(hasattr(A, 'copy'), hasattr(A, 'copy_to_device'))")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+def test_kv_cache_fork_on_the_device(tiny_mixed_model, monkeypatch):
+    """A forked cache continues independently of its parent, each matching a fresh run of its own
+    tokens, with the simulator's arrays stripped of the .copy() a real GPU array lacks."""
+    from mistral_ref.model import Model
+
+    if SIMULATE:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        def no_copy(self):
+            raise AttributeError("'DeviceNDArray' object has no attribute 'copy'")
+        monkeypatch.setattr(FakeCUDAArray, "copy", no_copy, raising=False)
+    model = Model.from_gguf(tiny_mixed_model, device="cuda")
+    parent = model.new_cache(8)
+    model.forward([1, 5, 19], parent)
+    child = parent.fork()
+    # The parent runs on first, past the 4-slot ring: position 4 overwrites slot 0, which the
+    # child still needs for position 0 (a fork sharing memory fails here).
+    for cache, continuation in ((parent, [11, 2]), (child, [37])):
+        for n, token in enumerate(continuation):
+            fresh = model.forward([1, 5, 19, *continuation[:n + 1]], model.new_cache(8))
+            got = model.forward([token], cache)
+            np.testing.assert_allclose(got, fresh, atol=1e-4 * np.abs(fresh).max(), rtol=0)
 
 
 def test_model_with_unsupported_weights_is_refused_at_load(tmp_path):

@@ -1,6 +1,10 @@
 """Transformer kernels (CPU) against the NumPy references of kernels.reference.ops."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QType
@@ -8,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mistral_ref_kernels as kernels
-from mistral_ref_kernels.cpu.matvec import SUPPORTED as MATVEC_TYPES
+from mistral_ref_kernels.cpu.matvec import MATVEC
 from mistral_ref_kernels.formats import FORMATS
 from mistral_ref_kernels.reference import ops as ref
 from conftest import random_rows
@@ -21,7 +25,7 @@ rng = np.random.default_rng(0)
 def test_matmul_matches_float64(qtype, n_tokens, pool, monkeypatch):
     """pool: prefill on the thread pool that big matrices use (the threshold lowered to 0)."""
     if pool:
-        monkeypatch.setattr(kernels, "PREFILL_POOL_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(kernels.dispatch, "PREFILL_POOL_MIN_WEIGHTS", 0)
     n_rows, n = 37, 512
     rows = random_rows(qtype, n_rows, n)
     x = rng.standard_normal((n_tokens, n)).astype(np.float32)
@@ -32,14 +36,14 @@ def test_matmul_matches_float64(qtype, n_tokens, pool, monkeypatch):
 
 
 def test_matvec_covers_decode_types():
-    assert set(MATVEC_TYPES) >= {QType.Q4_K, QType.Q6_K, QType.Q5_K, QType.Q5_0, QType.Q5_1,
+    assert set(MATVEC) >= {QType.Q4_K, QType.Q6_K, QType.Q5_K, QType.Q5_0, QType.Q5_1,
                                  QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.F16, QType.F32}
 
 
 @pytest.mark.parametrize("pool", [False, True])
 def test_matmul_tiles_with_small_scratch(pool, monkeypatch):
     if pool:
-        monkeypatch.setattr(kernels, "PREFILL_POOL_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(kernels.dispatch, "PREFILL_POOL_MIN_WEIGHTS", 0)
     rows, x = random_rows(QType.Q4_K, 50, 256), rng.standard_normal((4, 256)).astype(np.float32)
     whole = kernels.matmul(rows, QType.Q4_K, x)
     tiled = kernels.matmul(rows, QType.Q4_K, x, scratch=np.empty(256 * 7, np.float32))
@@ -100,3 +104,29 @@ def test_attention_chunk_against_band_mask(n_past, n_new, window, heads, data):
     got = kernels.attention(q, k[n_past:], v[n_past:], k_cache, v_cache, n_past, window)
     want = ref.attention(q, k, v, np.arange(n_past, total), np.arange(total), window)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_format_registries_agree_and_refuse_unknown_formats():
+    """The q8 decode kernels cover exactly the formats with a q8 reference; a per-format kernel
+    built for a format its registry lacks fails at compile time, naming what it has."""
+    from numba.core.errors import TypingError
+
+    from mistral_ref_kernels.cpu import matvec, vec_dot
+    from mistral_ref_kernels.reference import vec_dot as reference_vec_dot
+
+    assert set(vec_dot.MATVEC_Q8) == set(reference_vec_dot.VEC_DOT)
+    assert set(matvec.MATVEC) == set(matvec.ROW_DOT)
+    unknown = matvec._matvec_kernel(int(QType.Q2_K))
+    with pytest.raises(TypingError, match="no float32 matvec kernel for Q2_K.*Q4_K"):
+        unknown(random_rows(QType.Q2_K, 2, 256), np.zeros(256, np.float32), np.empty(2, np.float32))
+
+
+def test_the_kernels_load_under_one_name():
+    """kernels/ installs as mistral_ref_kernels; nothing may import it as `kernels` (from the
+    repository root that name would load a second copy of every module)."""
+    code = ("import sys, mistral_ref.runner, mistral_ref.server, mistral_ref.cli, mistral_ref.synth\n"
+            "import mistral_ref_kernels.cuda, mistral_ref_kernels.reference.quant\n"
+            "print(sorted(m for m in sys.modules if m == 'kernels' or m.startswith('kernels.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "NUMBA_ENABLE_CUDASIM": "1"})
+    assert out.stdout.strip() == "[]"

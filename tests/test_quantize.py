@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import mistral_ref_kernels as kernels
+from mistral_ref_kernels.cpu import vec_dot as cpu_vec_dot
+from mistral_ref_kernels.reference import vec_dot as reference_vec_dot
 from mistral_ref_kernels.cpu.fp16 import f32_to_fp16_bits
 from mistral_ref_kernels.formats import block_format
 
@@ -92,6 +95,81 @@ def test_bytes_equal_llama_cpp(qtype):
         expected = oracle(x, qtype)
         np.testing.assert_array_equal(kernels.quantize(x, qtype, "reference"), expected)
         np.testing.assert_array_equal(kernels.quantize(x, qtype, "cpu"), expected)
+
+
+# llama.cpp's own output, committed (tests/fixtures/make_llama_cpp_fixtures.py made it with
+# llama-cpp-python's libggml-base): the checks above that need llama-cpp-python skip without it,
+# these always run. Inputs: 24 seeded super-blocks, hard cases first (zeros, -0.0, constants,
+# outliers, all-negative, tiny, mixed group scales, rounding ties, tied +-peaks).
+FIXTURE = Path(__file__).parent / "fixtures" / "llama_cpp_quants.npz"
+Q8_K_BLOCK = reference_vec_dot.Q8_K_BLOCK
+DEQUANTIZED_TYPES = LEGACY + [QType.Q2_K, QType.Q3_K] + K_QUANTS
+BACKENDS = ["reference", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    with np.load(FIXTURE) as f:
+        return {name: f[name] for name in f.files}
+
+
+def first_bad_blocks(got: np.ndarray, expected: np.ndarray, block_bytes: int) -> str:
+    got, expected = got.reshape(-1, block_bytes), expected.reshape(-1, block_bytes)
+    bad = np.flatnonzero((got != expected).any(axis=1))
+    return (f"{len(bad)} of {len(got)} blocks differ; first, block {bad[0]}:\n"
+            f"  ours      {got[bad[0]].tobytes().hex()}\n  llama.cpp {expected[bad[0]].tobytes().hex()}"
+            if len(bad) else "")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", kernels.QUANTIZABLE, ids=lambda q: q.name)
+def test_bytes_equal_llama_cpp_fixture(llama_cpp, qtype, backend):
+    got = kernels.quantize(llama_cpp["x"], qtype, backend=backend)
+    expected = llama_cpp[f"{qtype.name}_bytes"]
+    assert got.shape == expected.shape
+    bad = first_bad_blocks(got, expected, block_format(qtype).type_size)
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", DEQUANTIZED_TYPES, ids=lambda q: q.name)
+def test_dequantize_equals_llama_cpp_fixture(llama_cpp, qtype, backend):
+    """Bit for bit (compared as uint32, so -0.0 and +0.0 differ) on llama.cpp's bytes."""
+    x = llama_cpp["x"]
+    got = kernels.dequantize(llama_cpp[f"{qtype.name}_bytes"], qtype, x.shape, backend=backend)
+    np.testing.assert_array_equal(got.view(np.uint32), llama_cpp[f"{qtype.name}_dequant"].view(np.uint32))
+
+
+def test_fixture_has_the_hard_cases(llama_cpp):
+    """The fixture's inputs still hold what it is for: zero and -0.0 blocks, ties on .5 with
+    Q8_0's d = 1, tiny and huge magnitudes, and blocks Q4_K's scale search refits."""
+    x = llama_cpp["x"].reshape(-1, 256)
+    assert (x[0].view(np.uint32) == 0).all() and (x[1].view(np.uint32) == 0x80000000).all()
+    assert (np.abs(x) < 1e-29).all(axis=1).any() and np.abs(x).max() >= 1e4
+    ties = x.reshape(-1, 32)
+    assert ((np.abs(ties).max(axis=1) == 127) & (ties % 1 == 0.5).sum(axis=1).astype(bool)).any()
+
+
+def q8_k_blocks(x: np.ndarray, backend: str) -> np.ndarray:
+    """x (float32 (n,)) as the Q8_K activation blocks the q8 matmul feeds k-quant dot products.
+    No public function returns them: these are the kernels' internal ones (move with them)."""
+    if backend == "reference":
+        return reference_vec_dot.quantize_activations(x, QType.Q4_K).view(np.uint8)
+    qs, d, _, sums = cpu_vec_dot.quantize_activations(x, True)
+    y = np.zeros(len(d), Q8_K_BLOCK)
+    y["d"], y["qs"], y["bsums"] = d, qs.reshape(-1, 256), sums.reshape(-1, 16)
+    return y.view(np.uint8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_q8_k_activation_blocks_equal_llama_cpp_fixture(llama_cpp, backend):
+    """quantize_row_q8_K_ref's bytes (its all-zero blocks' bsums, which C leaves unwritten, read 0)."""
+    x = llama_cpp["x"]
+    expected = llama_cpp["Q8_K_bytes"].reshape(-1)
+    got = np.concatenate([q8_k_blocks(row, backend).reshape(-1) for row in x])
+    assert got.shape == expected.shape
+    bad = first_bad_blocks(got, expected, Q8_K_BLOCK.itemsize)
+    assert not bad, bad
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)

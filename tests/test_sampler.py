@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -217,3 +218,64 @@ def test_sampler_handles_a_full_vocabulary_with_everything_on():
     probs = np.exp(log_softmax(apply_penalties(logits, list(range(100)), 50, params) / 0.7))
     support = reference_support(probs, 50, 0.9, 0.05)
     assert all(sampler.sample(logits, list(range(100)), 50).token in support for _ in range(50))
+
+
+# Fixed top_k / top_p / min_p cases whose kept sets are derived by hand. The probabilities are
+# binary fractions, so every mass and cutoff below is exact in float64 and the boundaries are
+# decided by the rule, not by rounding. The rule (mistral.rs's `filter_top_kp_min_p`, llama.cpp's
+# top_k -> top_p -> min_p chain): sort descending, ties by lower id; keep the first top_k;
+# cutoff = top_p * (mass of those k), i.e. top_p of the top-k distribution renormalized; keep a
+# token while the mass before it is < cutoff; then keep the probs > min_p * (largest prob).
+# Each case notes the kept set of the near-misses it rules out.
+TRUNCATION_CASES = [
+    # sorted: id1 .25, id2 .125, id3 .125, id5 .125, id6 .125, id7 .125, id0 .0625, id4 .0625
+    # top-3 = 1, 2, 3, mass .5; cutoff .75 * .5 = .375; mass before: 0, .25, .375 -> [1, 2].
+    # top_p on the unrenormalized mass (cutoff .75): [1, 2, 3]; top_p before top_k (full-vocab
+    # mass before 0, .25, .375, .5, .625 < .75 keeps 1, 2, 3, 5, 6; top-3 of those): [1, 2, 3];
+    # `<=` (.375 <= .375): [1, 2, 3]; cumulative including itself < cutoff (.25, .375): [1].
+    pytest.param([.0625, .25, .125, .125, .0625, .125, .125, .125], 3, .75, None, [1, 2],
+                 id="top_k-then-renormalized-top_p-boundary"),
+    # sorted: id2 .5, id4 .25, id1 .125, id0 .0625, id3 .0625
+    # top-2 mass .75; cutoff .625 * .75 = .46875; id4's mass before .5 >= .46875 -> [2].
+    # unrenormalized (cutoff .625) or top_p first (.5 < .625, then top-2): [2, 4].
+    pytest.param([.0625, .125, .5, .0625, .25], 2, .625, None, [2],
+                 id="top_k-then-renormalized-top_p-margin"),
+    # sorted: id1 .5, id3 .25, id0 .125, id2 .125; no top_k, cutoff .75 * 1;
+    # mass before 0, .5, .75 -> [1, 3]. `<=`: [1, 3, 0]; cumulative including itself (.5, .75): [1].
+    pytest.param([.125, .5, .125, .25], None, .75, None, [1, 3], id="top_p-exact-boundary"),
+    # sorted: id0 .5, id1 .25, id2 .125, id3 .0625, id4 .0625; top_p .5625, min_p .2.
+    # top_p (mass 1): mass before 0, .5, .75 vs .5625 -> [0, 1]; min_p: .2 * .5 = .1 < .25 -> [0, 1].
+    # min_p first (keeps .5, .25, .125, mass .875) then top_p: cutoff .5625 * .875 = .4921875,
+    # id1's mass before .5 >= it -> [0].
+    pytest.param([.5, .25, .125, .0625, .0625], None, .5625, .2, [0, 1], id="min_p-after-top_p"),
+    # sorted: id9 .25, id2 .125, id5 .125, then eight .0625. top-3 = 9, 2, 5 (mass .5);
+    # min_p .25 * max .25 = .0625 < .125 -> [9, 2, 5]. The max renormalized over the top-k
+    # (.25 / .5 = .5) against unrenormalized probs: .25 * .5 = .125, .125 > .125 fails -> [9].
+    pytest.param([.0625, .0625, .125, .0625, .0625, .125, .0625, .0625, .0625, .25, .0625], 3, None, .25,
+                 [9, 2, 5], id="min_p-relative-to-max-after-top_k"),
+    # same probs, top-3, min_p .5: .5 * .25 = .125, and .125 > .125 fails -> [9].
+    # `>=`: [9, 2, 5]; renormalized probs (.5, .25, .25) against the unrenormalized max's .125:
+    # [9, 2, 5].
+    pytest.param([.0625, .0625, .125, .0625, .0625, .125, .0625, .0625, .0625, .25, .0625], 3, None, .5,
+                 [9], id="min_p-strict-boundary"),
+    # sorted: id0 .25, id3 .25 (ties by lower id), then id1, id2, id4, id5 at .125 -> top-3 [0, 3, 1];
+    # breaking ties by higher id would give [3, 0, 5].
+    pytest.param([.25, .125, .125, .25, .125, .125], 3, None, None, [0, 3, 1], id="top_k-ties-by-lower-id"),
+]
+
+
+@pytest.mark.parametrize("probs, top_k, top_p, min_p, expected", TRUNCATION_CASES)
+def test_truncation_fixed_cases(probs, top_k, top_p, min_p, expected):
+    probs = np.array(probs, np.float64)
+    assert probs.sum() == 1.0
+    assert truncated_support(probs, top_k, top_p, min_p).tolist() == expected
+    assert reference_support(probs, top_k, top_p, min_p) == expected
+
+
+def test_sampler_renormalizes_top_p_over_the_top_k():
+    """Through Sampler: of top-2 {2: .5, 4: .25} top_p .625 keeps only id 2 (.625 * .75 =
+    .46875 <= .5, the mass before id 4). Applying top_p to the whole distribution (cutoff .625)
+    would keep id 4 as well and draw it a third of the time."""
+    logits = np.log(np.array([.0625, .125, .5, .0625, .25], np.float32))
+    sampler = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=.625), np.random.default_rng(0))
+    assert {sampler.sample(logits, [0], 1).token for _ in range(200)} == {2}

@@ -159,7 +159,7 @@ def test_numba_matches_reference(qtype, seed, n_rows, n_super):
     rows = random_rows(qtype, n_rows, n, seed)
     x = activations(seed, n) if n > 300 else np.random.default_rng(seed).standard_normal(n).astype(np.float32)
     out = np.empty(n_rows, np.float32)
-    cpu.matvec_q8(rows, int(qtype), x, out)
+    cpu.MATVEC_Q8[qtype](rows, x, out)
     y = ref.quantize_activations(x, qtype)
     expected = ref.vec_dot(rows, qtype, y)
     assert np.all(np.abs(out - expected) <= rounding_bound(rows, qtype, y))
@@ -177,7 +177,7 @@ def test_numba_integer_sums_exact():
         blocks[:, 0:2] = np.array([0.25], np.float16).view(np.uint8)  # d
         rows.flags.writeable = False
         out = np.empty(11, np.float32)
-        cpu.matvec_q8(rows, int(qtype), x, out)
+        cpu.MATVEC_Q8[qtype](rows, x, out)
         assert np.array_equal(out, ref.matvec_q8(rows, qtype, x)), qtype.name
 
 

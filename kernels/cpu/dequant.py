@@ -13,39 +13,9 @@ from numba.extending import intrinsic
 
 from . import lanes
 from .fp16 import fp16_at, half_to_float
-from ..formats import FORMATS, QK, QK_K
+from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
-_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = (FORMATS[t] for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0,
-                                                          QType.Q5_1, QType.Q8_0))
-_Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (FORMATS[t] for t in (QType.Q2_K, QType.Q3_K, QType.Q4_K,
-                                                          QType.Q5_K, QType.Q6_K))
-
-# Numba freezes module globals into the compiled code: plain ints make the offsets constants.
-Q4_0_SIZE, Q4_0_D, Q4_0_QS = _Q4_0.type_size, _Q4_0.offset("d"), _Q4_0.offset("qs")
-Q4_1_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS = (_Q4_1.type_size, _Q4_1.offset("d"), _Q4_1.offset("m"),
-                                      _Q4_1.offset("qs"))
-Q5_0_SIZE, Q5_0_D, Q5_0_QH, Q5_0_QS = (_Q5_0.type_size, _Q5_0.offset("d"), _Q5_0.offset("qh"),
-                                       _Q5_0.offset("qs"))
-Q5_1_SIZE, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS = (_Q5_1.type_size, _Q5_1.offset("d"),
-                                               _Q5_1.offset("m"), _Q5_1.offset("qh"),
-                                               _Q5_1.offset("qs"))
-Q8_0_SIZE, Q8_0_D, Q8_0_QS = _Q8_0.type_size, _Q8_0.offset("d"), _Q8_0.offset("qs")
-Q2_K_SIZE, Q2_K_SCALES, Q2_K_QS, Q2_K_D, Q2_K_DMIN = (
-    _Q2_K.type_size, _Q2_K.offset("scales"), _Q2_K.offset("qs"), _Q2_K.offset("d"),
-    _Q2_K.offset("dmin"))
-Q3_K_SIZE, Q3_K_HMASK, Q3_K_QS, Q3_K_SCALES, Q3_K_D = (
-    _Q3_K.type_size, _Q3_K.offset("hmask"), _Q3_K.offset("qs"), _Q3_K.offset("scales"),
-    _Q3_K.offset("d"))
-Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS = (
-    _Q4_K.type_size, _Q4_K.offset("d"), _Q4_K.offset("dmin"), _Q4_K.offset("scales"),
-    _Q4_K.offset("qs"))
-Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QH, Q5_K_QS = (
-    _Q5_K.type_size, _Q5_K.offset("d"), _Q5_K.offset("dmin"), _Q5_K.offset("scales"),
-    _Q5_K.offset("qh"), _Q5_K.offset("qs"))
-Q6_K_SIZE, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D = (
-    _Q6_K.type_size, _Q6_K.offset("ql"), _Q6_K.offset("qh"), _Q6_K.offset("scales"),
-    _Q6_K.offset("d"))
 
 
 @numba.njit(inline="always", cache=True)
@@ -140,17 +110,17 @@ def dequantize_fields(typingctx, raw, at, shift, low_mask, h_at, h_shift, h_mask
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q4_0(raw, out):
-    for i in prange(raw.size // Q4_0_SIZE):
-        b = i * Q4_0_SIZE
-        dequantize_nibble_pairs(raw, b + Q4_0_QS, 0, 8, fp16_at(raw, b + Q4_0_D), None, out, i * QK)
+    for i in prange(raw.size // Q4_0.size):
+        b = i * Q4_0.size
+        dequantize_nibble_pairs(raw, b + Q4_0.qs, 0, 8, fp16_at(raw, b + Q4_0.d), None, out, i * QK)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q4_1(raw, out):
-    for i in prange(raw.size // Q4_1_SIZE):
-        b = i * Q4_1_SIZE
-        dequantize_nibble_pairs(raw, b + Q4_1_QS, 0, 0, fp16_at(raw, b + Q4_1_D),
-                                fp16_at(raw, b + Q4_1_M), out, i * QK)
+    for i in prange(raw.size // Q4_1.size):
+        b = i * Q4_1.size
+        dequantize_nibble_pairs(raw, b + Q4_1.qs, 0, 0, fp16_at(raw, b + Q4_1.d),
+                                fp16_at(raw, b + Q4_1.m), out, i * QK)
 
 
 @numba.njit(inline="always", cache=True)
@@ -162,28 +132,28 @@ def q5_high_bits(raw, at):
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q5_0(raw, out):
-    for i in prange(raw.size // Q5_0_SIZE):
-        b = i * Q5_0_SIZE
-        dequantize_nibble_pairs(raw, b + Q5_0_QS, q5_high_bits(raw, b + Q5_0_QH), 16,
-                                fp16_at(raw, b + Q5_0_D), None, out, i * QK)
+    for i in prange(raw.size // Q5_0.size):
+        b = i * Q5_0.size
+        dequantize_nibble_pairs(raw, b + Q5_0.qs, q5_high_bits(raw, b + Q5_0.qh), 16,
+                                fp16_at(raw, b + Q5_0.d), None, out, i * QK)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q5_1(raw, out):
-    for i in prange(raw.size // Q5_1_SIZE):
-        b = i * Q5_1_SIZE
-        dequantize_nibble_pairs(raw, b + Q5_1_QS, q5_high_bits(raw, b + Q5_1_QH), 0,
-                                fp16_at(raw, b + Q5_1_D), fp16_at(raw, b + Q5_1_M), out, i * QK)
+    for i in prange(raw.size // Q5_1.size):
+        b = i * Q5_1.size
+        dequantize_nibble_pairs(raw, b + Q5_1.qs, q5_high_bits(raw, b + Q5_1.qh), 0,
+                                fp16_at(raw, b + Q5_1.d), fp16_at(raw, b + Q5_1.m), out, i * QK)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q8_0(raw, out):
     # A plain loop vectorizes here (int8 -> float32 needs no unpacking) once its length is a
     # run-time value: a constant 32 is fully unrolled and left scalar.
-    signed, block = raw.view(np.int8), out.size // max(raw.size // Q8_0_SIZE, 1)
-    for i in prange(raw.size // Q8_0_SIZE):
-        b, y = i * Q8_0_SIZE, i * QK
-        d, qs = fp16_at(raw, b + Q8_0_D), signed[b + Q8_0_QS:b + Q8_0_QS + block]
+    signed, block = raw.view(np.int8), out.size // max(raw.size // Q8_0.size, 1)
+    for i in prange(raw.size // Q8_0.size):
+        b, y = i * Q8_0.size, i * QK
+        d, qs = fp16_at(raw, b + Q8_0.d), signed[b + Q8_0.qs:b + Q8_0.qs + block]
         o = out[y:y + block]
         for j in range(block):
             o[j] = F32(qs[j]) * d
@@ -193,18 +163,18 @@ def q8_0(raw, out):
 def q2_k_pair(raw, b, y, g, shift, d, dmin, out):
     """Groups g and g + 1 of the Q2_K block at raw[b:] (weights out[y:]): 16 weights each, 2 bits
     at `shift` of 32 bytes of qs."""
-    q_at = b + Q2_K_QS + (g // 8) * 32
+    q_at = b + Q2_K.qs + (g // 8) * 32
     for h in range(2):
-        sc = raw[b + Q2_K_SCALES + g + h]
+        sc = raw[b + Q2_K.scales + g + h]
         dequantize_fields(raw, q_at + 16 * h, shift, 3, q_at, 0, 0, 0, 0, d * F32(sc & 0x0F),
                           -(dmin * F32(sc >> 4)), out, y + 16 * (g + h), 16)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q2_k(raw, out):
-    for i in prange(raw.size // Q2_K_SIZE):
-        b, y = i * Q2_K_SIZE, i * QK_K
-        d, dmin = fp16_at(raw, b + Q2_K_D), fp16_at(raw, b + Q2_K_DMIN)
+    for i in prange(raw.size // Q2_K.size):
+        b, y = i * Q2_K.size, i * QK_K
+        d, dmin = fp16_at(raw, b + Q2_K.d), fp16_at(raw, b + Q2_K.dmin)
         for half in range(2):  # 128 weights from 32 bytes: 4 shifts x 2 groups of 16
             g = 8 * half
             q2_k_pair(raw, b, y, g, 0, d, dmin, out)
@@ -225,18 +195,18 @@ def q3_k_scale(raw, at, g):
 def q3_k_pair(raw, b, y, g, shift, d, out):
     """Groups g and g + 1: 2 low bits at `shift`, and 4 more where hmask bit g // 2 is set; the
     weight is that minus 4."""
-    q_at = b + Q3_K_QS + (g // 8) * 32
+    q_at = b + Q3_K.qs + (g // 8) * 32
     for h in range(2):
-        dequantize_fields(raw, q_at + 16 * h, shift, 3, b + Q3_K_HMASK + 16 * h, g // 2, 1, 2, 4,
-                          d * F32(q3_k_scale(raw, b + Q3_K_SCALES, g + h)), None, out,
+        dequantize_fields(raw, q_at + 16 * h, shift, 3, b + Q3_K.hmask + 16 * h, g // 2, 1, 2, 4,
+                          d * F32(q3_k_scale(raw, b + Q3_K.scales, g + h)), None, out,
                           y + 16 * (g + h), 16)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q3_k(raw, out):
-    for i in prange(raw.size // Q3_K_SIZE):
-        b, y = i * Q3_K_SIZE, i * QK_K
-        d = fp16_at(raw, b + Q3_K_D)
+    for i in prange(raw.size // Q3_K.size):
+        b, y = i * Q3_K.size, i * QK_K
+        d = fp16_at(raw, b + Q3_K.d)
         for half in range(2):
             g = 8 * half
             q3_k_pair(raw, b, y, g, 0, d, out)
@@ -261,42 +231,42 @@ def k_group(raw, b, y, g, shift, d, dmin, scales_at, qs_at, qh_at, out):
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q4_k(raw, out):
-    for i in prange(raw.size // Q4_K_SIZE):
-        b, y = i * Q4_K_SIZE, i * QK_K
-        d, dmin = fp16_at(raw, b + Q4_K_D), fp16_at(raw, b + Q4_K_DMIN)
+    for i in prange(raw.size // Q4_K.size):
+        b, y = i * Q4_K.size, i * QK_K
+        d, dmin = fp16_at(raw, b + Q4_K.d), fp16_at(raw, b + Q4_K.dmin)
         for c in range(4):  # 32 bytes: group 2c in the low nibbles, group 2c + 1 in the high
-            k_group(raw, b, y, 2 * c, 0, d, dmin, Q4_K_SCALES, Q4_K_QS, -1, out)
-            k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q4_K_SCALES, Q4_K_QS, -1, out)
+            k_group(raw, b, y, 2 * c, 0, d, dmin, Q4_K.scales, Q4_K.qs, -1, out)
+            k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q4_K.scales, Q4_K.qs, -1, out)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q5_k(raw, out):
-    for i in prange(raw.size // Q5_K_SIZE):
-        b, y = i * Q5_K_SIZE, i * QK_K
-        d, dmin = fp16_at(raw, b + Q5_K_D), fp16_at(raw, b + Q5_K_DMIN)
+    for i in prange(raw.size // Q5_K.size):
+        b, y = i * Q5_K.size, i * QK_K
+        d, dmin = fp16_at(raw, b + Q5_K.d), fp16_at(raw, b + Q5_K.dmin)
         for c in range(4):
-            k_group(raw, b, y, 2 * c, 0, d, dmin, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, out)
-            k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, out)
+            k_group(raw, b, y, 2 * c, 0, d, dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh, out)
+            k_group(raw, b, y, 2 * c + 1, 4, d, dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh, out)
 
 
 @numba.njit(inline="always", cache=True)
 def q6_k_quarter(raw, b, y, half, quarter, low_shift, high_shift, d, out):
     """32 weights of a half: low nibbles at `low_shift` of 32 ql bytes, 2 bits at `high_shift` of
     32 qh bytes, minus 32; a scale per 16."""
-    ql_at = b + Q6_K_QL + 64 * half + 32 * (quarter % 2)
-    qh_at = b + Q6_K_QH + 32 * half
+    ql_at = b + Q6_K.ql + 64 * half + 32 * (quarter % 2)
+    qh_at = b + Q6_K.qh + 32 * half
     for h in range(2):
         g = 8 * half + 2 * quarter + h
-        scale = d * F32(np.int8(raw[b + Q6_K_SCALES + g]))
+        scale = d * F32(np.int8(raw[b + Q6_K.scales + g]))
         dequantize_fields(raw, ql_at + 16 * h, low_shift, 15, qh_at + 16 * h, high_shift, 3, 4, 32,
                           scale, None, out, y + 16 * g, 16)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def q6_k(raw, out):
-    for i in prange(raw.size // Q6_K_SIZE):
-        b, y = i * Q6_K_SIZE, i * QK_K
-        d = fp16_at(raw, b + Q6_K_D)
+    for i in prange(raw.size // Q6_K.size):
+        b, y = i * Q6_K.size, i * QK_K
+        d = fp16_at(raw, b + Q6_K.d)
         for half in range(2):
             q6_k_quarter(raw, b, y, half, 0, 0, 0, d, out)
             q6_k_quarter(raw, b, y, half, 1, 0, 2, d, out)

@@ -1,6 +1,7 @@
 """Fused dequantize-and-multiply for decode: out = W @ x with W still in its block format.
 
-One kernel for every format, parallel over output rows. Per block, an intrinsic unpacks the
+`MATVEC[qtype](rows, x, out)`: one kernel per format, built from the format's row function in
+`ROW_DOT`, parallel over output rows. Per block, an intrinsic unpacks the
 weights in LLVM vector lanes (kernels.cpu.lanes), converts them to float32, scales them and
 multiply-adds them with x into a row Accumulator: ACC_LANES float32 sums that stay in registers
 from the row's first block to its last and are added together once. Everything is float32 and
@@ -18,25 +19,14 @@ from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic, models, overload, register_model
 
-from .dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS, Q4_1_SIZE,
-                                 Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q4_K_SIZE, Q5_0_D,
-                                 Q5_0_QH, Q5_0_QS, Q5_0_SIZE, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
-                                 Q5_1_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
-                                 Q5_K_SIZE, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SIZE,
-                                 Q8_0_D, Q8_0_QS, Q8_0_SIZE, q5_high_bits)
-from . import lanes
+from . import FASTMATH, format_kernel, lanes
+from .dequant import q5_high_bits
 from .fp16 import fp16_at, half_to_float
-from ..formats import QK, QK_K
+from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
-FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}  # reassociate sums; keep NaN/inf semantics
-F32_ID, F16_ID, Q4_0_ID, Q4_1_ID, Q5_0_ID, Q5_1_ID, Q8_0_ID, Q4_K_ID, Q5_K_ID, Q6_K_ID = (
-    int(t) for t in (QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
-                     QType.Q8_0, QType.Q4_K, QType.Q5_K, QType.Q6_K))
-SUPPORTED = (QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-             QType.Q4_K, QType.Q5_K, QType.Q6_K)
 
 # ------------------------------------------------------------------ the row accumulator
 
@@ -196,10 +186,10 @@ def q6_k_multiply_add(typingctx, acc, raw, at, d, x, xo):
             return builder.add(at_, ir.Constant(at_.type, field))
 
         scales = builder.fmul(lanes.splat(builder, d_, 16), _to_float(
-            builder, lanes.bytes_at(context, builder, raw_type, raw_, offset(Q6_K_SCALES), 16)))
+            builder, lanes.bytes_at(context, builder, raw_type, raw_, offset(Q6_K.scales), 16)))
         for h in range(2):  # halves of 128 weights, 8 groups each
-            q = lanes.q6_k_half(context, builder, raw_type, raw_, offset(Q6_K_QL + 64 * h),
-                                offset(Q6_K_QH + 32 * h))
+            q = lanes.q6_k_half(context, builder, raw_type, raw_, offset(Q6_K.ql + 64 * h),
+                                offset(Q6_K.qh + 32 * h))
             scale_per_weight = lanes.pick(builder, scales, [8 * h + j // 16 for j in range(128)])
             weights = builder.fmul(_to_float(builder, q), scale_per_weight)
             acc_ = _multiply_add(context, builder, acc_, weights, signature.args[4], x_,
@@ -208,74 +198,96 @@ def q6_k_multiply_add(typingctx, acc, raw, at, d, x, xo):
     return accumulator(acc, raw, at, types.float32, x, xo), codegen
 
 
-# ------------------------------------------------------------------ rows
+# ------------------------------------------------------------------ one row per format
+# Each returns row . x as float32; x_sums = block_sums(x) (the k-quants' mins multiply it).
 
 @numba.njit(inline="always", cache=True)
-def k_quant_row_dot(acc, row, size, d_at, dmin_at, scales_at, qs_at, qh_at, x, x_sums):
-    """acc plus row . x for a Q4_K (qh_at < 0) or Q5_K row (blocks of `size` bytes)."""
+def legacy_row_dot(row, x, size, d_at, m_at, qh_at, qs_at, offset):
+    """row . x for a Q4_0, Q4_1, Q5_0 or Q5_1 row (blocks of `size` bytes): w = d * q + bias,
+    bias the fp16 at m_at (Q4_1, Q5_1) or -offset * d (m_at < 0); fifth bits from the qh at qh_at
+    (qh_at < 0: none). The offsets are constants, so each format compiles to its branch alone."""
+    acc = zero_accumulator()
+    for blk in range(x.size // QK):
+        b = blk * size
+        d = fp16_at(row, b + d_at)
+        bias = fp16_at(row, b + m_at) if m_at >= 0 else F32(-offset) * d
+        high = q5_high_bits(row, b + qh_at) if qh_at >= 0 else np.uint32(0)
+        acc = nibble_pairs_multiply_add(acc, row, b + qs_at, high, d, bias, x, blk * QK)
+    return lane_sum(acc)
+
+
+@numba.njit(inline="always", cache=True)
+def q4_0_row_dot(row, x, x_sums):
+    return legacy_row_dot(row, x, Q4_0.size, Q4_0.d, -1, -1, Q4_0.qs, 8)
+
+
+@numba.njit(inline="always", cache=True)
+def q4_1_row_dot(row, x, x_sums):
+    return legacy_row_dot(row, x, Q4_1.size, Q4_1.d, Q4_1.m, -1, Q4_1.qs, 0)
+
+
+@numba.njit(inline="always", cache=True)
+def q5_0_row_dot(row, x, x_sums):
+    return legacy_row_dot(row, x, Q5_0.size, Q5_0.d, -1, Q5_0.qh, Q5_0.qs, 16)
+
+
+@numba.njit(inline="always", cache=True)
+def q5_1_row_dot(row, x, x_sums):
+    return legacy_row_dot(row, x, Q5_1.size, Q5_1.d, Q5_1.m, Q5_1.qh, Q5_1.qs, 0)
+
+
+@numba.njit(inline="always", cache=True)
+def q8_0_row_dot(row, x, x_sums):
+    acc = zero_accumulator()
+    for blk in range(x.size // QK):
+        b = blk * Q8_0.size
+        acc = q8_0_multiply_add(acc, row, b + Q8_0.qs, fp16_at(row, b + Q8_0.d), x, blk * QK)
+    return lane_sum(acc)
+
+
+@numba.njit(inline="always", cache=True)
+def k_quant_row_dot(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, x, x_sums):
+    """row . x for a Q4_K (qh_at < 0) or Q5_K row (blocks of `size` bytes)."""
+    acc = zero_accumulator()
     h_mask, qh_at = (1, qh_at) if qh_at >= 0 else (0, qs_at)  # Q4_K: any bytes, masked out
     for blk in range(x.size // QK_K):
         b = blk * size
         acc = k_quant_multiply_add(acc, row, b, scales_at, qs_at, qh_at, h_mask,
                                    fp16_at(row, b + d_at), fp16_at(row, b + dmin_at),
                                    x, blk * QK_K, x_sums)
-    return acc
+    return lane_sum(acc)
 
 
 @numba.njit(inline="always", cache=True)
-def quantized_row_dot(row, qtype, x, x_sums):
-    """Accumulator of row . x for a row of one of the block formats (qtype: its GGML id);
-    x_sums: block_sums(x)."""
+def q4_k_row_dot(row, x, x_sums):
+    return k_quant_row_dot(row, Q4_K.size, Q4_K.d, Q4_K.dmin, Q4_K.scales, Q4_K.qs, -1, x, x_sums)
+
+
+@numba.njit(inline="always", cache=True)
+def q5_k_row_dot(row, x, x_sums):
+    return k_quant_row_dot(row, Q5_K.size, Q5_K.d, Q5_K.dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh,
+                           x, x_sums)
+
+
+@numba.njit(inline="always", cache=True)
+def q6_k_row_dot(row, x, x_sums):
     acc = zero_accumulator()
-    if qtype == Q4_K_ID:
-        acc = k_quant_row_dot(acc, row, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1,
-                              x, x_sums)
-    elif qtype == Q6_K_ID:
-        for blk in range(x.size // QK_K):
-            b = blk * Q6_K_SIZE
-            acc = q6_k_multiply_add(acc, row, b, fp16_at(row, b + Q6_K_D), x, blk * QK_K)
-    elif qtype == Q5_K_ID:
-        acc = k_quant_row_dot(acc, row, Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS,
-                              Q5_K_QH, x, x_sums)
-    elif qtype == Q8_0_ID:
-        for blk in range(x.size // QK):
-            b = blk * Q8_0_SIZE
-            acc = q8_0_multiply_add(acc, row, b + Q8_0_QS, fp16_at(row, b + Q8_0_D), x, blk * QK)
-    elif qtype == Q4_0_ID:
-        for blk in range(x.size // QK):
-            b = blk * Q4_0_SIZE
-            d = fp16_at(row, b + Q4_0_D)
-            acc = nibble_pairs_multiply_add(acc, row, b + Q4_0_QS, 0, d, F32(-8) * d, x, blk * QK)
-    elif qtype == Q4_1_ID:
-        for blk in range(x.size // QK):
-            b = blk * Q4_1_SIZE
-            acc = nibble_pairs_multiply_add(acc, row, b + Q4_1_QS, 0, fp16_at(row, b + Q4_1_D),
-                                            fp16_at(row, b + Q4_1_M), x, blk * QK)
-    elif qtype == Q5_0_ID:
-        for blk in range(x.size // QK):
-            b = blk * Q5_0_SIZE
-            d = fp16_at(row, b + Q5_0_D)
-            acc = nibble_pairs_multiply_add(acc, row, b + Q5_0_QS, q5_high_bits(row, b + Q5_0_QH),
-                                            d, F32(-16) * d, x, blk * QK)
-    else:  # Q5_1
-        for blk in range(x.size // QK):
-            b = blk * Q5_1_SIZE
-            acc = nibble_pairs_multiply_add(acc, row, b + Q5_1_QS, q5_high_bits(row, b + Q5_1_QH),
-                                            fp16_at(row, b + Q5_1_D), fp16_at(row, b + Q5_1_M),
-                                            x, blk * QK)
-    return acc
+    for blk in range(x.size // QK_K):
+        b = blk * Q6_K.size
+        acc = q6_k_multiply_add(acc, row, b, fp16_at(row, b + Q6_K.d), x, blk * QK_K)
+    return lane_sum(acc)
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
-def f16_row_dot(row, x):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def f16_row_dot(row, x, x_sums):
     halves, s = row.view(np.uint16), F32(0)
     for j in range(x.size):
         s += half_to_float(halves[j]) * x[j]
     return s
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
-def f32_row_dot(row, x):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def f32_row_dot(row, x, x_sums):
     values = row.view(np.float32)
     s = F32(0)
     for j in range(x.size):
@@ -283,7 +295,25 @@ def f32_row_dot(row, x):
     return s
 
 
-@numba.njit(fastmath=FAST, cache=True)
+ROW_DOT = {QType.F32: f32_row_dot, QType.F16: f16_row_dot, QType.Q4_0: q4_0_row_dot,
+           QType.Q4_1: q4_1_row_dot, QType.Q5_0: q5_0_row_dot, QType.Q5_1: q5_1_row_dot,
+           QType.Q8_0: q8_0_row_dot, QType.Q4_K: q4_k_row_dot, QType.Q5_K: q5_k_row_dot,
+           QType.Q6_K: q6_k_row_dot}
+SUPPORTED = tuple(ROW_DOT)
+
+
+def row_dot(qtype, row, x, x_sums):
+    """row . x (float32) for a row of format `qtype` (a literal GGML type id): ROW_DOT's entry."""
+    raise NotImplementedError("called from Numba code only")
+
+
+@overload(row_dot)
+def _row_dot(qtype, row, x, x_sums):
+    impl = format_kernel(ROW_DOT, qtype, "float32 matvec")
+    return lambda qtype, row, x, x_sums: impl(row, x, x_sums)
+
+
+@numba.njit(fastmath=FASTMATH, cache=True)
 def block_sums(x):
     """float32 (n // 32,): the sums of x (float32 (n,)) over each block of 32. A serial function
     of its own: inside matvec, Numba made each block's `.sum()` a parallel region, ~170 us a call
@@ -294,20 +324,18 @@ def block_sums(x):
     return sums
 
 
-@numba.njit(parallel=True, fastmath=FAST, cache=True)
-def matvec(rows, qtype, x, out):
-    """out[r] = dot(dequantized row r, x).
+def _matvec_kernel(qtype: int):
+    """The matvec of one format. `qtype` is a closure constant, which Numba types as a literal:
+    row_dot resolves to the format's function at compile time, and the cache keys on its value."""
+    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+    def matvec(rows, x, out):
+        x_sums = block_sums(x)
+        for r in prange(rows.shape[0]):
+            lanes.prefetch_row(rows, r + 1)
+            out[r] = row_dot(qtype, rows[r], x, x_sums)
+    return matvec
 
-    rows: uint8 (n_rows, row_bytes), read-only; qtype: GGML type id; x: float32 (n,); out: float32
-    (n_rows,).
-    """
-    x_sums = block_sums(x)
-    for r in prange(rows.shape[0]):
-        lanes.prefetch_row(rows, r + 1)
-        row = rows[r]
-        if qtype == F16_ID:
-            out[r] = f16_row_dot(row, x)
-        elif qtype == F32_ID:
-            out[r] = f32_row_dot(row, x)
-        else:
-            out[r] = lane_sum(quantized_row_dot(row, qtype, x, x_sums))
+
+# out = W @ x, one kernel per format: MATVEC[qtype](rows, x, out) with rows uint8 (n_rows,
+# row_bytes), read-only; x float32 (n,); out float32 (n_rows,).
+MATVEC = {t: _matvec_kernel(int(t)) for t in ROW_DOT}

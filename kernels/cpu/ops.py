@@ -10,12 +10,12 @@ import numba
 import numpy as np
 from numba import prange
 
+from . import FASTMATH
+
 F32 = np.float32
-# fastmath without "nnan"/"ninf": attention starts its running maximum at -inf.
-FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}
 
 
-@numba.njit(parallel=True, fastmath=FAST, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight. x, out: float32 (T, dim)."""
     for t in prange(x.shape[0]):
@@ -28,23 +28,26 @@ def rmsnorm(x, weight, eps, out):
 
 
 @numba.njit(parallel=True, cache=True)
-def rope(x, positions, inv_freq):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head in place by positions[t] * inv_freq[i].
+def rope(x, positions, inv_freq, out):
+    """out = x with adjacent pairs (x[2i], x[2i+1]) of each head rotated by positions[t] *
+    inv_freq[i].
 
-    x: float32 (T, heads, D); positions: int64 (T,); inv_freq: float64 (rope_dim // 2,). Pairs
-    past rope_dim are left alone. Angles are computed in float64 so long positions stay exact.
+    x, out: float32 (T, heads, D); positions: int64 (T,); inv_freq: float64 (rope_dim // 2,).
+    Pairs past rope_dim are copied unchanged. Angles are computed in float64 so long positions
+    stay exact.
     """
     for t in prange(x.shape[0]):
+        out[t] = x[t]
         for i in range(inv_freq.size):
             angle = positions[t] * inv_freq[i]
             c, s = F32(math.cos(angle)), F32(math.sin(angle))
             for h in range(x.shape[1]):
                 a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
-                x[t, h, 2 * i] = a * c - b * s
-                x[t, h, 2 * i + 1] = a * s + b * c
+                out[t, h, 2 * i] = a * c - b * s
+                out[t, h, 2 * i + 1] = a * s + b * c
 
 
-@numba.njit(parallel=True, fastmath=FAST, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
     """Causal (optionally sliding-window) grouped-query attention for a chunk of T new tokens.
 
@@ -90,7 +93,7 @@ def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
             acc[i] /= total
 
 
-@numba.njit(parallel=True, fastmath=FAST, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise. All float32 (T, ffn_dim)."""
     for t in prange(gate.shape[0]):

@@ -13,34 +13,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from numba import prange
 
+from .dequant import k_scale_min
 from .fp16 import f32_to_fp16_bits, half_to_float
-from ..formats import FORMATS, QK, QK_K
+from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
 ZERO, HALF, ONE = F32(0.0), F32(0.5), F32(1.0)
 ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2^23: adding it leaves v rounded to an integer
 GROUP_MAX_EPS = F32(1e-15)
 BLOCKS_PER_TASK = 64  # blocks per parallel task: enough work to amortize its scratch buffers
-
-
-def _offsets(qtype: QType, *fields: str) -> tuple[int, ...]:
-    return tuple(FORMATS[qtype].offset(f) for f in fields)
-
-
-Q4_0_SIZE, (Q4_0_D, Q4_0_QS) = FORMATS[QType.Q4_0].type_size, _offsets(QType.Q4_0, "d", "qs")
-Q4_1_SIZE, (Q4_1_D, Q4_1_M, Q4_1_QS) = (FORMATS[QType.Q4_1].type_size,
-                                         _offsets(QType.Q4_1, "d", "m", "qs"))
-Q5_0_SIZE, (Q5_0_D, Q5_0_QH, Q5_0_QS) = (FORMATS[QType.Q5_0].type_size,
-                                         _offsets(QType.Q5_0, "d", "qh", "qs"))
-Q5_1_SIZE, (Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS) = (FORMATS[QType.Q5_1].type_size,
-                                                 _offsets(QType.Q5_1, "d", "m", "qh", "qs"))
-Q8_0_SIZE, (Q8_0_D, Q8_0_QS) = FORMATS[QType.Q8_0].type_size, _offsets(QType.Q8_0, "d", "qs")
-Q4_K_SIZE, (Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS) = (
-    FORMATS[QType.Q4_K].type_size, _offsets(QType.Q4_K, "d", "dmin", "scales", "qs"))
-Q5_K_SIZE, (Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QH, Q5_K_QS) = (
-    FORMATS[QType.Q5_K].type_size, _offsets(QType.Q5_K, "d", "dmin", "scales", "qh", "qs"))
-Q6_K_SIZE, (Q6_K_QL, Q6_K_QH, Q6_K_SCALES, Q6_K_D) = (
-    FORMATS[QType.Q6_K].type_size, _offsets(QType.Q6_K, "ql", "qh", "scales", "d"))
 
 
 # ---------------------------------------------------------------- helpers
@@ -95,6 +76,19 @@ def min_max(x):
 
 
 @numba.njit(inline="always", cache=True)
+def pack_k_scale_min(out, at, g, scale, minimum):
+    """Store group g's six-bit scale and min into Q4_K/Q5_K's 12 zeroed bytes at out[at:]: the
+    inverse of kernels.cpu.dequant.k_scale_min."""
+    if g < 4:
+        out[at + g] = scale
+        out[at + g + 4] = minimum
+    else:
+        out[at + g + 4] = (scale & 0x0F) | ((minimum & 0x0F) << 4)
+        out[at + g - 4] |= (scale >> 4) << 6
+        out[at + g] |= (minimum >> 4) << 6
+
+
+@numba.njit(inline="always", cache=True)
 def task_bounds(task, n_blocks):
     """Blocks [first, end) of parallel task `task`."""
     first = task * BLOCKS_PER_TASK
@@ -107,30 +101,30 @@ def task_bounds(task, n_blocks):
 def q4_0(x, out):
     n_blocks = x.size // QK
     for b in prange(n_blocks):
-        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q4_0_SIZE:(b + 1) * Q4_0_SIZE]
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q4_0.size:(b + 1) * Q4_0.size]
         d = absmax_signed(xb) / F32(-8.0)
-        store_fp16(yb, Q4_0_D, d)
+        store_fp16(yb, Q4_0.d, d)
         idv = inverse(d)
         for j in range(QK // 2):
             lo = min(15, int(xb[j] * idv + F32(8.5)))
             hi = min(15, int(xb[j + QK // 2] * idv + F32(8.5)))
-            yb[Q4_0_QS + j] = lo | (hi << 4)
+            yb[Q4_0.qs + j] = lo | (hi << 4)
 
 
 @numba.njit(parallel=True, cache=True)
 def q4_1(x, out):
     n_blocks = x.size // QK
     for b in prange(n_blocks):
-        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q4_1_SIZE:(b + 1) * Q4_1_SIZE]
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q4_1.size:(b + 1) * Q4_1.size]
         lo, hi = min_max(xb)
         d = (hi - lo) / F32(15.0)
-        store_fp16(yb, Q4_1_D, d)
-        store_fp16(yb, Q4_1_M, lo)
+        store_fp16(yb, Q4_1.d, d)
+        store_fp16(yb, Q4_1.m, lo)
         idv = inverse(d)
         for j in range(QK // 2):
             q0 = min(15, int((xb[j] - lo) * idv + HALF))
             q1 = min(15, int((xb[j + QK // 2] - lo) * idv + HALF))
-            yb[Q4_1_QS + j] = q0 | (q1 << 4)
+            yb[Q4_1.qs + j] = q0 | (q1 << 4)
 
 
 @numba.njit(inline="always", cache=True)
@@ -146,47 +140,47 @@ def store_q5(yb, qs_at, qh_at, j, q0, q1):
 def q5_0(x, out):
     n_blocks = x.size // QK
     for b in prange(n_blocks):
-        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q5_0_SIZE:(b + 1) * Q5_0_SIZE]
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q5_0.size:(b + 1) * Q5_0.size]
         yb[:] = 0
         d = absmax_signed(xb) / F32(-16.0)
-        store_fp16(yb, Q5_0_D, d)
+        store_fp16(yb, Q5_0.d, d)
         idv = inverse(d)
         for j in range(QK // 2):
             q0 = min(31, int(xb[j] * idv + F32(16.5)))
             q1 = min(31, int(xb[j + QK // 2] * idv + F32(16.5)))
-            store_q5(yb, Q5_0_QS, Q5_0_QH, j, q0, q1)
+            store_q5(yb, Q5_0.qs, Q5_0.qh, j, q0, q1)
 
 
 @numba.njit(parallel=True, cache=True)
 def q5_1(x, out):
     n_blocks = x.size // QK
     for b in prange(n_blocks):
-        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q5_1_SIZE:(b + 1) * Q5_1_SIZE]
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q5_1.size:(b + 1) * Q5_1.size]
         yb[:] = 0
         lo, hi = min_max(xb)
         d = (hi - lo) / F32(31.0)
-        store_fp16(yb, Q5_1_D, d)
-        store_fp16(yb, Q5_1_M, lo)
+        store_fp16(yb, Q5_1.d, d)
+        store_fp16(yb, Q5_1.m, lo)
         idv = inverse(d)
         for j in range(QK // 2):
             q0 = int((xb[j] - lo) * idv + HALF) & 0xFF
             q1 = int((xb[j + QK // 2] - lo) * idv + HALF) & 0xFF
-            store_q5(yb, Q5_1_QS, Q5_1_QH, j, q0, q1)
+            store_q5(yb, Q5_1.qs, Q5_1.qh, j, q0, q1)
 
 
 @numba.njit(parallel=True, cache=True)
 def q8_0(x, out):
     n_blocks = x.size // QK
     for b in prange(n_blocks):
-        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q8_0_SIZE:(b + 1) * Q8_0_SIZE]
+        xb, yb = x[b * QK:(b + 1) * QK], out[b * Q8_0.size:(b + 1) * Q8_0.size]
         amax = ZERO
         for v in xb:
             amax = max(amax, abs(v))
         d = amax / F32(127.0)
-        store_fp16(yb, Q8_0_D, d)
+        store_fp16(yb, Q8_0.d, d)
         idv = inverse(d)
         for j in range(QK):
-            yb[Q8_0_QS + j] = np.uint8(int(roundf(xb[j] * idv)) & 0xFF)
+            yb[Q8_0.qs + j] = np.uint8(int(roundf(xb[j] * idv)) & 0xFF)
 
 
 # ---------------------------------------------------------------- k-quants
@@ -301,25 +295,14 @@ def _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
             max_min = mins[j]
     inv_scale = F32(63.0) / max_scale if max_scale > ZERO else ZERO
     inv_min = F32(63.0) / max_min if max_min > ZERO else ZERO
-    sc = yb[scales_at:scales_at + 12]
     for j in range(QK_K // 32):
         ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
         lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-        if j < 4:
-            sc[j] = ls
-            sc[j + 4] = lm
-        else:
-            sc[j + 4] = (ls & 0x0F) | ((lm & 0x0F) << 4)
-            sc[j - 4] |= (ls >> 4) << 6
-            sc[j] |= (lm >> 4) << 6
+        pack_k_scale_min(yb, scales_at, j, ls, lm)
     d_all = store_fp16(yb, d_at, max_scale / F32(63.0))
     dmin_all = store_fp16(yb, dmin_at, max_min / F32(63.0))
     for j in range(QK_K // 32):
-        if j < 4:
-            ls, lm = sc[j] & 63, sc[j + 4] & 63
-        else:
-            ls = (sc[j + 4] & 0x0F) | ((sc[j - 4] >> 6) << 4)
-            lm = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
+        ls, lm = k_scale_min(yb, scales_at, j)
         d = d_all * F32(ls)
         if d == ZERO:  # keep make_qkx2_quants' levels
             continue
@@ -353,12 +336,12 @@ def _k_quant(x, out, size, d_at, dmin_at, scales_at, qs_at, qh_at, nmax, rmin, n
 
 @numba.njit(cache=True)
 def q4_k(x, out):
-    _k_quant(x, out, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1, 15, F32(-1.0), 20)
+    _k_quant(x, out, Q4_K.size, Q4_K.d, Q4_K.dmin, Q4_K.scales, Q4_K.qs, -1, 15, F32(-1.0), 20)
 
 
 @numba.njit(cache=True)
 def q5_k(x, out):
-    _k_quant(x, out, Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH, 31, F32(-0.5), 15)
+    _k_quant(x, out, Q5_K.size, Q5_K.d, Q5_K.dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh, 31, F32(-0.5), 15)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -368,7 +351,7 @@ def q6_k(x, out):
         L, scales = np.empty(QK_K, np.uint8), np.empty(16, F32)
         first, end = task_bounds(task, n_blocks)
         for b in range(first, end):
-            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q6_K_SIZE:(b + 1) * Q6_K_SIZE]
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q6_K.size:(b + 1) * Q6_K.size]
             yb[:] = 0
             max_scale, max_abs_scale = ZERO, ZERO
             for g in range(16):
@@ -378,10 +361,10 @@ def q6_k(x, out):
             if max_abs_scale < GROUP_MAX_EPS:
                 continue  # an all-zero block is all zero bytes
             iscale = F32(-128.0) / max_scale
-            d_all = store_fp16(yb, Q6_K_D, ONE / iscale)
+            d_all = store_fp16(yb, Q6_K.d, ONE / iscale)
             for g in range(16):
                 sc = np.int8(min(127, nearest_int(iscale * scales[g])) & 0xFF)
-                yb[Q6_K_SCALES + g] = np.uint8(sc)
+                yb[Q6_K.scales + g] = np.uint8(sc)
                 d = d_all * F32(sc)
                 if d == ZERO:
                     continue
@@ -390,9 +373,9 @@ def q6_k(x, out):
             for h in range(2):
                 for i in range(32):
                     w = L[128 * h + i], L[128 * h + 32 + i], L[128 * h + 64 + i], L[128 * h + 96 + i]
-                    yb[Q6_K_QL + 64 * h + i] = (w[0] & 0x0F) | ((w[2] & 0x0F) << 4)
-                    yb[Q6_K_QL + 64 * h + 32 + i] = (w[1] & 0x0F) | ((w[3] & 0x0F) << 4)
-                    yb[Q6_K_QH + 32 * h + i] = ((w[0] >> 4) | ((w[1] >> 4) << 2)
+                    yb[Q6_K.ql + 64 * h + i] = (w[0] & 0x0F) | ((w[2] & 0x0F) << 4)
+                    yb[Q6_K.ql + 64 * h + 32 + i] = (w[1] & 0x0F) | ((w[3] & 0x0F) << 4)
+                    yb[Q6_K.qh + 32 * h + i] = ((w[0] >> 4) | ((w[1] >> 4) << 2)
                                                 | ((w[2] >> 4) << 4) | ((w[3] >> 4) << 6))
 
 

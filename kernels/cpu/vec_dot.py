@@ -1,6 +1,6 @@
 """Decode matvec with llama.cpp's numerics: x quantized to 8 bits once per call, integer dot products.
 
-`matvec_q8(rows, qtype, x, out)` computes what kernels.reference.vec_dot.matvec_q8 defines: the
+`MATVEC_Q8[qtype](rows, x, out)` computes what kernels.reference.vec_dot.matvec_q8 defines: the
 activation blocks are bit-identical to llama.cpp's `quantize_row_q8_{0,1,K}_ref`, every per-block
 integer sum is exact, and only the float combination of the sums with the scales is ordered
 differently (~1e-6 relative). Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the
@@ -20,27 +20,16 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from .dequant import (Q4_0_D, Q4_0_QS, Q4_0_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS, Q4_1_SIZE,
-                                 Q4_K_D, Q4_K_DMIN, Q4_K_QS, Q4_K_SCALES, Q4_K_SIZE, Q5_0_D,
-                                 Q5_0_QH, Q5_0_QS, Q5_0_SIZE, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS,
-                                 Q5_1_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_QH, Q5_K_QS, Q5_K_SCALES,
-                                 Q5_K_SIZE, Q6_K_D, Q6_K_QH, Q6_K_QL, Q6_K_SCALES, Q6_K_SIZE,
-                                 Q8_0_D, Q8_0_QS, Q8_0_SIZE, k_scale_min, q5_high_bits)
-from . import lanes
+from .dequant import k_scale_min, q5_high_bits
+from . import FASTMATH, format_kernel, lanes
 from .fp16 import f32_to_fp16_bits, fp16_at, half_to_float
 from .quant import inverse, nearest_int, roundf
-from ..formats import QK, QK_K
+from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
-FAST = {"reassoc", "contract", "nsz", "arcp", "afn"}  # reassociate sums; keep NaN/inf semantics
 HALF = QK // 2  # bytes of 4-bit weights in a legacy block
-Q4_0_ID, Q4_1_ID, Q5_0_ID, Q5_1_ID, Q8_0_ID, Q4_K_ID, Q5_K_ID, Q6_K_ID = (
-    int(t) for t in (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K,
-                     QType.Q5_K, QType.Q6_K))
-SUPPORTED = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.Q4_K, QType.Q5_K,
-             QType.Q6_K)
 
 # ------------------------------------------------------------------ LLVM vector intrinsics
 
@@ -184,28 +173,28 @@ def quantize_q8_k(x, qs, d, s, sums):
 
 # ------------------------------------------------------------------ one row per format
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
-def q4_0_row(row, xq, xd, xsum):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q4_0_row(row, xq, xd, xs, xsum):
     s = F32(0)
     for b in range(xd.size):
-        at = b * Q4_0_SIZE
-        sumi = dot_nibble_pairs(row, at + Q4_0_QS, 0, xq, b * QK, HALF) - 8 * xsum[b]
-        s += fp16_at(row, at + Q4_0_D) * xd[b] * F32(sumi)
+        at = b * Q4_0.size
+        sumi = dot_nibble_pairs(row, at + Q4_0.qs, 0, xq, b * QK, HALF) - 8 * xsum[b]
+        s += fp16_at(row, at + Q4_0.d) * xd[b] * F32(sumi)
     return s
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
-def q5_0_row(row, xq, xd, xsum):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q5_0_row(row, xq, xd, xs, xsum):
     s = F32(0)
     for b in range(xd.size):
-        at = b * Q5_0_SIZE
-        high = q5_high_bits(row, at + Q5_0_QH)
-        sumi = dot_nibble_pairs(row, at + Q5_0_QS, high, xq, b * QK, HALF) - 16 * xsum[b]
-        s += fp16_at(row, at + Q5_0_D) * xd[b] * F32(sumi)
+        at = b * Q5_0.size
+        high = q5_high_bits(row, at + Q5_0.qh)
+        sumi = dot_nibble_pairs(row, at + Q5_0.qs, high, xq, b * QK, HALF) - 16 * xsum[b]
+        s += fp16_at(row, at + Q5_0.d) * xd[b] * F32(sumi)
     return s
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def affine_row(row, size, d_at, m_at, qs_at, qh_at, xq, xd, xs):
     """Q4_1 (qh_at < 0) and Q5_1: sum of (d * d_x) * sumi + m * s_x over the blocks."""
     s, sm = F32(0), F32(0)
@@ -218,16 +207,16 @@ def affine_row(row, size, d_at, m_at, qs_at, qh_at, xq, xd, xs):
     return s + sm
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
-def q8_0_row(row, xq, xd):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q8_0_row(row, xq, xd, xs, xsum):
     s = F32(0)
     for b in range(xd.size):
-        at = b * Q8_0_SIZE
-        s += fp16_at(row, at + Q8_0_D) * xd[b] * F32(dot_bytes(row, at + Q8_0_QS, xq, b * QK, QK))
+        at = b * Q8_0.size
+        s += fp16_at(row, at + Q8_0.d) * xd[b] * F32(dot_bytes(row, at + Q8_0.qs, xq, b * QK, QK))
     return s
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, first, last):
     """(sum of scale * (q . x), sum of min * bsums) over the groups first..last - 1 of a Q4_K /
     Q5_K super-block. Called for groups 0-3 and 4-7 apart so that k_scale_min's branch folds."""
@@ -241,7 +230,7 @@ def k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, first, l
     return sumi, summ
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def q4_k_q5_k_row(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, xq, xd, xsum):
     """8 groups of 32 per super-block: d * sum(scale * q . x) - dmin * sum(min * bsums);
     Q5_K's fifth bit of weight j of group g is bit g of qh[j] (qh_at < 0: Q4_K)."""
@@ -256,63 +245,106 @@ def q4_k_q5_k_row(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, xq, xd, xsu
     return s - sm
 
 
-@numba.njit(inline="always", fastmath=FAST, cache=True)
-def q6_k_row(row, xq, xd):
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q6_k_row(row, xq, xd, xs, xsum):
     """16 groups of 16 per super-block: d * sum(scale * ((q - 32) . x))."""
     s = F32(0)
     for b in range(xd.size):
-        at = b * Q6_K_SIZE
-        sumi = dot_q6_k(row, at, Q6_K_QL, Q6_K_QH, Q6_K_SCALES, xq, b * QK_K)
-        s += fp16_at(row, at + Q6_K_D) * xd[b] * F32(sumi)
+        at = b * Q6_K.size
+        sumi = dot_q6_k(row, at, Q6_K.ql, Q6_K.qh, Q6_K.scales, xq, b * QK_K)
+        s += fp16_at(row, at + Q6_K.d) * xd[b] * F32(sumi)
     return s
 
 
-@numba.njit(parallel=True, fastmath=FAST, cache=True)
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q4_1_row(row, xq, xd, xs, xsum):
+    return affine_row(row, Q4_1.size, Q4_1.d, Q4_1.m, Q4_1.qs, -1, xq, xd, xs)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q5_1_row(row, xq, xd, xs, xsum):
+    return affine_row(row, Q5_1.size, Q5_1.d, Q5_1.m, Q5_1.qs, Q5_1.qh, xq, xd, xs)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q4_k_row(row, xq, xd, xs, xsum):
+    return q4_k_q5_k_row(row, Q4_K.size, Q4_K.d, Q4_K.dmin, Q4_K.scales, Q4_K.qs, -1, xq, xd, xsum)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def q5_k_row(row, xq, xd, xs, xsum):
+    return q4_k_q5_k_row(row, Q5_K.size, Q5_K.d, Q5_K.dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh,
+                         xq, xd, xsum)
+
+
+# Each format's row kernel, and the activation blocks it dots with: super-blocks of QK_K (Q8_K)
+# for the k-quants, blocks of QK (Q8_0, or Q8_1 whose sums xs the affine formats use) otherwise.
+Q8_ROW_DOT = {QType.Q4_0: q4_0_row, QType.Q4_1: q4_1_row, QType.Q5_0: q5_0_row,
+              QType.Q5_1: q5_1_row, QType.Q8_0: q8_0_row, QType.Q4_K: q4_k_row,
+              QType.Q5_K: q5_k_row, QType.Q6_K: q6_k_row}
+SUPPORTED = tuple(Q8_ROW_DOT)
+SUPER_BLOCK_TYPES = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+
+
+def q8_row_dot(qtype, row, xq, xd, xs, xsum):
+    """row . x (float32) for a row of format `qtype` (a literal GGML type id) and the quantized
+    activations xq, xd, xs, xsum (see quantize_q8_0 / quantize_q8_k): Q8_ROW_DOT's entry."""
+    raise NotImplementedError("called from Numba code only")
+
+
+@overload(q8_row_dot)
+def _q8_row_dot(qtype, row, xq, xd, xs, xsum):
+    impl = format_kernel(Q8_ROW_DOT, qtype, "q8 matvec")
+    return lambda qtype, row, xq, xd, xs, xsum: impl(row, xq, xd, xs, xsum)
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matvec_blocks(rows, qtype, xq, xd, xs, xsum, out):
-    """out[r] = row r . x for activations already quantized (see quantize_q8_0 / quantize_q8_k)."""
+    """out[r] = row r . x for activations already quantized (see quantize_activations); qtype:
+    the rows' format, a literal (each format compiles its own kernel)."""
     for r in prange(rows.shape[0]):
         lanes.prefetch_row(rows, r + 1)
-        row = rows[r]
-        if qtype == Q4_K_ID:
-            s = q4_k_q5_k_row(row, Q4_K_SIZE, Q4_K_D, Q4_K_DMIN, Q4_K_SCALES, Q4_K_QS, -1,
-                              xq, xd, xsum)
-        elif qtype == Q6_K_ID:
-            s = q6_k_row(row, xq, xd)
-        elif qtype == Q5_K_ID:
-            s = q4_k_q5_k_row(row, Q5_K_SIZE, Q5_K_D, Q5_K_DMIN, Q5_K_SCALES, Q5_K_QS, Q5_K_QH,
-                              xq, xd, xsum)
-        elif qtype == Q8_0_ID:
-            s = q8_0_row(row, xq, xd)
-        elif qtype == Q4_0_ID:
-            s = q4_0_row(row, xq, xd, xsum)
-        elif qtype == Q4_1_ID:
-            s = affine_row(row, Q4_1_SIZE, Q4_1_D, Q4_1_M, Q4_1_QS, -1, xq, xd, xs)
-        elif qtype == Q5_0_ID:
-            s = q5_0_row(row, xq, xd, xsum)
-        else:  # Q5_1
-            s = affine_row(row, Q5_1_SIZE, Q5_1_D, Q5_1_M, Q5_1_QS, Q5_1_QH, xq, xd, xs)
-        out[r] = s
+        out[r] = q8_row_dot(numba.literally(qtype), rows[r], xq, xd, xs, xsum)
+
+
+def _matvec_q8_kernel(qtype: int):
+    """The q8 matvec of one format (`qtype` a closure constant: see matvec._matvec_kernel).
+
+    The activations are quantized here, outside any fastmath function: Numba compiles (and
+    caches) a function called from a fastmath kernel with the caller's flags, and contracting
+    llama.cpp's rounding `(v + 1.5 * 2^23) - 1.5 * 2^23` into an FMA changes the quantized
+    values."""
+    super_blocks = QType(qtype) in SUPER_BLOCK_TYPES
+
+    @numba.njit(cache=True)
+    def matvec_q8(rows, x, out):
+        xq, xd, xs, xsum = quantize_activations(x, super_blocks)
+        matvec_blocks(rows, qtype, xq, xd, xs, xsum, out)
+    return matvec_q8
+
+
+# out = W @ x with llama.cpp's numerics (x quantized once to Q8_0 / Q8_1 / Q8_K), one kernel per
+# format: MATVEC_Q8[qtype](rows, x, out) with rows uint8 (n_rows, row_bytes), read-only; x float32
+# (n,), n a multiple of the block size; out float32 (n_rows,).
+MATVEC_Q8 = {t: _matvec_q8_kernel(int(t)) for t in Q8_ROW_DOT}
 
 
 @numba.njit(cache=True)
-def matvec_q8(rows, qtype, x, out):
-    """out = W @ x with llama.cpp's numerics (x quantized once to Q8_0 / Q8_1 / Q8_K).
-
-    rows: uint8 (n_rows, row_bytes), read-only, one of SUPPORTED; qtype: its GGML type id;
-    x: float32 (n,), n a multiple of the block size; out: float32 (n_rows,).
-    """
-    block = QK_K if qtype == Q4_K_ID or qtype == Q5_K_ID or qtype == Q6_K_ID else QK
+def quantize_activations(x, super_blocks):
+    """x (float32 (n,)) as 8-bit activation blocks: Q8_K when `super_blocks`, else Q8_0 with
+    Q8_1's sums. Returns (qs int8 (n,), d float32, s float32 per block, sums int32)."""
+    block = QK_K if super_blocks else QK
     n_blocks = x.size // block
     xq = np.empty(x.size, np.int8)
     xd = np.empty(n_blocks, F32)
     xs = np.empty(n_blocks, F32)
-    if block == QK_K:
+    if super_blocks:
         xsum = np.empty(x.size // 16, np.int32)
         quantize_q8_k(x, xq, xd, xs, xsum)
     else:
         xsum = np.empty(n_blocks, np.int32)
         quantize_q8_0(x, xq, xd, xs, xsum)
-    matvec_blocks(rows, qtype, xq, xd, xs, xsum, out)
+    return xq, xd, xs, xsum
 
 
 @numba.njit(inline="always", cache=True)

@@ -3,12 +3,18 @@
 Importing this package imports numba.cuda, which fixes for the whole process whether kernels
 run on a GPU or on the simulator (set NUMBA_ENABLE_CUDASIM=1 before the first import).
 """
+from pathlib import Path
+
 import numpy as np
 from numba import cuda
 
-from .backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write,
-                                  matmul, rmsnorm, rope, simulated, swiglu, upload)
-from .blocks import UNITS
+from .. import jit_cache
+
+jit_cache.install(Path(__file__).parent.parent)  # numba-cuda's cache, now that it is imported
+
+from .backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write,  # noqa: E402
+                      matmul, rmsnorm, rope, simulated, swiglu, upload)
+from .blocks import UNITS  # noqa: E402
 
 SUPPORTED = tuple(UNITS)
 
@@ -17,7 +23,7 @@ __all__ = ["MAX_HEAD_DIM", "SUPPORTED", "CUDADevice", "add_", "attention", "avai
 
 
 class CUDADevice:
-    """The forward pass's operations on a GPU (see kernels.CPUDevice for the interface): weights
+    """The forward pass's operations on a GPU (the kernels.device.Device interface): weights
     uploaded once still quantized; activations and the KV cache stay on the device; only what
     `to_host` is asked for comes back."""
 
@@ -38,6 +44,13 @@ class CUDADevice:
     def zeros(self, shape: tuple[int, ...]):
         return cuda.to_device(np.zeros(shape, np.float32))
 
+    def copy(self, x):
+        # A device-to-device copy: numba-cuda's DeviceNDArray has no .copy() (the simulator's
+        # arrays do, which is why the tests patch it away).
+        out = cuda.device_array_like(x)
+        out.copy_to_device(x)
+        return out
+
     def to_host(self, x) -> np.ndarray:
         return x.copy_to_host()
 
@@ -45,7 +58,8 @@ class CUDADevice:
         return embed(rows, qtype, tokens, dim)
 
     def rope(self, x, positions: np.ndarray, inv_freq):
-        return rope(x, cuda.to_device(np.ascontiguousarray(positions, np.int64)), inv_freq)
+        return rope(self.copy(x), cuda.to_device(np.ascontiguousarray(positions, np.int64)),
+                    inv_freq)
 
     matmul, add_, rmsnorm = staticmethod(matmul), staticmethod(add_), staticmethod(rmsnorm)
-    attention, swiglu, kv_write = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write)
+    attention, swiglu, kv_write_ = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write)

@@ -12,7 +12,9 @@ docs/cuda.md explains the thread mappings and the expected roofline.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
+import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 from numba import cuda, float32
@@ -62,6 +64,40 @@ def available() -> bool:
 
 def _grid(n: int, threads: int) -> int:
     return max(1, (n + threads - 1) // threads)
+
+
+# ---------------------------------------------------------------- launches
+
+_recorded: list | None = None  # the list recording_launches yields, None outside it
+_run = True  # False inside recording_launches(run=False)
+
+
+@contextmanager
+def recording_launches(run: bool = True):
+    """Record every kernel launch made inside the block in the list it yields, as (kernel,
+    argument types): kernel is (factory, format name) for the per-format kernels, e.g.
+    ("_matvec_kernel", "Q4_0"), and (name, None) for the others, e.g. ("_rmsnorm", None); the
+    argument types are the numba types the launch compiles the kernel for. With run=False the
+    kernels are not run: the types depend only on the host code, the outputs are garbage.
+    tests/test_cuda_ptx.py compiles each recorded kernel for real GPUs (the simulator never does).
+    """
+    global _recorded, _run
+    outer = _recorded, _run
+    _recorded, _run = [], run
+    try:
+        yield _recorded
+    finally:
+        _recorded, _run = outer
+
+
+def _launch(kernel, grid, block, *args) -> None:
+    """kernel[grid, block](*args), recorded inside recording_launches."""
+    if _recorded is not None:
+        name = next(((kind.__name__, qtype.name) for (kind, qtype), built in _KERNELS.items()
+                     if built is kernel), (kernel.py_func.__name__, None))
+        _recorded.append((name, tuple(numba.typeof(a) for a in args)))
+    if _run:
+        kernel[grid, block](*args)
 
 
 @cuda.jit(device=True, inline="always")
@@ -234,11 +270,11 @@ def matmul(rows_dev, qtype: QType | str | int, x_dev):
     out = cuda.device_array((n_tokens, n_rows), np.float32)
     weights = _weights(rows_dev, qtype)
     if n_tokens == 1:
-        _kernel(_matvec_kernel, qtype)[_grid(n_rows, MATVEC_WARPS), MATVEC_THREADS](
-            weights, x_dev[0], out[0])
+        _launch(_kernel(_matvec_kernel, qtype), _grid(n_rows, MATVEC_WARPS), MATVEC_THREADS,
+                weights, x_dev[0], out[0])
     else:
         grid = (_grid(n_rows, TILE), _grid(n_tokens, TILE))
-        _kernel(_matmul_kernel, qtype)[grid, (SIDE, SIDE)](weights, x_dev, out)
+        _launch(_kernel(_matmul_kernel, qtype), grid, (SIDE, SIDE), weights, x_dev, out)
     return out
 
 
@@ -259,8 +295,8 @@ def embed(rows_dev, qtype: QType | str | int, tokens: np.ndarray, dim: int | Non
     out = cuda.device_array((tokens.size, dim), np.float32)
     if tokens.size:
         n_units = dim // UNITS[qtype].size
-        _kernel(_embed_kernel, qtype)[(_grid(n_units, THREADS), tokens.size), THREADS](
-            _weights(rows_dev, qtype), cuda.to_device(tokens), out)
+        _launch(_kernel(_embed_kernel, qtype), (_grid(n_units, THREADS), tokens.size), THREADS,
+                _weights(rows_dev, qtype), cuda.to_device(tokens), out)
     return out
 
 
@@ -292,7 +328,7 @@ def rmsnorm(x_dev, weight_dev, eps: float):
     """x / sqrt(mean(x^2) + eps) * weight per row. x: float32 (T, dim); weight: float32 (dim,).
     Returns a new device array (T, dim)."""
     out = cuda.device_array_like(x_dev)
-    _rmsnorm[x_dev.shape[0], THREADS](x_dev, weight_dev, F32(eps), out)
+    _launch(_rmsnorm, x_dev.shape[0], THREADS, x_dev, weight_dev, F32(eps), out)
     return out
 
 
@@ -316,7 +352,7 @@ def rope(x_dev, positions_dev, inv_freq_dev):
     x: float32 (T, heads, D); positions: int64 (T,); inv_freq: float64 (rope_dim // 2,).
     Returns x."""
     n = x_dev.shape[0] * x_dev.shape[1] * inv_freq_dev.shape[0]
-    _rope[_grid(n, THREADS), THREADS](x_dev, positions_dev, inv_freq_dev)
+    _launch(_rope, _grid(n, THREADS), THREADS, x_dev, positions_dev, inv_freq_dev)
     return x_dev
 
 
@@ -407,9 +443,9 @@ def attention(q_dev, k_new_dev, v_new_dev, k_cache_dev, v_cache_dev, start_pos: 
                          f"KV heads")
     out = cuda.device_array_like(q_dev)
     if n_tokens:
-        _attention[(n_tokens, n_heads), ATTENTION_THREADS](
-            q_dev, k_new_dev, v_new_dev, k_cache_dev, v_cache_dev, int(start_pos), int(window),
-            out)
+        _launch(_attention, (n_tokens, n_heads), ATTENTION_THREADS,
+                q_dev, k_new_dev, v_new_dev, k_cache_dev, v_cache_dev, int(start_pos), int(window),
+                out)
     return out
 
 
@@ -431,8 +467,8 @@ def kv_write(k_cache_dev, v_cache_dev, start_pos: int, k_dev, v_dev) -> None:
     k_cache, v_cache: float32 (KV, S, D); k, v: float32 (T, KV, D)."""
     n = k_dev.shape[0] * k_dev.shape[1] * k_dev.shape[2]
     if n:
-        _kv_write[_grid(n, THREADS), THREADS](k_cache_dev, v_cache_dev, int(start_pos), k_dev,
-                                              v_dev)
+        _launch(_kv_write, _grid(n, THREADS), THREADS, k_cache_dev, v_cache_dev, int(start_pos),
+                k_dev, v_dev)
 
 
 @cuda.jit(cache=True)
@@ -447,7 +483,7 @@ def _swiglu(gate, up, out):
 def swiglu(gate_dev, up_dev):
     """silu(gate) * up. gate, up: float32 (T, ffn_dim). Returns a new device array."""
     out = cuda.device_array_like(gate_dev)
-    _swiglu[_grid(gate_dev.size, THREADS), THREADS](gate_dev, up_dev, out)
+    _launch(_swiglu, _grid(gate_dev.size, THREADS), THREADS, gate_dev, up_dev, out)
     return out
 
 
@@ -461,5 +497,5 @@ def _add(x, y):
 
 def add_(x_dev, y_dev):
     """x += y in place (the residual). x, y: float32 (T, dim). Returns x."""
-    _add[_grid(x_dev.size, THREADS), THREADS](x_dev, y_dev)
+    _launch(_add, _grid(x_dev.size, THREADS), THREADS, x_dev, y_dev)
     return x_dev

@@ -10,7 +10,7 @@ lookup) is built from them:
 
 so the matvec computes scale * sum(q * x) + bias * sum(x) per unit, and the dequantizers write
 scale * q + bias. `row` is one row of the weight matrix: uint8 bytes (a float32 view for F32).
-Byte offsets come from kernels.cpu.dequant (taken from kernels.formats), and the helpers that
+Byte offsets are kernels.formats' layouts (`Q4_K.qs`, ...), and the helpers that
 unpack Q4_K/Q5_K scales and Q5_0 high bits are the CPU module's own Python source compiled as
 device functions; fp16 decodes through a table here (the CPU's LLVM `fpext` intrinsic cannot run
 on the simulator). The arithmetic is llama.cpp's: on the simulator (no FMA) dequantized weights
@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as QType
 from numba import cuda
 
 from ..cpu import dequant as cpu
-from ..formats import QK, QK_K
+from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32, U32 = np.float32, np.uint32
 device = cuda.jit(device=True, inline="always")
@@ -93,54 +93,54 @@ def f16_quant(row, u, aux, j):
 # Legacy formats: one unit per block of QK = 32 weights.
 @device
 def q4_0_header(row, u):
-    return fp16_at(row, u * cpu.Q4_0_SIZE + cpu.Q4_0_D), F32(0), U32(0)
+    return fp16_at(row, u * Q4_0.size + Q4_0.d), F32(0), U32(0)
 
 
 @device
 def q4_0_quant(row, u, aux, j):
-    return F32(nibble(row, u * cpu.Q4_0_SIZE + cpu.Q4_0_QS, j)) - F32(8)
+    return F32(nibble(row, u * Q4_0.size + Q4_0.qs, j)) - F32(8)
 
 
 @device
 def q4_1_header(row, u):
-    b = u * cpu.Q4_1_SIZE
-    return fp16_at(row, b + cpu.Q4_1_D), fp16_at(row, b + cpu.Q4_1_M), U32(0)
+    b = u * Q4_1.size
+    return fp16_at(row, b + Q4_1.d), fp16_at(row, b + Q4_1.m), U32(0)
 
 
 @device
 def q4_1_quant(row, u, aux, j):
-    return F32(nibble(row, u * cpu.Q4_1_SIZE + cpu.Q4_1_QS, j))
+    return F32(nibble(row, u * Q4_1.size + Q4_1.qs, j))
 
 
 @device
 def q5_0_header(row, u):
-    b = u * cpu.Q5_0_SIZE
-    return fp16_at(row, b + cpu.Q5_0_D), F32(0), U32(q5_high_bits(row, b + cpu.Q5_0_QH))
+    b = u * Q5_0.size
+    return fp16_at(row, b + Q5_0.d), F32(0), U32(q5_high_bits(row, b + Q5_0.qh))
 
 
 @device
 def q5_0_quant(row, u, aux, j):
-    at = u * cpu.Q5_0_SIZE + cpu.Q5_0_QS + (j & 15)
+    at = u * Q5_0.size + Q5_0.qs + (j & 15)
     return F32(q5_value(row, at, 4 * (j >> 4), aux, j)) - F32(16)
 
 
 @device
 def q8_0_header(row, u):
-    return fp16_at(row, u * cpu.Q8_0_SIZE + cpu.Q8_0_D), F32(0), U32(0)
+    return fp16_at(row, u * Q8_0.size + Q8_0.d), F32(0), U32(0)
 
 
 @device
 def q8_0_quant(row, u, aux, j):
-    return F32(signed_byte(row[u * cpu.Q8_0_SIZE + cpu.Q8_0_QS + j]))
+    return F32(signed_byte(row[u * Q8_0.size + Q8_0.qs + j]))
 
 
 # K-quants: unit g of super-block s is u = 8 s + g (Q4_K, Q5_K) or 16 s + g (Q6_K).
 @device
 def q4_k_header(row, u):
-    b = (u // 8) * cpu.Q4_K_SIZE
-    sc, m = k_scale_min(row, b + cpu.Q4_K_SCALES, u % 8)
-    return (fp16_at(row, b + cpu.Q4_K_D) * F32(np.int32(sc)),
-            -(fp16_at(row, b + cpu.Q4_K_DMIN) * F32(np.int32(m))),
+    b = (u // 8) * Q4_K.size
+    sc, m = k_scale_min(row, b + Q4_K.scales, u % 8)
+    return (fp16_at(row, b + Q4_K.d) * F32(np.int32(sc)),
+            -(fp16_at(row, b + Q4_K.dmin) * F32(np.int32(m))),
             U32(0))
 
 
@@ -148,32 +148,32 @@ def q4_k_header(row, u):
 def q4_k_quant(row, u, aux, j):
     """Group g: 32 bytes of qs shared with its neighbour, low nibbles for even g, high for odd."""
     g = u % 8
-    at = (u // 8) * cpu.Q4_K_SIZE + cpu.Q4_K_QS + 32 * (g // 2) + j
+    at = (u // 8) * Q4_K.size + Q4_K.qs + 32 * (g // 2) + j
     return F32((row[at] >> (4 * (g % 2))) & 15)
 
 
 @device
 def q5_k_header(row, u):
-    b = (u // 8) * cpu.Q5_K_SIZE
-    sc, m = k_scale_min(row, b + cpu.Q5_K_SCALES, u % 8)
-    return (fp16_at(row, b + cpu.Q5_K_D) * F32(np.int32(sc)),
-            -(fp16_at(row, b + cpu.Q5_K_DMIN) * F32(np.int32(m))),
+    b = (u // 8) * Q5_K.size
+    sc, m = k_scale_min(row, b + Q5_K.scales, u % 8)
+    return (fp16_at(row, b + Q5_K.d) * F32(np.int32(sc)),
+            -(fp16_at(row, b + Q5_K.dmin) * F32(np.int32(m))),
             U32(0))
 
 
 @device
 def q5_k_quant(row, u, aux, j):
     """As Q4_K, plus bit g of qh[j] as the fifth bit."""
-    g, b = u % 8, (u // 8) * cpu.Q5_K_SIZE
-    q = (row[b + cpu.Q5_K_QS + 32 * (g // 2) + j] >> (4 * (g % 2))) & 15
-    high = (row[b + cpu.Q5_K_QH + j] >> g) & 1
+    g, b = u % 8, (u // 8) * Q5_K.size
+    q = (row[b + Q5_K.qs + 32 * (g // 2) + j] >> (4 * (g % 2))) & 15
+    high = (row[b + Q5_K.qh + j] >> g) & 1
     return F32(q | (high << 4))
 
 
 @device
 def q6_k_header(row, u):
-    b = (u // 16) * cpu.Q6_K_SIZE
-    return (fp16_at(row, b + cpu.Q6_K_D) * F32(signed_byte(row[b + cpu.Q6_K_SCALES + u % 16])),
+    b = (u // 16) * Q6_K.size
+    return (fp16_at(row, b + Q6_K.d) * F32(signed_byte(row[b + Q6_K.scales + u % 16])),
             F32(0), U32(0))
 
 
@@ -181,11 +181,11 @@ def q6_k_header(row, u):
 def q6_k_quant(row, u, aux, j):
     """Group g = 8 half + 2 quarter + h: 4 low bits from ql (32 bytes per quarter pair, low
     nibbles for quarters 0-1, high for 2-3), 2 high bits from qh at shift 2 quarter."""
-    g, b = u % 16, (u // 16) * cpu.Q6_K_SIZE
+    g, b = u % 16, (u // 16) * Q6_K.size
     half, quarter, h = g // 8, (g % 8) // 2, g % 2
-    low = (row[b + cpu.Q6_K_QL + 64 * half + 32 * (quarter % 2) + 16 * h + j]
+    low = (row[b + Q6_K.ql + 64 * half + 32 * (quarter % 2) + 16 * h + j]
            >> (4 * (quarter // 2))) & 15
-    high = (row[b + cpu.Q6_K_QH + 32 * half + 16 * h + j] >> (2 * quarter)) & 3
+    high = (row[b + Q6_K.qh + 32 * half + 16 * h + j] >> (2 * quarter)) & 3
     return F32(low | (high << 4)) - F32(32)
 
 

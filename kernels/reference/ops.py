@@ -9,10 +9,16 @@ import numpy as np
 from .dequant import DEQUANTIZE
 
 
+def matmul(rows: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
+    """x @ W.T for the dequantized rows of W (uint8 (n_rows, row_bytes)) and x float32 (T, n), in
+    float64, returned as float32 (T, n_rows)."""
+    w = DEQUANTIZE[qtype](rows.reshape(-1)).reshape(rows.shape[0], -1)
+    return (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float32)
+
+
 def matvec(rows: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
     """Dequantized rows (n_rows, n) @ x (n,), in float64, returned as float32 (n_rows,)."""
-    w = DEQUANTIZE[qtype](rows.reshape(-1)).reshape(rows.shape[0], -1)
-    return (w.astype(np.float64) @ x.astype(np.float64)).astype(np.float32)
+    return matmul(rows, qtype, x[None])[0]
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

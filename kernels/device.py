@@ -1,0 +1,146 @@
+"""The forward pass's operations on one device: the interface mistral_ref.model is written against.
+
+Three devices implement it: "reference" (the NumPy kernels that read like the spec; slow),
+"cpu" (Numba kernels, BLAS for prefill), both `HostDevice`s over kernels.dispatch, and "cuda"
+(kernels.cuda.CUDADevice: numba-cuda kernels on device arrays).
+
+Conventions for every method: T tokens, H query heads, KV key/value heads, D head dimension,
+S KV-cache slots. `Array` is the device's array type (np.ndarray on the host devices, a numba-cuda
+DeviceNDArray on "cuda"), float32 unless said otherwise. Every operation returns its result as a
+new array, except those whose name ends in `_`, which write into their first argument(s).
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+
+from . import dispatch
+from .formats import FORMATS
+
+Array = Any  # np.ndarray on the host devices, a DeviceNDArray on cuda
+
+
+@runtime_checkable
+class Device(Protocol):
+    """What a device offers the model. `name`: "reference", "cpu" or "cuda"; `weight_types`: the
+    formats its matmul and embed read; `activations`: "f32" or "q8" (kernels.ACTIVATIONS)."""
+
+    name: str
+    weight_types: tuple[QType, ...]
+    activations: str
+
+    def upload(self, array: np.ndarray) -> Array:
+        """A host array (weights: uint8 (n_rows, row_bytes) in their block format; norms: float32;
+        RoPE frequencies: float64) as the device keeps it for the model's lifetime."""
+
+    def zeros(self, shape: tuple[int, ...]) -> Array:
+        """A new float32 array of zeros (the KV cache)."""
+
+    def copy(self, x: Array) -> Array:
+        """A new array with x's contents, on the device (forking a KV cache)."""
+
+    def to_host(self, x: Array) -> np.ndarray:
+        """x as a NumPy array (logits)."""
+
+    def matmul(self, rows: Array, qtype: QType, x: Array) -> Array:
+        """x @ W.T: rows uint8 (n_rows, row_bytes), W in format `qtype`; x (T, n). Returns
+        (T, n_rows)."""
+
+    def embed(self, rows: Array, qtype: QType, tokens: np.ndarray, dim: int) -> Array:
+        """Rows `tokens` (int64 (T,), host) of an embedding table (vocab, row_bytes), dequantized:
+        (T, dim)."""
+
+    def rmsnorm(self, x: Array, weight: Array, eps: float) -> Array:
+        """x / sqrt(mean(x^2) + eps) * weight per row. x (T, dim); weight (dim,)."""
+
+    def rope(self, x: Array, positions: np.ndarray, inv_freq: Array) -> Array:
+        """x (T, heads, D) with pairs (2i, 2i+1) rotated by positions (int64 (T,), host) times
+        inv_freq (float64 (rope_dim // 2,)); pairs past rope_dim unchanged."""
+
+    def attention(self, q: Array, k_new: Array, v_new: Array, k_cache: Array, v_cache: Array,
+                  start_pos: int, window: int) -> Array:
+        """Causal grouped-query attention of T tokens at positions start_pos..: q (T, H, D),
+        rotated; k_new, v_new (T, KV, D), the chunk's own keys and values; k_cache, v_cache
+        (KV, S, D), position p at slot p % S, holding the positions before start_pos. The query at
+        p sees keys at max(0, p - window + 1)..p (window 0: all). Returns (T, H, D)."""
+
+    def swiglu(self, gate: Array, up: Array) -> Array:
+        """silu(gate) * up; both (T, ffn_dim)."""
+
+    def add_(self, x: Array, y: Array) -> Array:
+        """In place: x += y, both (T, dim) (the residual stream). Returns x."""
+
+    def kv_write_(self, k_cache: Array, v_cache: Array, start_pos: int, k: Array,
+                  v: Array) -> None:
+        """In place: keys and values (T, KV, D) of positions start_pos.. into the ring caches
+        (KV, S, D) at slots p % S (of positions sharing a slot, the last is kept)."""
+
+
+class HostDevice:
+    """The operations on NumPy arrays in host memory, computed by a backend of kernels.dispatch:
+    "cpu" (Numba, BLAS for prefill) or "reference" (NumPy). Weights stay read-only views of the
+    file's map."""
+
+    weight_types = tuple(FORMATS)
+
+    def __init__(self, backend: str = "cpu", activations: str = "f32"):
+        if backend not in dispatch.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(dispatch.BACKENDS)})")
+        if activations not in dispatch.ACTIVATIONS:
+            raise ValueError(f"activations must be one of {dispatch.ACTIVATIONS}, got {activations!r}")
+        self.name = self.backend = backend
+        self.activations = activations
+        self.scratch = np.empty(1 << 21, np.float32)  # dequantized weight tiles for prefill
+
+    def upload(self, array: np.ndarray) -> np.ndarray:
+        return dispatch.read_only(np.asarray(array))
+
+    def zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        return x.copy()
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def matmul(self, rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
+        return dispatch.matmul(rows, qtype, x, self.backend, self.scratch, self.activations)
+
+    def embed(self, rows: np.ndarray, qtype: QType, tokens: np.ndarray, dim: int) -> np.ndarray:
+        return dispatch.dequantize(rows[tokens], qtype, (len(tokens), dim), self.backend)
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        return dispatch.rmsnorm(x, weight, eps, self.backend)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
+        return dispatch.rope(x, positions, inv_freq, self.backend)
+
+    def attention(self, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,
+                  v_cache: np.ndarray, start_pos: int, window: int) -> np.ndarray:
+        return dispatch.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window,
+                                  self.backend)
+
+    def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        return dispatch.swiglu(gate, up, self.backend)
+
+    add_, kv_write_ = staticmethod(dispatch.add_), staticmethod(dispatch.kv_write_)
+
+
+DEVICES = ("reference", "cpu", "cuda")
+
+
+def device(name: str, activations: str = "f32") -> Device:
+    """The operations of the forward pass on device `name` ("reference", "cpu" or "cuda").
+
+    "cuda" imports numba.cuda (on a machine without a GPU set NUMBA_ENABLE_CUDASIM=1 for the
+    simulator) and supports activations="f32" only.
+    """
+    if name in ("reference", "cpu"):
+        return HostDevice(name, activations)
+    if name == "cuda":
+        from .cuda import CUDADevice
+        return CUDADevice(activations)
+    raise ValueError(f"unknown device {name!r} (choose from {', '.join(DEVICES)})")

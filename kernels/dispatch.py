@@ -1,0 +1,275 @@
+"""The one dispatch point: each operation on host (NumPy) arrays, by backend.
+
+Backends: "reference" (NumPy, reads like the spec) and "cpu" (Numba kernels, BLAS for prefill).
+Every backend is tested against the reference on the same inputs. kernels.device wraps these
+as the forward pass's devices; kernels.cuda has the same operations on device arrays.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as QType
+from threadpoolctl import ThreadpoolController
+
+from .cpu import ops as cpu_ops
+from .cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
+from .cpu.matvec import MATVEC as CPU_MATVEC
+from .cpu.quant import QUANTIZE as CPU_QUANTIZE
+from .cpu.vec_dot import MATVEC_Q8 as CPU_MATVEC_Q8
+from .cpu.vec_dot import round_trip_q8
+from .formats import FORMATS, QK, QK_K, BlockFormat, block_format
+from .reference import ops as reference_ops
+from .reference import vec_dot as reference_vec_dot
+from .reference.dequant import DEQUANTIZE as REFERENCE_DEQUANTIZE
+from .reference.quant import QUANTIZE as REFERENCE_QUANTIZE
+
+BACKENDS = ("reference", "cpu")
+# How activations enter a quantized matmul: "f32" keeps them float32 (exact: agrees with a
+# float64 reference to ~1e-6); "q8" quantizes them to 8 bits per block first, as llama.cpp and
+# mistral.rs do (their numerics, token for token, and faster integer dot products).
+ACTIVATIONS = ("f32", "q8")
+# BLAS runs single-threaded inside our prefill: its thread pool and Numba's spin-wait on the same
+# cores, and together they made a SmolLM2 prefill 8x slower (38 vs 332 tok/s on 2 cores).
+_THREADPOOLS = ThreadpoolController()
+
+__all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat",
+           "add_", "attention", "block_format", "dequantize", "kv_write_", "matmul", "quantize",
+           "rmsnorm", "rope", "swiglu"]
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    if a.flags.writeable:  # kernels always see read-only input: one compiled specialization each
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
+def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...],
+               backend: str = "cpu", out: np.ndarray | None = None) -> np.ndarray:
+    """Dequantize a tensor's raw bytes.
+
+    raw: uint8, the tensor's bytes (any shape, read as flat, C order). qtype: its GGML type (enum,
+    name or number). shape: its logical NumPy shape, rows along the last axis. out: optional
+    float32 C-contiguous array with as many elements, written in place (a new array costs the
+    operating system's page zeroing, about as much as the dequantization itself).
+    Returns float32 of `shape` (a view of `out` when given), bit-identical across backends and to
+    llama.cpp.
+    """
+    fmt = block_format(qtype)
+    _check_backend(backend)
+    shape = tuple(int(n) for n in shape)
+    size = int(np.prod(shape, dtype=np.int64))
+    raw = read_only(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
+    if raw.nbytes != fmt.nbytes(shape):
+        raise ValueError(f"{fmt.qtype.name} tensor of shape {shape} needs {fmt.nbytes(shape)} bytes, "
+                         f"got {raw.nbytes}")
+    if out is not None and (out.dtype != np.float32 or not out.flags.c_contiguous
+                            or out.size != size):
+        raise ValueError(f"out must be a C-contiguous float32 array of {size} elements, got "
+                         f"{out.dtype} {out.shape}")
+    if backend == "reference" or fmt.qtype == QType.F32:
+        values = REFERENCE_DEQUANTIZE[fmt.qtype](raw)
+        if out is None:
+            return values.reshape(shape)
+        out.reshape(-1)[:] = values.reshape(-1)
+    else:
+        if out is None:
+            out = np.empty(size, dtype=np.float32)
+        CPU_DEQUANTIZE[fmt.qtype](raw, out.reshape(-1))
+    return out.reshape(shape)
+
+
+QUANTIZABLE = tuple(REFERENCE_QUANTIZE)
+
+
+def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> np.ndarray:
+    """Quantize float32 weights to a block format, byte-identical to llama.cpp's reference
+    quantizers (what llama-quantize runs without an importance matrix) on every backend.
+
+    x: float32 (..., n), rows along the last axis, n a multiple of the block size; finite.
+    qtype: one of QUANTIZABLE (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), F16 or F32.
+    Returns uint8 (..., row_bytes): the raw layout `gguf.quants.quantize` returns.
+    """
+    fmt = block_format(qtype)
+    _check_backend(backend)
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"quantize needs float32 weights, got {x.dtype}")
+    if x.ndim == 0 or x.shape[-1] % fmt.block_size:
+        raise ValueError(f"{fmt.qtype.name} needs rows of a multiple of {fmt.block_size} weights, "
+                         f"got shape {x.shape}")
+    if fmt.qtype in (QType.F32, QType.F16):
+        return np.ascontiguousarray(x.astype(fmt.block["value"])).view(np.uint8).reshape(
+            *x.shape[:-1], -1)
+    if fmt.qtype not in QUANTIZABLE:
+        raise ValueError(
+            f"quantizing to {fmt.qtype.name} is not supported (supported: "
+            f"{', '.join(t.name for t in QUANTIZABLE)}, F16, F32)")
+    if not np.isfinite(x).all():
+        raise ValueError("cannot quantize non-finite weights (NaN or infinity)")
+    out_shape = (*x.shape[:-1], fmt.row_bytes(x.shape[-1]))
+    flat = np.ascontiguousarray(x).reshape(-1)
+    if backend == "reference":
+        return REFERENCE_QUANTIZE[fmt.qtype](flat).reshape(out_shape)
+    out = np.empty(fmt.nbytes(x.shape), dtype=np.uint8)
+    CPU_QUANTIZE[fmt.qtype](read_only(flat), out)
+    return out.reshape(out_shape)
+
+
+def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: str = "cpu",
+           scratch: np.ndarray | None = None, activations: str = "f32") -> np.ndarray:
+    """x @ W.T for a quantized weight matrix W: the transformer's linear layer.
+
+    rows: uint8 (n_rows, row_bytes), W's rows in its block format; x: float32 (T, n).
+    Returns float32 (T, n_rows). One token (T = 1) runs a fused dequantize-and-dot kernel; more
+    tokens dequantize W a tile of rows at a time into `scratch` (float32, at least one row;
+    allocated when None) and multiply the tile with BLAS. `activations`: see ACTIVATIONS; with
+    "q8", k-quant weights see x in Q8_K blocks and 32-weight formats in Q8_0/Q8_1 blocks (F16/F32
+    weights see x unchanged).
+    """
+    fmt = block_format(qtype)
+    _check_backend(backend)
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
+    n_tokens, n = x.shape
+    if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(n):
+        raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of {n} weights")
+    if x.dtype != np.float32:
+        raise ValueError(f"activations must be float32, got {x.dtype}")
+    rows, x = read_only(np.ascontiguousarray(rows)), np.ascontiguousarray(x)
+    out = np.empty((n_tokens, rows.shape[0]), np.float32)
+    q8 = activations == "q8" and fmt.qtype in reference_vec_dot.VEC_DOT
+    if backend == "reference":
+        if q8:
+            for t in range(n_tokens):
+                out[t] = reference_vec_dot.matvec_q8(rows, fmt.qtype, x[t])
+        else:
+            out[:] = reference_ops.matmul(rows, fmt.qtype, x)
+    elif n_tokens == 1 and q8:
+        CPU_MATVEC_Q8[fmt.qtype](rows, x[0], out[0])
+    elif n_tokens == 1 and fmt.qtype in CPU_MATVEC:
+        CPU_MATVEC[fmt.qtype](rows, x[0], out[0])
+    else:
+        if q8:
+            x8 = np.empty_like(x)
+            round_trip_q8(x, fmt.block_size == QK_K, x8)
+            x = x8
+        workers = numba.get_num_threads()
+        if scratch is None or scratch.size < workers * n:
+            scratch = np.empty(max(workers * n, 1 << 21), np.float32)
+        with _THREADPOOLS.limit(limits=1, user_api="blas"):
+            if workers == 1 or rows.shape[0] * n < PREFILL_POOL_MIN_WEIGHTS:
+                _multiply_dequantized(rows, fmt.qtype, x, out, scratch)
+            else:
+                _multiply_dequantized_in_pool(rows, fmt.qtype, x, out, scratch, workers)
+    return out
+
+
+# Prefill of a big matrix splits its rows between `workers` threads of our own, each
+# dequantizing a tile into its share of the scratch and multiplying it with a single-threaded BLAS
+# (numpy releases the GIL, the dequantizers are nogil). One thread dequantizing with Numba's
+# threads and then a 2-thread BLAS left the two pools spinning against each other; this way both
+# cores run BLAS. Mistral-1B, 64-token prefill: 49 -> 66 tok/s. For small matrices handing work
+# to the threads costs more than it saves (SmolLM2: 335 -> 299 tok/s), hence the threshold.
+PREFILL_POOL_MIN_WEIGHTS = 1 << 22
+_PREFILL_POOLS: dict[int, ThreadPoolExecutor] = {}  # by number of workers
+
+
+def _multiply_dequantized_in_pool(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
+                                  scratch: np.ndarray, workers: int) -> None:
+    if workers not in _PREFILL_POOLS:  # Numba's thread count is per thread: 1 in these
+        _PREFILL_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="prefill",
+                                                     initializer=numba.set_num_threads, initargs=(1,))
+    pool = _PREFILL_POOLS[workers]
+    part_rows, part_scratch = -(-rows.shape[0] // workers), scratch.size // workers
+    parts = [pool.submit(_multiply_dequantized, rows[r0:r0 + part_rows], qtype, x,
+                         out[:, r0:r0 + part_rows], scratch[i * part_scratch:(i + 1) * part_scratch])
+             for i, r0 in enumerate(range(0, rows.shape[0], part_rows))]
+    for part in parts:
+        part.result()
+
+
+def _multiply_dequantized(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
+                          scratch: np.ndarray) -> None:
+    """out = x @ W.T for the quantized rows of W (uint8 (R, row_bytes)), dequantized a tile of
+    rows at a time into scratch (float32, at least one row). x: float32 (T, n); out: (T, R)."""
+    n = x.shape[1]
+    tile_rows = scratch.size // n
+    for r0 in range(0, rows.shape[0], tile_rows):
+        tile = rows[r0:r0 + tile_rows]
+        w = dequantize(tile, qtype, (tile.shape[0], n), out=scratch[:tile.shape[0] * n])
+        out[:, r0:r0 + tile.shape[0]] = x @ w.T
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, backend: str = "cpu") -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight per row. x: float32 (T, dim); weight: float32 (dim,).
+    Returns a new float32 (T, dim)."""
+    if backend == "reference":
+        return reference_ops.rmsnorm(x, weight, eps)
+    out = np.empty_like(x)
+    cpu_ops.rmsnorm(x, weight, eps, out)
+    return out
+
+
+def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, backend: str = "cpu") -> np.ndarray:
+    """Rotate adjacent pairs of each head of x (float32 (T, heads, D)) by positions (int64 (T,))
+    times inv_freq (float64 (rope_dim // 2,)). Returns a new float32 (T, heads, D)."""
+    if backend == "reference":
+        return reference_ops.rope(x, positions, inv_freq)
+    out = np.empty_like(x)
+    cpu_ops.rope(x, positions, inv_freq, out)
+    return out
+
+
+def attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,
+              v_cache: np.ndarray, start_pos: int, window: int, backend: str = "cpu") -> np.ndarray:
+    """Causal grouped-query attention of a chunk of T tokens at positions start_pos...
+
+    q: float32 (T, H, D); k_new, v_new: (T, KV, D); k_cache, v_cache: (KV, S, D), position p at
+    slot p % S, holding (at least) the S positions before start_pos; window: sliding window (0 for
+    none). Returns a new float32 (T, H, D). The reference gathers the visible keys out of the ring
+    and applies kernels.reference.ops.attention, the band-mask definition; the CPU kernel reads
+    the ring in place (kernels.cpu.ops.attention).
+    """
+    if backend == "reference":
+        n_tokens, n_slots = len(q), k_cache.shape[1]
+        past = np.arange(max(0, start_pos - n_slots), start_pos)
+        positions = np.arange(start_pos, start_pos + n_tokens)
+        keys = np.concatenate([k_cache[:, past % n_slots].transpose(1, 0, 2), k_new])
+        values = np.concatenate([v_cache[:, past % n_slots].transpose(1, 0, 2), v_new])
+        return reference_ops.attention(q, keys, values, positions, np.concatenate([past, positions]),
+                                       window)
+    out = np.empty_like(q)
+    cpu_ops.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out)
+    return out
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, backend: str = "cpu") -> np.ndarray:
+    """silu(gate) * up. gate, up: float32 (T, ffn_dim). Returns a new float32 (T, ffn_dim)."""
+    if backend == "reference":
+        return reference_ops.swiglu(gate, up)
+    out = np.empty_like(gate)
+    cpu_ops.swiglu(gate, up, out)
+    return out
+
+
+def add_(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x += y in place (the residual stream). x, y: float32 (T, dim). Returns x."""
+    return np.add(x, y, out=x)
+
+
+def kv_write_(k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, k: np.ndarray,
+              v: np.ndarray) -> None:
+    """In place: store keys and values (T, KV, D) of positions start_pos.. in a ring cache
+    (KV, S, D) at slots p % S; when T > S only the last S positions are kept (later ones win)."""
+    n_slots, keep = k_cache.shape[1], min(len(k), k_cache.shape[1])
+    slots = np.arange(start_pos + len(k) - keep, start_pos + len(k)) % n_slots
+    k_cache[:, slots] = k[-keep:].transpose(1, 0, 2)
+    v_cache[:, slots] = v[-keep:].transpose(1, 0, 2)

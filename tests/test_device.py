@@ -1,0 +1,92 @@
+"""The Device interface: every device implements it, and the reference device (the NumPy kernels
+that read like the spec) runs the whole model, agreeing with the CPU device."""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+import mistral_ref_kernels as kernels
+from mistral_ref_kernels.device import Device
+from mistral_ref.model import Model
+from mistral_ref.tokenizer import Tokenizer
+
+PROTOCOL_METHODS = [name for name, member in vars(Device).items()
+                    if callable(member) and not name.startswith("_")]
+
+
+@pytest.mark.parametrize("name", kernels.DEVICES)
+def test_every_device_implements_the_protocol(name):
+    device = kernels.device(name)
+    assert isinstance(device, Device) and device.name == name
+    assert set(PROTOCOL_METHODS) >= {"matmul", "rope", "attention", "copy", "add_", "kv_write_"}
+    for method in PROTOCOL_METHODS:  # the model calls them positionally: same arity
+        expected = len(inspect.signature(getattr(Device, method)).parameters) - 1  # no self
+        parameters = inspect.signature(getattr(device, method)).parameters.values()
+        assert [p.kind for p in parameters] == [inspect.Parameter.POSITIONAL_OR_KEYWORD] * expected, method
+
+
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
+def test_out_of_place_operations_leave_their_input_alone(backend):
+    """Only names ending in _ write into their arguments: the model relies on rope returning its
+    result (it once discarded it, which the in-place CPU kernel hid)."""
+    device = kernels.device(backend)
+    x = np.random.default_rng(0).standard_normal((3, 2, 8)).astype(np.float32)
+    before = x.copy()
+    rotated = device.rope(x, np.arange(3), 10000.0 ** -(np.arange(0, 8, 2) / 8))
+    assert np.array_equal(x, before) and not np.allclose(rotated[1:], x[1:])
+    copied = device.copy(x)
+    copied[0] = 0
+    assert np.array_equal(x, before)
+
+
+def test_unknown_device():
+    with pytest.raises(ValueError, match="unknown device 'tpu'.*reference, cpu, cuda"):
+        kernels.device("tpu")
+
+
+@pytest.mark.slow
+def test_reference_device_runs_the_model_like_the_cpu(default_model):
+    """SmolLM2 end to end on the NumPy reference kernels: logits within 1e-4 (relative to their
+    range) of the CPU device's exact float32 path, at every position of a prompt and a decode
+    step."""
+    ids = Tokenizer.from_gguf(default_model).encode("The capital of France is")
+    reference, cpu = (Model.from_gguf(default_model, device=d) for d in ("reference", "cpu"))
+    assert reference.device.name == "reference"
+    expected = cpu.logits(ids)
+    got = reference.logits(ids)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * scale)
+    assert np.argmax(got[-1]) == np.argmax(expected[-1])
+    caches = [model.new_cache(len(ids) + 1) for model in (reference, cpu)]
+    for model, cache in zip((reference, cpu), caches):
+        model.forward(ids, cache)
+    np.testing.assert_allclose(reference.forward([567], caches[0]), cpu.forward([567], caches[1]),
+                               rtol=0, atol=1e-4 * scale)
+
+
+def test_reference_device_with_q8_activations_matches_the_cpu(tmp_path):
+    """llama.cpp's numerics on both host devices, token by token (the CPU's q8 prefill multiplies
+    round-tripped activations with BLAS instead) through a tiny model with a sliding window
+    shorter than the sequence: the integer block sums are exact, so only float order differs."""
+    from conftest import tiny_tensors, write_tiny_gguf
+    from gguf import GGMLQuantizationType as QType
+
+    dims = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=50)
+    tensors = tiny_tensors(**dims)
+    formats = {"attn_q": QType.Q8_0, "attn_k": QType.Q5_0, "attn_v": QType.Q4_1,
+               "attn_output": QType.Q5_K, "ffn_gate": QType.Q4_K, "ffn_up": QType.Q4_K,
+               "ffn_down": QType.Q6_K}
+    raw_types = {name: formats[name.split(".")[2]] for name in tensors
+                 if name.startswith("blk.") and name.split(".")[2] in formats}
+    for name, qtype in raw_types.items():
+        tensors[name] = kernels.quantize(tensors[name], qtype)
+    path = write_tiny_gguf(tmp_path / "m.gguf", arch="mistral", tensors=tensors, raw_types=raw_types,
+                           metadata={"{arch}.attention.sliding_window": 3}, **dims)
+    reference, cpu = (Model.from_gguf(path, device=d, activations="q8") for d in ("reference", "cpu"))
+    caches = [model.new_cache(8) for model in (reference, cpu)]
+    for token in [3, 14, 15, 9, 26, 5, 35]:
+        expected = cpu.forward([token], caches[1])
+        np.testing.assert_allclose(reference.forward([token], caches[0]), expected, rtol=0,
+                                   atol=1e-4 * np.abs(expected).max())
