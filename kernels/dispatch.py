@@ -132,7 +132,8 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
     tokens dequantize W a tile of rows at a time into `scratch` (float32, at least one row;
     allocated when None) and multiply the tile with BLAS. `activations`: see ACTIVATIONS; with
     "q8", k-quant weights see x in Q8_K blocks and 32-weight formats in Q8_0/Q8_1 blocks (F16/F32
-    weights see x unchanged).
+    weights see x unchanged). The reference backend dequantizes W once and multiplies in float64,
+    or with "q8" runs llama.cpp's integer block dot products token by token.
     """
     fmt = block_format(qtype)
     _check_backend(backend)
