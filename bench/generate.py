@@ -3,7 +3,7 @@ latency (cold and warm), peak RSS and effective weight bandwidth; with --compare
 llama-cpp-python and mistralrs at the same thread count, with ratios ours / theirs.
 
 Usage: python bench/generate.py [--model PATH] [--prompt-tokens 128] [--gen-tokens 128]
-           [--threads N] [--repeat 3] [--compare] [--activations f32|q8] [--profile]
+           [--threads N] [--repeat 3] [--compare] [--activations f32|q8] [--profile] [--plot PNG]
 
 Every engine runs in its own subprocess (this script with --worker ENGINE), so the peak RSS
 (VmHWM) is that engine's alone. Ours runs twice: first with NUMBA_CACHE_DIR pointing at a fresh
@@ -202,6 +202,40 @@ def print_table(rows: list[dict]) -> None:
             + " |")
 
 
+def cpu_name() -> str:
+    """The CPU's model name and widest vector extension (machines of one name differ)."""
+    with open("/proc/cpuinfo") as f:
+        info = f.read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    vector = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags
+              else "AVX2" if "avx2" in flags else "no AVX2")
+    return f"{name}, {vector}, {os.cpu_count()} cores"
+
+
+def save_plot(args, rows: list[dict], path: Path) -> None:
+    """Prefill and decode tok/s of each engine as bars, with the run's settings in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in zip(axes, ("prefill", "decode"), ("prefill tok/s", "decode tok/s")):
+        bars = ax.bar([r["engine"] for r in rows], [r[key] for r in rows],
+                      color=["tab:blue"] + ["tab:gray"] * (len(rows) - 1))
+        ax.bar_label(bars, fmt="%.1f")
+        ax.margins(y=0.15)
+        ax.set_title(title)
+    fig.suptitle(f"{args.model.name}, {args.prompt_tokens} + {args.gen_tokens} tokens, "
+                 f"{args.threads} threads, activations {args.activations or 'default'}\n"
+                 f"{cpu_name()}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"# plot: {path}")
+
+
 def bench(args) -> None:
     from mistral_ref.gguf import load_gguf
     tensor_bytes = sum(t.data.nbytes for t in load_gguf(args.model).tensors.values())
@@ -227,6 +261,8 @@ def bench(args) -> None:
         rows.append(summarize(args, engine, spawn(args, engine, text, args.repeat + 1, env), None,
                               tensor_bytes))
     print_table(rows)
+    save_plot(args, rows, args.plot or Path(__file__).parent.parent / "docs" / "figures" /
+              f"generate-{args.model.stem}-{args.activations or 'default'}.png")
     print(f"# load average at end {os.getloadavg()[0]:.1f} (other processes share the cores)")
     print("# weights GB/s = file's tensor bytes / decode time per token (every weight is read once "
           "per token; the input embedding only one row of it, so untied-output models overstate)")
@@ -317,6 +353,8 @@ def main() -> None:
     parser.add_argument("--activations", choices=("f32", "q8"),
                         help="our matmul input precision (passed to Model.from_gguf when given)")
     parser.add_argument("--profile", action="store_true", help="time one decode step by kernel")
+    parser.add_argument("--plot", type=Path,
+                        help="where to save the plot (default: docs/figures/generate-MODEL-ACT.png)")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
