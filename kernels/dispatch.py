@@ -146,16 +146,16 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
         raise ValueError(f"activations must be float32, got {x.dtype}")
     rows, x = read_only(np.ascontiguousarray(rows)), np.ascontiguousarray(x)
     out = np.empty((n_tokens, rows.shape[0]), np.float32)
-    q8 = activations == "q8" and fmt.qtype in reference_vec_dot.VEC_DOT
+    q8 = activations == "q8" and fmt.qtype in reference_vec_dot.VEC_DOT  # the formats with q8 numerics
     if backend == "reference":
         if q8:
             for t in range(n_tokens):
                 out[t] = reference_vec_dot.matvec_q8(rows, fmt.qtype, x[t])
         else:
             out[:] = reference_ops.matmul(rows, fmt.qtype, x)
-    elif n_tokens == 1 and q8:
+    elif n_tokens == 1 and q8 and fmt.qtype in CPU_MATVEC_Q8:
         CPU_MATVEC_Q8[fmt.qtype](rows, x[0], out[0])
-    elif n_tokens == 1 and fmt.qtype in CPU_MATVEC:
+    elif n_tokens == 1 and not q8 and fmt.qtype in CPU_MATVEC:
         CPU_MATVEC[fmt.qtype](rows, x[0], out[0])
     else:
         if q8:

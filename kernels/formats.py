@@ -2,7 +2,7 @@
 
 A quantized row of `n` weights is `n / block_size` consecutive blocks of `type_size` bytes. The
 fields of one block are a NumPy structured dtype below; the NumPy reference views raw bytes through
-it, and the Numba and CUDA kernels take their byte offsets from it through the `Layout` constants
+it, and the Numba and CUDA kernels take their byte offsets from it through the layout constants
 at the end (`Q4_K.size`, `Q4_K.qs`, ...), so a layout exists in exactly one place. Field names follow llama.cpp's `block_*` structs in
 ggml-common.h. All multi-byte fields are little-endian; `d`, `m` and `dmin` are IEEE fp16.
 """

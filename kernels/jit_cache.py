@@ -11,6 +11,7 @@ NUMBA_CACHE_DIR, else __pycache__ beside the source, else the user's cache direc
 from __future__ import annotations
 
 import hashlib
+import warnings
 from functools import cache
 from pathlib import Path
 
@@ -66,8 +67,10 @@ def install(root: str | Path) -> None:
     if "numba.cuda" in sys.modules:
         try:
             from numba.cuda.core import caching as cuda_caching
-        except ImportError:  # the simulator: it caches nothing
+            bases = (cuda_caching._UserProvidedCacheLocator, cuda_caching._InTreeCacheLocator,
+                     cuda_caching._UserWideCacheLocator)  # private names: they may move
+        except (ImportError, AttributeError) as e:
+            warnings.warn(f"numba-cuda's kernel cache is not stamped with the package source "
+                          f"(edit a helper, then delete kernels/cuda/__pycache__): {e}")
             return
-        _install_in(cuda_caching.CacheImpl, (cuda_caching._UserProvidedCacheLocator,
-                                             cuda_caching._InTreeCacheLocator,
-                                             cuda_caching._UserWideCacheLocator), root)
+        _install_in(cuda_caching.CacheImpl, bases, root)

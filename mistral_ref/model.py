@@ -80,7 +80,9 @@ class Model:
         self.file, self.config, self.activations = gguf, gguf.config, activations
         self.device = kernels.device(device, activations)  # the forward's operations
         t, c, dev = gguf.tensors, gguf.config, self.device
-        vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape))
+        backend = getattr(dev, "backend", "cpu")  # a host device's; the cuda device's host side
+        vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape,
+                                                            backend))
         matrix = lambda name: Weight(dev.upload(self._check_type(t[name], name).rows), t[name].qtype)
         self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrix(f"blk.{i}.attn_q.weight"),
                              matrix(f"blk.{i}.attn_k.weight"), matrix(f"blk.{i}.attn_v.weight"),

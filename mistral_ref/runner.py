@@ -184,7 +184,7 @@ class Runner:
 
     which: the model (see `Which`). chat_template: a Jinja template or a file holding one,
     overriding the GGUF's. seed: default random seed of requests that give none (None: fresh
-    entropy). device: "cpu" or "cuda". activations: "q8" (default on the CPU: activations
+    entropy). device: "cpu", "cuda" or "reference" (kernels.device). activations: "q8" (default on the CPU: activations
     quantized to 8 bits before each quantized matmul, llama.cpp's and mistral.rs's numerics, and
     twice the decode speed) or "f32" (exact float32 arithmetic; the cuda device's only mode).
     token_source: accepted for mistral.rs compatibility; nothing is fetched, so it is not used.

@@ -27,8 +27,7 @@ from mistral_ref_kernels import cuda as gpu  # noqa: E402
 from mistral_ref_kernels.cuda import backend  # noqa: E402
 from mistral_ref_kernels.reference import ops as ref  # noqa: E402
 
-FORMATS = [QType.F32, QType.F16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K,
-           QType.Q5_K, QType.Q6_K]
+FORMATS = list(gpu.SUPPORTED)
 
 
 def close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5) -> None:
@@ -163,7 +162,7 @@ def test_kv_write(start_pos, n_tokens):
     k_cache, v_cache = activations((2, n_slots, 4)), activations((2, n_slots, 4), seed=2)
     k, v = activations((n_tokens, 2, 4), seed=3), activations((n_tokens, 2, 4), seed=4)
     k_dev, v_dev = cuda.to_device(k_cache), cuda.to_device(v_cache)
-    gpu.kv_write(k_dev, v_dev, start_pos, cuda.to_device(k), cuda.to_device(v))
+    gpu.kv_write_(k_dev, v_dev, start_pos, cuda.to_device(k), cuda.to_device(v))
     for t in range(n_tokens):  # sequential writes: the last position of a slot wins
         k_cache[:, (start_pos + t) % n_slots] = k[t]
         v_cache[:, (start_pos + t) % n_slots] = v[t]

@@ -22,9 +22,9 @@ from mistral_ref_kernels.reference import vec_dot as reference_vec_dot
 from mistral_ref_kernels.cpu.fp16 import f32_to_fp16_bits
 from mistral_ref_kernels.formats import block_format
 
-LEGACY = [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
-K_QUANTS = [QType.Q4_K, QType.Q5_K, QType.Q6_K]
-ALL = LEGACY + K_QUANTS
+ALL = list(kernels.QUANTIZABLE)
+LEGACY = [t for t in ALL if block_format(t).block_size == kernels.QK]
+K_QUANTS = [t for t in ALL if block_format(t).block_size == kernels.QK_K]
 
 
 def weights(seed: int, rows: int = 8, cols: int = 1024) -> np.ndarray:
@@ -103,7 +103,7 @@ def test_bytes_equal_llama_cpp(qtype):
 # outliers, all-negative, tiny, mixed group scales, rounding ties, tied +-peaks).
 FIXTURE = Path(__file__).parent / "fixtures" / "llama_cpp_quants.npz"
 Q8_K_BLOCK = reference_vec_dot.Q8_K_BLOCK
-DEQUANTIZED_TYPES = LEGACY + [QType.Q2_K, QType.Q3_K] + K_QUANTS
+DEQUANTIZED_TYPES = [t for t in kernels.FORMATS if block_format(t).block_size > 1]  # quantized ones
 BACKENDS = ["reference", "cpu"]
 
 

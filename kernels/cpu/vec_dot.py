@@ -26,7 +26,7 @@ from .dequant import k_scale_min, q5_high_bits
 from . import FASTMATH, format_kernel, lanes
 from .fp16 import f32_to_fp16_bits, fp16_at, half_to_float
 from .quant import inverse, nearest_int, roundf
-from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+from ..formats import FORMATS, QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
 HALF = QK // 2  # bytes of 4-bit weights in a legacy block
@@ -283,7 +283,7 @@ Q8_ROW_DOT = {QType.Q4_0: q4_0_row, QType.Q4_1: q4_1_row, QType.Q5_0: q5_0_row,
               QType.Q5_1: q5_1_row, QType.Q8_0: q8_0_row, QType.Q4_K: q4_k_row,
               QType.Q5_K: q5_k_row, QType.Q6_K: q6_k_row}
 SUPPORTED = tuple(Q8_ROW_DOT)
-SUPER_BLOCK_TYPES = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+SUPER_BLOCK_TYPES = tuple(t for t in Q8_ROW_DOT if FORMATS[t].block_size == QK_K)  # Q8_K partners
 
 
 def q8_row_dot(qtype, row, xq, xd, xs, xsum):

@@ -12,13 +12,13 @@ from .. import jit_cache
 
 jit_cache.install(Path(__file__).parent.parent)  # numba-cuda's cache, now that it is imported
 
-from .backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write,  # noqa: E402
+from .backend import (MAX_HEAD_DIM, add_, attention, available, embed, kv_write_,  # noqa: E402
                       matmul, rmsnorm, rope, simulated, swiglu, upload)
 from .blocks import UNITS  # noqa: E402
 
 SUPPORTED = tuple(UNITS)
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED", "CUDADevice", "add_", "attention", "available", "embed", "kv_write",
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED", "CUDADevice", "add_", "attention", "available", "embed", "kv_write_",
            "matmul", "rmsnorm", "rope", "simulated", "swiglu", "upload"]
 
 
@@ -58,8 +58,7 @@ class CUDADevice:
         return embed(rows, qtype, tokens, dim)
 
     def rope(self, x, positions: np.ndarray, inv_freq):
-        return rope(self.copy(x), cuda.to_device(np.ascontiguousarray(positions, np.int64)),
-                    inv_freq)
+        return rope(x, cuda.to_device(np.ascontiguousarray(positions, np.int64)), inv_freq)
 
     matmul, add_, rmsnorm = staticmethod(matmul), staticmethod(add_), staticmethod(rmsnorm)
-    attention, swiglu, kv_write_ = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write)
+    attention, swiglu, kv_write_ = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write_)

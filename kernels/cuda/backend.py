@@ -333,27 +333,30 @@ def rmsnorm(x_dev, weight_dev, eps: float):
 
 
 @cuda.jit(cache=True)
-def _rope(x, positions, inv_freq):
-    """One thread per (token, head, pair); angle in float64 so long positions stay exact."""
+def _rope(x, positions, inv_freq, out):
+    """One thread per element of out, consecutive threads on consecutive elements: its half of a
+    rotated pair, or a copy past rope_dim; angle in float64 so long positions stay exact."""
     idx = cuda.grid(1)
-    n_heads, n_pairs = x.shape[1], inv_freq.shape[0]
-    if idx < x.shape[0] * n_heads * n_pairs:
-        i, th = idx % n_pairs, idx // n_pairs
-        t, h = th // n_heads, th % n_heads
-        angle = positions[t] * inv_freq[i]
-        c, s = F32(math.cos(angle)), F32(math.sin(angle))
-        a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
-        x[t, h, 2 * i] = a * c - b * s
-        x[t, h, 2 * i + 1] = a * s + b * c
+    n_heads, head_dim = x.shape[1], x.shape[2]
+    if idx < x.shape[0] * n_heads * head_dim:
+        d, th = idx % head_dim, idx // head_dim
+        t, h, i = th // n_heads, th % n_heads, d // 2
+        if i < inv_freq.shape[0]:
+            angle = positions[t] * inv_freq[i]
+            c, s = F32(math.cos(angle)), F32(math.sin(angle))
+            a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
+            out[t, h, d] = a * c - b * s if d % 2 == 0 else a * s + b * c
+        else:
+            out[t, h, d] = x[t, h, d]
 
 
 def rope(x_dev, positions_dev, inv_freq_dev):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of each head in place by positions[t] * inv_freq[i].
-    x: float32 (T, heads, D); positions: int64 (T,); inv_freq: float64 (rope_dim // 2,).
-    Returns x."""
-    n = x_dev.shape[0] * x_dev.shape[1] * inv_freq_dev.shape[0]
-    _launch(_rope, _grid(n, THREADS), THREADS, x_dev, positions_dev, inv_freq_dev)
-    return x_dev
+    """x with adjacent pairs (x[2i], x[2i+1]) of each head rotated by positions[t] * inv_freq[i];
+    pairs past rope_dim unchanged. x: float32 (T, heads, D); positions: int64 (T,); inv_freq:
+    float64 (rope_dim // 2,). Returns a new device array (T, heads, D)."""
+    out = cuda.device_array_like(x_dev)
+    _launch(_rope, _grid(x_dev.size, THREADS), THREADS, x_dev, positions_dev, inv_freq_dev, out)
+    return out
 
 
 @cuda.jit(cache=True)
@@ -462,8 +465,8 @@ def _kv_write(k_cache, v_cache, start_pos, k, v):
             v_cache[kv, slot, d] = v[t, kv, d]
 
 
-def kv_write(k_cache_dev, v_cache_dev, start_pos: int, k_dev, v_dev) -> None:
-    """Store keys and values of positions start_pos .. start_pos + T - 1 at slots p % S.
+def kv_write_(k_cache_dev, v_cache_dev, start_pos: int, k_dev, v_dev) -> None:
+    """In place: store keys and values of positions start_pos .. start_pos + T - 1 at slots p % S.
     k_cache, v_cache: float32 (KV, S, D); k, v: float32 (T, KV, D)."""
     n = k_dev.shape[0] * k_dev.shape[1] * k_dev.shape[2]
     if n:
