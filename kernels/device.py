@@ -86,8 +86,7 @@ class HostDevice:
     weight_types = tuple(FORMATS)
 
     def __init__(self, backend: str = "cpu", activations: str = "f32"):
-        if backend not in dispatch.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(dispatch.BACKENDS)})")
+        dispatch.check_backend(backend)
         if activations not in dispatch.ACTIVATIONS:
             raise ValueError(f"activations must be one of {dispatch.ACTIVATIONS}, got {activations!r}")
         self.name = self.backend = backend

@@ -39,7 +39,7 @@ __all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "B
            "rmsnorm", "rope", "swiglu"]
 
 
-def _check_backend(backend: str) -> None:
+def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
@@ -63,7 +63,7 @@ def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...]
     llama.cpp.
     """
     fmt = block_format(qtype)
-    _check_backend(backend)
+    check_backend(backend)
     shape = tuple(int(n) for n in shape)
     size = int(np.prod(shape, dtype=np.int64))
     raw = read_only(np.ascontiguousarray(raw).view(np.uint8).reshape(-1))
@@ -98,7 +98,7 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
     Returns uint8 (..., row_bytes): the raw layout `gguf.quants.quantize` returns.
     """
     fmt = block_format(qtype)
-    _check_backend(backend)
+    check_backend(backend)
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise TypeError(f"quantize needs float32 weights, got {x.dtype}")
@@ -136,7 +136,7 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
     or with "q8" runs llama.cpp's integer block dot products token by token.
     """
     fmt = block_format(qtype)
-    _check_backend(backend)
+    check_backend(backend)
     if activations not in ACTIVATIONS:
         raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
     n_tokens, n = x.shape
