@@ -282,11 +282,11 @@ def profile(args) -> None:
     # nothing else), and inside kernels.matmul and kernels.attention the compiled kernels they wrap
     # (indented labels: already counted in their caller).
     dev = model.device
-    operations = ("embed", "matmul", "rmsnorm", "rope", "attention", "kv_write_", "add_", "swiglu")
+    operations = ("embed", "matmul", "matmuls", "rmsnorm", "rope", "attention", "kv_write_", "add_", "swiglu")
     points = [(dev, name, f"device.{name}") for name in operations if hasattr(dev, name)]
     points.append((kernels.dispatch.cpu_ops, "attention", "  numba attention kernel"))
     kernel_maps = [(kernels.dispatch.CPU_MATVEC, "  numba matvec kernels (f32 activations)"),
-                   (kernels.dispatch.CPU_MATVEC_Q8, "  numba matvec kernels (q8 activations)")]
+                   (kernels.dispatch.CPU_MATMUL_Q8, "  numba matmul kernels (q8 activations)")]
     spent = {label: [0, 0.0] for _, _, label in points + [(None, None, label) for _, label in kernel_maps]}
 
     def timed(fn, label):

@@ -1,5 +1,6 @@
 """Decode matvec throughput in GB/s of quantized weights: the float32-activation kernel
-(kernels.cpu.matvec), the q8-activation kernel with llama.cpp's numerics (kernels.cpu.vec_dot),
+(kernels.cpu.matvec), the q8-activation kernel with llama.cpp's numerics (kernels.cpu.vec_dot,
+with T = 1 column; it quantizes x in each call, as llama.cpp does),
 the NumPy reference of the latter, and llama.cpp's own mul_mat when llama-cpp-python is installed,
 on Mistral-7B-shaped matrices.
 
@@ -25,7 +26,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from mistral_ref_kernels.cpu.matvec import MATVEC
-from mistral_ref_kernels.cpu.vec_dot import MATVEC_Q8
+from mistral_ref_kernels.cpu.vec_dot import MATMUL_Q8, matmul_q8
 from mistral_ref_kernels.formats import FORMATS
 from mistral_ref_kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
 
@@ -56,9 +57,10 @@ def best_seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-class LlamaCppMatvec:
-    """llama.cpp's own W @ x: a ggml graph with one mul_mat, computed by libggml-cpu (through the
-    libraries llama-cpp-python ships). None-like when unavailable."""
+class LlamaCppMatmul:
+    """llama.cpp's own x @ W.T: a ggml graph with one mul_mat, computed by libggml-cpu (through
+    the libraries llama-cpp-python ships), weights as the file stores them (a model loaded by
+    llama.cpp may repack Q4_0 / Q4_K rows for its gemm; this does not)."""
 
     def __init__(self):
         import llama_cpp
@@ -77,8 +79,6 @@ class LlamaCppMatvec:
         self.base.ggml_init.argtypes = [InitParams]
         self.base.ggml_new_tensor_2d.restype = vp
         self.base.ggml_new_tensor_2d.argtypes = [vp, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        self.base.ggml_new_tensor_1d.restype = vp
-        self.base.ggml_new_tensor_1d.argtypes = [vp, ctypes.c_int, ctypes.c_int64]
         self.base.ggml_get_data.restype = vp
         self.base.ggml_get_data.argtypes = [vp]
         self.base.ggml_mul_mat.restype = vp
@@ -90,18 +90,20 @@ class LlamaCppMatvec:
         self.cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, ctypes.c_int]
 
     def prepare(self, rows: np.ndarray, qtype: QType, x: np.ndarray, n_threads: int):
-        """Returns a function computing W @ x in llama.cpp, and the array its result lands in."""
+        """A function computing x @ W.T in llama.cpp (x float32 (n,) or (T, n)), and the array
+        (x's leading shape + (n_rows,)) its result lands in."""
         base = self.base
+        n_columns, n = (1, x.size) if x.ndim == 1 else x.shape
         ctx = base.ggml_init(self.InitParams(rows.nbytes + x.nbytes * 4 + (64 << 20), None, False))
-        w = base.ggml_new_tensor_2d(ctx, int(qtype), x.size, rows.shape[0])
+        w = base.ggml_new_tensor_2d(ctx, int(qtype), n, rows.shape[0])
         ctypes.memmove(base.ggml_get_data(w), rows.ctypes.data, rows.nbytes)
-        v = base.ggml_new_tensor_1d(ctx, int(QType.F32), x.size)
-        ctypes.memmove(base.ggml_get_data(v), x.ctypes.data, x.nbytes)
+        v = base.ggml_new_tensor_2d(ctx, int(QType.F32), n, n_columns)
+        ctypes.memmove(base.ggml_get_data(v), np.ascontiguousarray(x).ctypes.data, x.nbytes)
         y = base.ggml_mul_mat(ctx, w, v)
         graph = base.ggml_new_graph(ctx)
         base.ggml_build_forward_expand(graph, y)
         out = np.ctypeslib.as_array(ctypes.cast(base.ggml_get_data(y), ctypes.POINTER(ctypes.c_float)),
-                                    shape=(rows.shape[0],))
+                                    shape=x.shape[:-1] + (rows.shape[0],))
         self._contexts.append(ctx)
         return (lambda: self.cpu.ggml_graph_compute_with_ctx(ctx, graph, n_threads)), out
 
@@ -115,14 +117,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096"])
-    parser.add_argument("--types", nargs="+", default=[t.name for t in MATVEC_Q8])
+    parser.add_argument("--types", nargs="+", default=[t.name for t in MATMUL_Q8])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) NumPy reference")
     parser.add_argument("--stream", type=float, default=0,
                         help="MB of weight copies to cycle through (0: one matrix)")
     args = parser.parse_args()
     try:
-        llama = LlamaCppMatvec()
+        llama = LlamaCppMatmul()
     except (ImportError, IndexError, OSError, AttributeError):
         llama = None
 
@@ -151,7 +153,7 @@ def main() -> None:
                 numba.set_num_threads(threads)
                 f32 = gbs(best_seconds(lambda: [MATVEC[qtype](c, x, out)
                                                 for c in copies], args.repeats))
-                q8 = gbs(best_seconds(lambda: [MATVEC_Q8[qtype](c, x, out) for c in copies],
+                q8 = gbs(best_seconds(lambda: [matmul_q8(c, qtype, x[None]) for c in copies],
                                       args.repeats))
                 theirs = "-"
                 if llama is not None:

@@ -11,6 +11,7 @@ new array, except those whose name ends in `_`, which write into their first arg
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -47,6 +48,10 @@ class Device(Protocol):
     def matmul(self, rows: Array, qtype: QType, x: Array) -> Array:
         """x @ W.T: rows uint8 (n_rows, row_bytes), W in format `qtype`; x (T, n). Returns
         (T, n_rows)."""
+
+    def matmuls(self, weights: Sequence[tuple[Array, QType]], x: Array) -> list[Array]:
+        """[matmul(rows, qtype, x) for each (rows, qtype)]: matrices sharing their input (q, k, v;
+        gate, up), so that x is prepared (quantized, with q8 activations) once."""
 
     def embed(self, rows: Array, qtype: QType, tokens: np.ndarray, dim: int) -> Array:
         """Rows `tokens` (int64 (T,), host) of an embedding table (vocab, row_bytes), dequantized:
@@ -107,6 +112,9 @@ class HostDevice:
 
     def matmul(self, rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
         return dispatch.matmul(rows, qtype, x, self.backend, self.scratch, self.activations)
+
+    def matmuls(self, weights: Sequence[tuple[np.ndarray, QType]], x: np.ndarray) -> list[np.ndarray]:
+        return dispatch.matmuls(weights, x, self.backend, self.scratch, self.activations)
 
     def embed(self, rows: np.ndarray, qtype: QType, tokens: np.ndarray, dim: int) -> np.ndarray:
         return dispatch.dequantize(rows[tokens], qtype, (len(tokens), dim), self.backend)

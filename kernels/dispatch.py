@@ -6,6 +6,7 @@ as the forward pass's devices; kernels.cuda has the same operations on device ar
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -17,8 +18,8 @@ from .cpu import ops as cpu_ops
 from .cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
 from .cpu.matvec import MATVEC as CPU_MATVEC
 from .cpu.quant import QUANTIZE as CPU_QUANTIZE
-from .cpu.vec_dot import MATVEC_Q8 as CPU_MATVEC_Q8
-from .cpu.vec_dot import round_trip_q8
+from .cpu.vec_dot import MATMUL_Q8 as CPU_MATMUL_Q8
+from .cpu.vec_dot import SUPER_BLOCK_TYPES, quantize_activations
 from .formats import FORMATS, QK, QK_K, BlockFormat, block_format
 from .reference import ops as reference_ops
 from .reference import vec_dot as reference_vec_dot
@@ -35,7 +36,7 @@ ACTIVATIONS = ("f32", "q8")
 _THREADPOOLS = ThreadpoolController()
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat",
-           "add_", "attention", "block_format", "dequantize", "kv_write_", "matmul", "quantize",
+           "add_", "attention", "block_format", "dequantize", "kv_write_", "matmul", "matmuls", "quantize",
            "rmsnorm", "rope", "swiglu"]
 
 
@@ -128,49 +129,60 @@ def matmul(rows: np.ndarray, qtype: QType | str | int, x: np.ndarray, backend: s
     """x @ W.T for a quantized weight matrix W: the transformer's linear layer.
 
     rows: uint8 (n_rows, row_bytes), W's rows in its block format; x: float32 (T, n).
-    Returns float32 (T, n_rows). One token (T = 1) runs a fused dequantize-and-dot kernel; more
-    tokens dequantize W a tile of rows at a time into `scratch` (float32, at least one row;
-    allocated when None) and multiply the tile with BLAS. `activations`: see ACTIVATIONS; with
-    "q8", k-quant weights see x in Q8_K blocks and 32-weight formats in Q8_0/Q8_1 blocks (F16/F32
-    weights see x unchanged). The reference backend dequantizes W once and multiplies in float64,
-    or with "q8" runs llama.cpp's integer block dot products token by token.
+    Returns float32 (T, n_rows). `activations` (see ACTIVATIONS): with "q8", k-quant weights see
+    x in Q8_K blocks and 32-weight formats in Q8_0/Q8_1 blocks, multiplied by integer kernels for
+    any T (kernels.cpu.vec_dot; F16/F32/Q2_K/Q3_K weights see x unchanged). With "f32", one
+    token (T = 1) runs a fused dequantize-and-dot kernel; more tokens dequantize W a tile of rows
+    at a time into `scratch` (float32, at least one row; allocated when None) and multiply the
+    tile with BLAS. The reference backend dequantizes W once and multiplies in float64, or with
+    "q8" runs llama.cpp's integer block dot products token by token.
     """
-    fmt = block_format(qtype)
+    return matmuls([(rows, qtype)], x, backend, scratch, activations)[0]
+
+
+def matmuls(weights: Sequence[tuple[np.ndarray, QType | str | int]], x: np.ndarray,
+            backend: str = "cpu", scratch: np.ndarray | None = None,
+            activations: str = "f32") -> list[np.ndarray]:
+    """[x @ W.T for each (rows, qtype) of `weights`]: matmul for matrices that share their input
+    (q, k, v; gate, up). With "q8" activations x is quantized once per activation format."""
     check_backend(backend)
     if activations not in ACTIVATIONS:
         raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
-    n_tokens, n = x.shape
-    if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(n):
-        raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of {n} weights")
-    if x.dtype != np.float32:
-        raise ValueError(f"activations must be float32, got {x.dtype}")
-    rows, x = read_only(np.ascontiguousarray(rows)), np.ascontiguousarray(x)
-    out = np.empty((n_tokens, rows.shape[0]), np.float32)
-    q8 = activations == "q8" and fmt.qtype in reference_vec_dot.VEC_DOT  # the formats with q8 numerics
-    if backend == "reference":
+    if x.ndim != 2 or x.dtype != np.float32:
+        raise ValueError(f"activations must be float32 (T, n), got {x.dtype} {x.shape}")
+    x = np.ascontiguousarray(x)
+    quantized: dict[bool, tuple] = {}  # by Q8_K (True) or Q8_0/Q8_1 (False)
+    outs = []
+    for rows, qtype in weights:
+        fmt = block_format(qtype)
+        if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(x.shape[1]):
+            raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of "
+                             f"{x.shape[1]} weights")
+        rows = read_only(np.ascontiguousarray(rows))
+        q8 = activations == "q8" and fmt.qtype in reference_vec_dot.VEC_DOT  # formats with q8 numerics
+        if backend == "reference":
+            outs.append(np.stack([reference_vec_dot.matvec_q8(rows, fmt.qtype, column) for column in x])
+                        if q8 else reference_ops.matmul(rows, fmt.qtype, x))
+            continue
+        out = np.empty((x.shape[0], rows.shape[0]), np.float32)
         if q8:
-            for t in range(n_tokens):
-                out[t] = reference_vec_dot.matvec_q8(rows, fmt.qtype, x[t])
+            super_blocks = fmt.qtype in SUPER_BLOCK_TYPES
+            if super_blocks not in quantized:
+                quantized[super_blocks] = quantize_activations(x, super_blocks)
+            CPU_MATMUL_Q8[fmt.qtype](rows, *quantized[super_blocks], out)
+        elif x.shape[0] == 1 and fmt.qtype in CPU_MATVEC:
+            CPU_MATVEC[fmt.qtype](rows, x[0], out[0])
         else:
-            out[:] = reference_ops.matmul(rows, fmt.qtype, x)
-    elif n_tokens == 1 and q8 and fmt.qtype in CPU_MATVEC_Q8:
-        CPU_MATVEC_Q8[fmt.qtype](rows, x[0], out[0])
-    elif n_tokens == 1 and not q8 and fmt.qtype in CPU_MATVEC:
-        CPU_MATVEC[fmt.qtype](rows, x[0], out[0])
-    else:
-        if q8:
-            x8 = np.empty_like(x)
-            round_trip_q8(x, fmt.block_size == QK_K, x8)
-            x = x8
-        workers = numba.get_num_threads()
-        if scratch is None or scratch.size < workers * n:
-            scratch = np.empty(max(workers * n, 1 << 21), np.float32)
-        with _THREADPOOLS.limit(limits=1, user_api="blas"):
-            if workers == 1 or rows.shape[0] * n < PREFILL_POOL_MIN_WEIGHTS:
-                _multiply_dequantized(rows, fmt.qtype, x, out, scratch)
-            else:
-                _multiply_dequantized_in_pool(rows, fmt.qtype, x, out, scratch, workers)
-    return out
+            workers = numba.get_num_threads()
+            if scratch is None or scratch.size < workers * x.shape[1]:
+                scratch = np.empty(max(workers * x.shape[1], 1 << 21), np.float32)
+            with _THREADPOOLS.limit(limits=1, user_api="blas"):
+                if workers == 1 or rows.shape[0] * x.shape[1] < PREFILL_POOL_MIN_WEIGHTS:
+                    _multiply_dequantized(rows, fmt.qtype, x, out, scratch)
+                else:
+                    _multiply_dequantized_in_pool(rows, fmt.qtype, x, out, scratch, workers)
+        outs.append(out)
+    return outs
 
 
 # Prefill of a big matrix splits its rows between `workers` threads of our own, each

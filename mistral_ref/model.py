@@ -145,22 +145,27 @@ class Model:
         x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
-            q = self._linear(layer.wq, h).reshape(n_tokens, c.n_heads, c.head_dim)
-            k = self._linear(layer.wk, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
-            v = self._linear(layer.wv, h).reshape(n_tokens, c.n_kv_heads, c.head_dim)
+            q, k, v = self._linears((layer.wq, layer.wk, layer.wv), h)
+            q = q.reshape(n_tokens, c.n_heads, c.head_dim)
+            k = k.reshape(n_tokens, c.n_kv_heads, c.head_dim)
+            v = v.reshape(n_tokens, c.n_kv_heads, c.head_dim)
             q = dev.rope(q, positions, self.inv_freq)
             k = dev.rope(k, positions, self.inv_freq)
             attn = dev.attention(q, k, v, cache.k[i], cache.v[i], start, cache.window)
             dev.kv_write_(cache.k[i], cache.v[i], start, k, v)
             dev.add_(x, self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim)))
             h = dev.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            gate_up = dev.swiglu(self._linear(layer.w_gate, h), self._linear(layer.w_up, h))
+            gate_up = dev.swiglu(*self._linears((layer.w_gate, layer.w_up), h))
             dev.add_(x, self._linear(layer.w_down, gate_up))
         cache.length += n_tokens
         return dev.rmsnorm(x, self.output_norm, c.norm_eps)
 
     def _linear(self, w: Weight, x):
         return self.device.matmul(w.rows, w.qtype, x)
+
+    def _linears(self, weights: Sequence[Weight], x) -> list:
+        """x through several matrices at once: the device quantizes x once for all of them."""
+        return self.device.matmuls([(w.rows, w.qtype) for w in weights], x)
 
     def _check_tokens(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)

@@ -69,27 +69,51 @@ def test_reference_device_runs_the_model_like_the_cpu(default_model):
                                rtol=0, atol=1e-4 * scale)
 
 
-def test_reference_device_with_q8_activations_matches_the_cpu(tmp_path):
-    """llama.cpp's numerics on both host devices, token by token (the CPU's q8 prefill multiplies
-    round-tripped activations with BLAS instead) through a tiny model with a sliding window
-    shorter than the sequence: the integer block sums are exact, so only float order differs."""
+@pytest.fixture
+def mixed_formats_model(tmp_path):
+    """A tiny mistral model whose matrices use the 8 formats of the q8 kernels, with a sliding
+    window (3) shorter than the sequences below."""
     from conftest import tiny_tensors, write_tiny_gguf
     from gguf import GGMLQuantizationType as QType
 
     dims = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=512, vocab=50)
     tensors = tiny_tensors(**dims)
     formats = {"attn_q": QType.Q8_0, "attn_k": QType.Q5_0, "attn_v": QType.Q4_1,
-               "attn_output": QType.Q5_K, "ffn_gate": QType.Q4_K, "ffn_up": QType.Q4_K,
+               "attn_output": QType.Q5_K, "ffn_gate": QType.Q4_K, "ffn_up": QType.Q5_1,
                "ffn_down": QType.Q6_K}
     raw_types = {name: formats[name.split(".")[2]] for name in tensors
                  if name.startswith("blk.") and name.split(".")[2] in formats}
+    raw_types["output.weight"] = QType.Q4_0
     for name, qtype in raw_types.items():
         tensors[name] = kernels.quantize(tensors[name], qtype)
-    path = write_tiny_gguf(tmp_path / "m.gguf", arch="mistral", tensors=tensors, raw_types=raw_types,
-                           metadata={"{arch}.attention.sliding_window": 3}, **dims)
+    return write_tiny_gguf(tmp_path / "m.gguf", arch="mistral", tensors=tensors,
+                           raw_types=raw_types, metadata={"{arch}.attention.sliding_window": 3},
+                           **dims)
+
+
+TOKENS = [3, 14, 15, 9, 26, 5, 35]
+
+
+def test_reference_device_with_q8_activations_matches_the_cpu(mixed_formats_model):
+    """llama.cpp's numerics on both host devices, token by token: the integer block sums are
+    exact, so only float order differs."""
+    path = mixed_formats_model
     reference, cpu = (Model.from_gguf(path, device=d, activations="q8") for d in ("reference", "cpu"))
     caches = [model.new_cache(8) for model in (reference, cpu)]
-    for token in [3, 14, 15, 9, 26, 5, 35]:
+    for token in TOKENS:
         expected = cpu.forward([token], caches[1])
         np.testing.assert_allclose(reference.forward([token], caches[0]), expected, rtol=0,
                                    atol=1e-4 * np.abs(expected).max())
+
+
+def test_q8_prefill_equals_q8_decode_but_for_attention_order(mixed_formats_model):
+    """Every matmul column of a q8 prefill is bit for bit the decode kernel's (tests/test_vec_dot),
+    so the prompt's logits from one prefill and from decoding its tokens one at a time differ
+    only through attention's summation order: float32 rounding, orders of magnitude under the
+    ~0.5 logits that rounding x and multiplying with BLAS used to cost."""
+    model = Model.from_gguf(mixed_formats_model, activations="q8")
+    prefill = model.logits(TOKENS)
+    cache = model.new_cache(len(TOKENS))
+    decode = np.stack([model.forward([token], cache) for token in TOKENS])
+    assert np.array_equal(prefill[0], decode[0])  # one token: no attention sum to reorder
+    assert np.abs(prefill - decode).max() <= 1e-5 * np.abs(decode).max()

@@ -114,7 +114,7 @@ def test_format_registries_agree_and_refuse_unknown_formats():
     from mistral_ref_kernels.cpu import matvec, vec_dot
     from mistral_ref_kernels.reference import vec_dot as reference_vec_dot
 
-    assert set(vec_dot.MATVEC_Q8) == set(reference_vec_dot.VEC_DOT)
+    assert set(vec_dot.MATMUL_Q8) == set(reference_vec_dot.VEC_DOT)
     assert set(matvec.MATVEC) == set(matvec.ROW_DOT)
     unknown = matvec._matvec_kernel(int(QType.Q2_K))
     with pytest.raises(TypingError, match="no float32 matvec kernel for Q2_K.*Q4_K"):

@@ -155,9 +155,9 @@ def q8_k_blocks(x: np.ndarray, backend: str) -> np.ndarray:
     No public function returns them: these are the kernels' internal ones (move with them)."""
     if backend == "reference":
         return reference_vec_dot.quantize_activations(x, QType.Q4_K).view(np.uint8)
-    qs, d, _, sums = cpu_vec_dot.quantize_activations(x, True)
+    qs, d, _, sums = (a[:, 0] for a in cpu_vec_dot.quantize_activations(x[None], True))
     y = np.zeros(len(d), Q8_K_BLOCK)
-    y["d"], y["qs"], y["bsums"] = d, qs.reshape(-1, 256), sums.reshape(-1, 16)
+    y["d"], y["qs"], y["bsums"] = d, qs, sums
     return y.view(np.uint8)
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import mistral_ref_kernels as kernels
 from mistral_ref_kernels.cpu import vec_dot as cpu
+from mistral_ref_kernels.cpu.lanes import AVX2
 from mistral_ref_kernels.formats import FORMATS
 from conftest import random_rows
 from mistral_ref_kernels.reference import vec_dot as ref
@@ -124,61 +125,84 @@ def test_reference_is_dequantized_w_times_round_tripped_x(qtype):
 
 # ------------------------------------------------------------------ Numba vs reference
 
-def numba_activations(x: np.ndarray, qtype: QType):
-    block = 256 if ref.VEC_DOT_TYPE[qtype] == QType.Q8_K else 32
-    qs, d, s = np.empty(x.size, np.int8), np.empty(x.size // block, np.float32), np.empty(x.size // block, np.float32)
-    if block == 256:
-        sums = np.empty(x.size // 16, np.int32)
-        cpu.quantize_q8_k(x, qs, d, s, sums)
-    else:
-        sums = np.empty(x.size // 32, np.int32)
-        cpu.quantize_q8_0(x, qs, d, s, sums)
-    return qs, d, s, sums
-
-
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q4_K], ids=lambda t: t.name)
-def test_numba_activations_bit_identical(qtype):
-    x = activations(5, 1024)
-    y = ref.quantize_activations(x, qtype)
-    qs, d, s, sums = numba_activations(x, qtype)
-    assert np.array_equal(qs, y["qs"].ravel())
-    assert np.array_equal(d.view(np.uint32), y["d"].astype(np.float32).view(np.uint32))
-    if qtype == QType.Q4_K:
-        assert np.array_equal(sums, y["bsums"].ravel())
-    else:
-        assert np.array_equal(sums, y["qs"].sum(axis=1))
-    if qtype == QType.Q4_1:
-        assert np.array_equal(s.view(np.uint32), y["s"].astype(np.float32).view(np.uint32))
+@pytest.mark.parametrize("n_columns", [1, 3])  # one column runs serially, more in parallel
+def test_numba_activations_bit_identical(qtype, n_columns):
+    x = np.stack([activations(5 + t, 1024) for t in range(n_columns)])
+    xq, xd, xs, xsum = cpu.quantize_activations(x, qtype in cpu.SUPER_BLOCK_TYPES)
+    for t in range(n_columns):  # block-major: column t is [:, t]
+        y = ref.quantize_activations(x[t], qtype)
+        assert np.array_equal(xq[:, t], y["qs"])
+        assert np.array_equal(xd[:, t].view(np.uint32), y["d"].astype(np.float32).view(np.uint32))
+        if qtype == QType.Q4_K:
+            assert np.array_equal(xsum[:, t], y["bsums"])
+        if qtype == QType.Q4_1:
+            assert np.array_equal(xs[:, t].view(np.uint32), y["s"].astype(np.float32).view(np.uint32))
+
+
+def reference_columns(rows: np.ndarray, qtype: QType, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's x @ W.T for x (T, n), column by column, and each entry's rounding bound."""
+    expected, bound = [], []
+    for column in x:
+        y = ref.quantize_activations(column, qtype)
+        expected.append(ref.vec_dot(rows, qtype, y))
+        bound.append(rounding_bound(rows, qtype, y))
+    return np.stack(expected), np.stack(bound)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_columns", [1, 2, 7, 64, 300])
+def test_numba_matmul_matches_reference(qtype, n_columns):
+    """T columns against the reference, 37 rows (a ragged last row tile), heavy-tailed x."""
+    n = 512
+    rows = random_rows(qtype, 37, n, seed=n_columns)
+    x = np.stack([activations(t, n) for t in range(n_columns)])
+    got = cpu.matmul_q8(rows, qtype, x)
+    expected, bound = reference_columns(rows, qtype, x)
+    assert np.all(np.abs(got - expected) <= bound)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_numba_matmul_columns_equal_decode(qtype):
+    """Each column of a 300-column matmul (full tiles of COLUMN_TILE and a ragged tail) is bit
+    for bit the one-column (decode) kernel's result for that column alone."""
+    n = 512
+    rows = random_rows(qtype, 21, n, seed=11)
+    x = np.stack([activations(t, n) for t in range(300)])
+    together = cpu.matmul_q8(rows, qtype, x)
+    for t in range(300):
+        alone = cpu.matmul_q8(rows, qtype, x[t:t + 1])[0]
+        assert np.array_equal(together[t].view(np.uint32), alone.view(np.uint32)), t
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 37), n_super=st.integers(1, 3))
-def test_numba_matches_reference(qtype, seed, n_rows, n_super):
+@given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 40), n_super=st.integers(1, 3),
+       n_columns=st.integers(1, 10))
+def test_numba_matches_reference(qtype, seed, n_rows, n_super, n_columns):
     n = 256 * n_super
     rows = random_rows(qtype, n_rows, n, seed)
-    x = activations(seed, n) if n > 300 else np.random.default_rng(seed).standard_normal(n).astype(np.float32)
-    out = np.empty(n_rows, np.float32)
-    cpu.MATVEC_Q8[qtype](rows, x, out)
-    y = ref.quantize_activations(x, qtype)
-    expected = ref.vec_dot(rows, qtype, y)
-    assert np.all(np.abs(out - expected) <= rounding_bound(rows, qtype, y))
+    rng = np.random.default_rng(seed)
+    x = np.stack([activations(seed + t, n) if n > 300 else rng.standard_normal(n).astype(np.float32)
+                  for t in range(n_columns)])
+    expected, bound = reference_columns(rows, qtype, x)
+    assert np.all(np.abs(cpu.matmul_q8(rows, qtype, x) - expected) <= bound)
 
 
 def test_numba_integer_sums_exact():
     """With power-of-two scales every float operation is exact, so the kernel must equal the
     reference bit for bit: any error in an integer sum would show."""
     n = 512
-    x = np.random.default_rng(6).integers(-127, 128, n).astype(np.float32)
-    x[::32] = 127  # every Q8_0 block: d = 1 exactly
+    x = np.random.default_rng(6).integers(-127, 128, (3, n)).astype(np.float32)
+    x[:, ::32] = 127  # every Q8_0 block: d = 1 exactly
     for qtype in (QType.Q4_0, QType.Q5_0, QType.Q8_0):
         rows = np.array(random_rows(qtype, 11, n, seed=7))
         blocks = rows.reshape(-1, FORMATS[qtype].type_size)
         blocks[:, 0:2] = np.array([0.25], np.float16).view(np.uint8)  # d
         rows.flags.writeable = False
-        out = np.empty(11, np.float32)
-        cpu.MATVEC_Q8[qtype](rows, x, out)
-        assert np.array_equal(out, ref.matvec_q8(rows, qtype, x)), qtype.name
+        got = cpu.matmul_q8(rows, qtype, x)
+        for t in range(3):
+            assert np.array_equal(got[t], ref.matvec_q8(rows, qtype, x[t])), qtype.name
 
 
 def test_q8_0_activation_blocks_are_gguf_pys():
@@ -192,18 +216,52 @@ def test_q8_0_activation_blocks_are_gguf_pys():
     np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("weight_qtype", [QType.Q4_0, QType.Q4_K], ids=lambda t: t.name)
-def test_round_trip_is_the_activation_blocks_values(weight_qtype):
-    """The prefill's x (round_trip_q8) is bit for bit q * d of the activation blocks llama.cpp
-    quantizes x to (the reference, checked against llama.cpp and gguf-py above), on blocks with
-    zeros, rounding halves, and ties between +max and -max (the first sets Q8_K's sign, and
-    with it the sign of every zero q * d)."""
-    x = np.stack([activations(seed, 1024) for seed in range(3)])
-    x[1, 512:768] = np.tile(np.float32([-4, 0, 4, 0.01]), 64)
-    x[2, 512:768] = np.tile(np.float32([4, 0, -4, 0.01]), 64)
-    got = np.empty_like(x)
-    cpu.round_trip_q8(x, weight_qtype == QType.Q4_K, got)
-    for t in range(len(x)):
-        y = ref.quantize_activations(x[t], weight_qtype)
-        want = (y["qs"].astype(np.float32) * y["d"].astype(np.float32)[:, None]).ravel()
-        np.testing.assert_array_equal(got[t].view(np.uint32), want.view(np.uint32))
+def _lane_ops(native: bool):
+    """A compiled function applying lanes.maddubs, madd and sign_of (AVX2 instructions when
+    `native`, generic IR otherwise) to two 32-byte vectors."""
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+    from mistral_ref_kernels.cpu import lanes
+
+    @intrinsic
+    def ops(typingctx, u, s, out):
+        def codegen(context, builder, signature, args):
+            u_, s_ = (lanes.bytes_at(context, builder, signature.args[i], args[i],
+                                     ir.Constant(ir.IntType(64), 0), 32) for i in range(2))
+            pairs = lanes.maddubs(builder, u_, s_, native)
+            steps = ir.Constant(ir.VectorType(lanes.I16, 16), list(range(-8, 8)))
+            quads = lanes.madd(builder, pairs, steps, native)
+            signs = lanes.sign_of(builder, s_, u_, native)
+            target = lanes.byte_pointer(context, builder, signature.args[2], args[2])
+            for at, value in ((0, pairs), (32, quads), (64, signs)):
+                pointer = builder.bitcast(builder.gep(target, [ir.Constant(lanes.I32, at)]),
+                                          value.type.as_pointer())
+                builder.store(value, pointer, align=1)
+            return context.get_dummy_value()
+        return types.none(u, s, out), codegen
+
+    @numba.njit
+    def run(u, s, out):
+        ops(u, s, out)
+    return run
+
+
+@pytest.mark.skipif(not AVX2, reason="the native path is x86 AVX2")
+def test_generic_lanes_equal_avx2_instructions():
+    """The generic IR that a CPU without AVX2 compiles computes what vpmaddubsw / vpmaddwd / vpsignb
+    compute, over the operand ranges the kernels use (no int16 saturation)."""
+    rng = np.random.default_rng(0)
+    native, generic = _lane_ops(True), _lane_ops(False)
+    for _ in range(200):
+        u = rng.integers(0, 129, 32).astype(np.uint8)
+        u[rng.random(32) < 0.2] = 0
+        s = rng.integers(-128, 128, 32).astype(np.int8)
+        outs = [np.zeros(96, np.uint8) for _ in range(2)]
+        native(u, s, outs[0])
+        generic(u, s, outs[1])
+        np.testing.assert_array_equal(outs[0], outs[1])
+    pairs = outs[0][:32].view(np.int16)  # and the last one against NumPy
+    wide = u.astype(np.int32) * s.astype(np.int32)
+    np.testing.assert_array_equal(pairs, wide[0::2] + wide[1::2])

@@ -5,8 +5,11 @@ scalar, or vectorized for long trip counts and never entered; see docs/kernels-q
 kernels emit fixed-width LLVM vector IR themselves through `numba.extending.intrinsic`:
 kernels.cpu.vec_dot multiplies the unpacked weights with int8 activations, kernels.cpu.dequant
 scales them to float32. Both unpack with the functions here, so each format's bit layout in
-lanes is written once. The IR is target-independent; LLVM picks the instructions (AVX-512 VNNI
-and GFNI byte shifts on these machines).
+lanes is written once. The unpacking IR is target-independent; LLVM picks the instructions (AVX-512 VNNI
+and GFNI byte shifts on these machines). The integer dot-product steps (`maddubs`, `madd`,
+`sign_of`) call the x86 AVX2 instructions by name where the target has them (`native`, default
+AVX2), since LLVM does not form `vpmaddubsw` from generic IR, and otherwise emit generic IR that
+computes the same values.
 
 Conventions: `builder` is an llvmlite IRBuilder; byte vectors are <n x i8>; no bounds checks
 (callers index whole blocks inside tensors whose size the dispatch checked).
@@ -17,9 +20,13 @@ import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.registry import cpu_target
 from numba.extending import intrinsic
 
-I8, I32, F32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+# Whether Numba compiles for a CPU with AVX2 (its target machine's features, which follow
+# NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when set): every machine of this project has it.
+AVX2 = "+avx2" in cpu_target.target_context.codegen()._tm_features.split(",")
 
 
 def bytes_at(context, builder, array_type, array, at, n):
@@ -90,6 +97,25 @@ def fields(builder, low, shift, low_mask, high, h_shift, h_mask, h_pos):
     return builder.or_(weights, builder.shl(top, constant(n, h_pos)))
 
 
+def byte_pointer(context, builder, array_type, array, index=None):
+    """i8* to the first byte of array (a Numba array value), or of its row `index` (an integer
+    value) when given: data + index * strides[0]."""
+    view = context.make_array(array_type)(context, builder, array)
+    data = builder.bitcast(view.data, I8.as_pointer())
+    if index is None:
+        return data
+    stride = cgutils.unpack_tuple(builder, view.strides)[0]
+    return builder.gep(data, [builder.mul(builder.sext(index, stride.type), stride)])
+
+
+def load(builder, pointer, at, element, n=None):
+    """The element (n None) or <n x element> at byte offset `at` (a Python int or an integer
+    value) from the i8* `pointer`, unaligned."""
+    at = ir.Constant(I32, at) if isinstance(at, int) else at
+    kind = element if n is None else ir.VectorType(element, n)
+    return builder.load(builder.bitcast(builder.gep(pointer, [at]), kind.as_pointer()), align=1)
+
+
 def vector_at(context, builder, array_type, array, at, n):
     """<n x T> loaded from array[at:at + n], T the array's element type."""
     data = context.make_array(array_type)(context, builder, array).data
@@ -104,6 +130,98 @@ def pick(builder, vector, indices):
     n = vector.type.count
     return builder.shuffle_vector(vector, zero, ir.Constant(
         ir.VectorType(I32, len(indices)), [n if i is None else i for i in indices]))
+
+
+def call(builder, name, result, *args):
+    """Call the LLVM intrinsic `name` (declared on first use) with args; result: its type."""
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(result, [a.type for a in args]), name)
+    return builder.call(function, list(args))
+
+
+def fma(builder, a, b, c):
+    """a * b + c lane by lane with one rounding (llvm.fma); a, b, c: <n x float>."""
+    return call(builder, f"llvm.fma.v{a.type.count}f32", a.type, a, b, c)
+
+
+def sum_lanes(builder, vector):
+    """The float sum of the lanes of a <2^k x float>, halving: lanes [0, n/2) + [n/2, n), then
+    again; always this order, and no fast-math flags, so the bits are the same in every kernel."""
+    while vector.type.count > 1:
+        n = vector.type.count // 2
+        vector = builder.fadd(pick(builder, vector, list(range(n))),
+                              pick(builder, vector, list(range(n, 2 * n))))
+    return builder.extract_element(vector, ir.Constant(I32, 0))
+
+
+def sum_per_vector(builder, vectors):
+    """<k x i32>: the lane sums of k vectors <8 x i32> (k = 1, 2, 4 or 8), vector j's in lane j.
+    Pairs of vectors are merged by adding their halves (lanes of A then lanes of B, each half as
+    long), then each vector's remaining lanes are halved in place: 2 shuffles and an add a step,
+    about 2.6 instructions a vector for k = 8. Integer: exact in any order."""
+    width = vectors[0].type.count  # lanes per column while vectors are merged
+    while len(vectors) > 1:
+        n, half, merged = vectors[0].type.count, width // 2, []
+        columns = n // width  # per vector: A's columns, then B's (indices n.. in the shuffle)
+        starts = [c * width for c in range(columns)] + [n + c * width for c in range(columns)]
+        low = ir.Constant(ir.VectorType(I32, n), [at + s for at in starts for s in range(half)])
+        high = ir.Constant(ir.VectorType(I32, n), [at + half + s for at in starts for s in range(half)])
+        for a, b in zip(vectors[0::2], vectors[1::2]):
+            merged.append(builder.add(builder.shuffle_vector(a, b, low),
+                                      builder.shuffle_vector(a, b, high)))
+        vectors, width = merged, half
+    vector = vectors[0]
+    while width > 1:  # one vector: halve each column's lanes
+        half, n = width // 2, vector.type.count
+        low = [c * width + s for c in range(n // width) for s in range(half)]
+        vector = builder.add(pick(builder, vector, low), pick(builder, vector, [i + half for i in low]))
+        width = half
+    return vector
+
+
+def _widen(builder, vector, element, signed):
+    kind = ir.VectorType(element, vector.type.count)
+    return (builder.sext if signed else builder.zext)(vector, kind)
+
+
+def _add_pairs(builder, vector):
+    """<n/2 x T>: lanes 2k + 2k+1 of a <n x T>."""
+    n = vector.type.count
+    return builder.add(pick(builder, vector, list(range(0, n, 2))),
+                       pick(builder, vector, list(range(1, n, 2))))
+
+
+def maddubs(builder, unsigned, signed, native=AVX2):
+    """<16 x i16>: unsigned[2k] * signed[2k] + unsigned[2k+1] * signed[2k+1] for two <32 x i8>,
+    the first read as unsigned (vpmaddubsw). The instruction saturates to int16; every caller's
+    operands keep |sum| <= 2 * 128 * 127 < 2^15, where it is exact, as the generic IR is."""
+    if native:
+        return call(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(I16, 16), unsigned, signed)
+    return _add_pairs(builder, builder.mul(_widen(builder, unsigned, I16, False),
+                                           _widen(builder, signed, I16, True)))
+
+
+def madd(builder, a, b, native=AVX2):
+    """<8 x i32>: a[2k] * b[2k] + a[2k+1] * b[2k+1] for two <16 x i16> (vpmaddwd; exact)."""
+    if native:
+        return call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), a, b)
+    return _add_pairs(builder, builder.mul(_widen(builder, a, I32, True),
+                                           _widen(builder, b, I32, True)))
+
+
+def sign_of(builder, x, w, native=AVX2):
+    """<32 x i8>: x[j] where w[j] > 0, -x[j] where w[j] < 0, 0 where w[j] == 0 (vpsignb): with
+    |w| it turns a signed-by-signed byte product into maddubs' unsigned-by-signed one."""
+    if native:
+        return call(builder, "llvm.x86.avx2.psign.b", x.type, x, w)
+    zero = ir.Constant(x.type, None)
+    negative = builder.select(builder.icmp_signed("<", w, zero), builder.sub(zero, x), x)
+    return builder.select(builder.icmp_signed("==", w, zero), zero, negative)
+
+
+def magnitude(builder, w):
+    """|w| lane by lane (<n x i8>; -128 stays 0x80, which maddubs reads as 128)."""
+    return call(builder, f"llvm.abs.v{w.type.count}i8", w.type, w, ir.Constant(ir.IntType(1), 0))
 
 
 def k_scales_mins(builder, packed):
@@ -122,12 +240,11 @@ def k_scales_mins(builder, packed):
     return builder.or_(low_scales, top_bits(0)), builder.or_(low_mins, top_bits(4))
 
 
-def q6_k_half(context, builder, array_type, w, ql_at, qh_at):
-    """<128 x i8>: the signed weights q - 32 of one half of a Q6_K super-block, in weight order:
-    quarter c takes its low 4 bits from ql[32 * (c % 2) + l] (nibble c // 2) and its top 2 bits
-    from qh[l] bits 2c, 2c + 1, l < 32 (llama.cpp's layout)."""
-    ql = bytes_at(context, builder, array_type, w, ql_at, 64)
-    qh = bytes_at(context, builder, array_type, w, qh_at, 32)
+def q6_k_half(builder, ql, qh):
+    """<128 x i8>: the unsigned 6-bit weights q (0..63) of one half of a Q6_K super-block, in
+    weight order, from its 64 bytes of ql and 32 of qh (<64 x i8>, <32 x i8>): quarter c takes
+    its low 4 bits from ql[32 * (c % 2) + l] (nibble c // 2) and its top 2 bits from qh[l] bits
+    2c, 2c + 1, l < 32 (llama.cpp's layout). The weight is q - 32."""
     low = concat(builder, builder.and_(ql, constant(64, 15)), builder.lshr(ql, constant(64, 4)))
     # Top bits of quarter c moved to bits 4-5 with one uniform shift per quarter.
     top = [builder.and_(builder.shl(qh, constant(32, 4)), constant(32, 48)),
@@ -135,7 +252,7 @@ def q6_k_half(context, builder, array_type, w, ql_at, qh_at):
            builder.and_(qh, constant(32, 48)),
            builder.and_(builder.lshr(qh, constant(32, 2)), constant(32, 48))]
     high = concat(builder, concat(builder, top[0], top[1]), concat(builder, top[2], top[3]))
-    return builder.sub(builder.or_(low, high), constant(128, 32))
+    return builder.or_(low, high)
 
 
 def store_scaled(context, builder, array_type, out, at, weights, scale, bias):

@@ -18,7 +18,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 from numba import prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic, models, overload, register_model
 
 from . import FASTMATH, format_kernel, lanes
@@ -63,20 +62,8 @@ def lane_sum(typingctx, acc):
         return None
 
     def codegen(context, builder, signature, args):
-        sums = args[0]
-        while sums.type.count > 1:
-            n = sums.type.count // 2
-            sums = builder.fadd(lanes.pick(builder, sums, list(range(n))),
-                                lanes.pick(builder, sums, list(range(n, 2 * n))))
-        return builder.extract_element(sums, ir.Constant(lanes.I32, 0))
+        return lanes.sum_lanes(builder, args[0])
     return types.float32(acc), codegen
-
-
-def _fma(builder, a, b, c):
-    """a * b + c lane by lane with one rounding (llvm.fma); a, b, c: <n x float>."""
-    fma = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(a.type, [a.type] * 3), f"llvm.fma.v{a.type.count}f32")
-    return builder.call(fma, [a, b, c])
 
 
 def _to_float(builder, integers, signed=True):
@@ -95,7 +82,7 @@ def _multiply_add(context, builder, acc, weights, x_type, x, xo):
     """acc + weights[j] * x[xo + j]: weights (<n x float>, n a multiple of ACC_LANES) folded into
     the accumulator's lanes ACC_LANES at a time."""
     for first in range(0, weights.type.count, ACC_LANES):
-        acc = _fma(builder, lanes.pick(builder, weights, list(range(first, first + ACC_LANES))),
+        acc = lanes.fma(builder, lanes.pick(builder, weights, list(range(first, first + ACC_LANES))),
                    _x_at(context, builder, x_type, x, xo, first, ACC_LANES), acc)
     return acc
 
@@ -113,7 +100,7 @@ def nibble_pairs_multiply_add(typingctx, acc, raw, at, high, d, bias, x, xo):
         acc_, raw_, at_, high_, d_, bias_, x_, xo_ = args
         packed = lanes.bytes_at(context, builder, signature.args[1], raw_, at_, QK // 2)
         q = _to_float(builder, lanes.nibble_pairs(builder, packed, high_), signed=False)
-        weights = _fma(builder, q, lanes.splat(builder, d_, QK), lanes.splat(builder, bias_, QK))
+        weights = lanes.fma(builder, q, lanes.splat(builder, d_, QK), lanes.splat(builder, bias_, QK))
         return _multiply_add(context, builder, acc_, weights, signature.args[6], x_, xo_)
     return accumulator(acc, raw, at, types.uint32, types.float32, types.float32, x, xo), codegen
 
@@ -159,11 +146,11 @@ def k_quant_multiply_add(typingctx, acc, raw, at, scales_at, qs_at, qh_at, h_mas
                     ir.Constant(lanes.I8, 15), qh, ir.Constant(lanes.I8, g), h_mask_, 4), False)
                 first = builder.fmul(lanes.pick(builder, q, list(range(16))),
                                      _x_at(context, builder, x_type, x_, xo_, 32 * g, 16))
-                folded.append(_fma(builder, lanes.pick(builder, q, list(range(16, 32))),
+                folded.append(lanes.fma(builder, lanes.pick(builder, q, list(range(16, 32))),
                                    _x_at(context, builder, x_type, x_, xo_, 32 * g + 16, 16),
                                    first))
             scale_per_lane = lanes.pick(builder, scales, [2 * pair] * 16 + [2 * pair + 1] * 16)
-            acc_ = _fma(builder, lanes.concat(builder, folded[0], folded[1]), scale_per_lane, acc_)
+            acc_ = lanes.fma(builder, lanes.concat(builder, folded[0], folded[1]), scale_per_lane, acc_)
         group_sums = lanes.vector_at(context, builder, signature.args[11], x_sums_,
                                      builder.sdiv(xo_, ir.Constant(xo_.type, QK)), 8)
         min_terms = builder.fmul(builder.fmul(lanes.splat(builder, builder.fneg(dmin_), 8),
@@ -188,8 +175,10 @@ def q6_k_multiply_add(typingctx, acc, raw, at, d, x, xo):
         scales = builder.fmul(lanes.splat(builder, d_, 16), _to_float(
             builder, lanes.bytes_at(context, builder, raw_type, raw_, offset(Q6_K.scales), 16)))
         for h in range(2):  # halves of 128 weights, 8 groups each
-            q = lanes.q6_k_half(context, builder, raw_type, raw_, offset(Q6_K.ql + 64 * h),
-                                offset(Q6_K.qh + 32 * h))
+            q = builder.sub(lanes.q6_k_half(
+                builder, lanes.bytes_at(context, builder, raw_type, raw_, offset(Q6_K.ql + 64 * h), 64),
+                lanes.bytes_at(context, builder, raw_type, raw_, offset(Q6_K.qh + 32 * h), 32)),
+                lanes.constant(128, 32))
             scale_per_weight = lanes.pick(builder, scales, [8 * h + j // 16 for j in range(128)])
             weights = builder.fmul(_to_float(builder, q), scale_per_weight)
             acc_ = _multiply_add(context, builder, acc_, weights, signature.args[4], x_,

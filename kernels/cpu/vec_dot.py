@@ -1,404 +1,386 @@
-"""Decode matvec with llama.cpp's numerics: x quantized to 8 bits once per call, integer dot products.
+"""Quantized matmul with llama.cpp's numerics: activations quantized to 8 bits, integer dot products.
 
-`MATVEC_Q8[qtype](rows, x, out)` computes what kernels.reference.vec_dot.matvec_q8 defines: the
-activation blocks are bit-identical to llama.cpp's `quantize_row_q8_{0,1,K}_ref`, every per-block
-integer sum is exact, and only the float combination of the sums with the scales is ordered
-differently (~1e-6 relative). Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the
-float kernel, kernels.cpu.matvec.
+`MATMUL_Q8[qtype](rows, xq, xd, xs, xsum, out)` computes out[t] = W @ x[t] for T columns of
+activations already quantized by `quantize_activations` (x quantized once per input, so q, k and
+v share it, as do gate and up): the activation blocks are bit-identical to llama.cpp's
+`quantize_row_q8_{0,1,K}_ref`, every block's integer sum is exact, and only the float
+combination of the sums with the scales is ordered differently from the generic C code (~1e-6
+relative; kernels.reference.vec_dot is the definition). Prefill runs it with T = the chunk's
+tokens, decode with T = 1, a batch of B decode steps with T = B: every (row, column) gets the
+same float operations whatever T is, so column t of a prefill equals the decode of token t bit
+for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float kernels.
 
-Speed comes from small LLVM intrinsics that do one block's integer dot product as fixed-width
-vector code (`dot_nibble_pairs`, `dot_fields`, `dot_bytes`, and `dot_q6_k` for a whole Q6_K
-super-block): load the weight bytes, unpack the fields in byte lanes, multiply with the int8
-activations and reduce to one int32.
-They are written in target-independent LLVM vector IR; on x86 with AVX-512 VNNI LLVM turns the
-unsigned-by-signed byte product and its reduction into `vpdpbusd`. Numba's own loop vectorizer
-cannot do this: a 16- or 32-iteration block loop is either fully unrolled (and stays scalar) or,
-with a run-time trip count, vectorized at 4 x 8 lanes and never entered. See docs/kernels-q8.md.
+The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
+IR (1 x 8 for prefill, 4 x 1 for decode): per block it loads and unpacks each row's weights once
+(kernels.cpu.lanes), multiplies them with each column's int8 block in byte lanes (`vpmaddubsw`,
+unsigned by signed, pairs into int16; signed weights pass as |w| with x taking w's sign), scales
+pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces the whole
+tile's int32 lanes together and folds them into one float32 accumulator per (row, column) with
+one FMA by d_w * d_x. The float arithmetic is emitted with no fast-math flags, so LLVM cannot
+reorder or fuse it differently for one tile shape than for another. See docs/kernels-q8.md.
 """
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 from llvmlite import ir
 from numba import prange, types
-from numba.extending import intrinsic, overload
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from .dequant import k_scale_min, q5_high_bits
-from . import FASTMATH, format_kernel, lanes
-from .fp16 import f32_to_fp16_bits, fp16_at, half_to_float
+from . import lanes
+from .fp16 import f32_to_fp16_bits, half_to_float
+from .lanes import I8, I16, I32
 from .quant import inverse, nearest_int, roundf
 from ..formats import FORMATS, QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
-HALF = QK // 2  # bytes of 4-bit weights in a legacy block
-
-# ------------------------------------------------------------------ LLVM vector intrinsics
-
-def _reduce_products(builder, weights, x, n, weights_signed):
-    """sum(weights * x) in int32 over two <n x i8>; x is signed. The zero-extended unsigned form
-    is the pattern LLVM maps to vpdpbusd (u8 x s8 -> i32) on AVX-512 VNNI / AVX-VNNI."""
-    wide = ir.VectorType(lanes.I32, n)
-    extend = builder.sext if weights_signed else builder.zext
-    return lanes.reduce_add(builder, builder.mul(extend(weights, wide), builder.sext(x, wide)))
-
-
-@intrinsic
-def dot_nibble_pairs(typingctx, w, at, high, x, x_at, n):
-    """Integer dot product of a legacy block with 2n int8 activations x[x_at:x_at + 2n]:
-    weight j < n is (w[at + j] & 15) | (bit j of high) << 4, weight n + j is
-    (w[at + j] >> 4) | (bit n + j of high) << 4 (high = 0 for Q4_0/Q4_1, qh for Q5_0/Q5_1).
-    n: a literal (16). Returns int32."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    width = n.literal_value
-
-    def codegen(context, builder, signature, args):
-        w_, at_, high_, x_, x_at_, _ = args
-        packed = lanes.bytes_at(context, builder, signature.args[0], w_, at_, width)
-        activations = lanes.bytes_at(context, builder, signature.args[3], x_, x_at_, 2 * width)
-        return _reduce_products(builder, lanes.nibble_pairs(builder, packed, high_), activations,
-                                2 * width, False)
-    return types.int32(w, at, high, x, x_at, n), codegen
-
-
-@intrinsic
-def dot_fields(typingctx, w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n):
-    """Integer dot product of n k-quant weights with x[x_at:x_at + n] (int8), where weight j is
-    ((w[at + j] >> shift) & 15) | ((h[h_at + j] >> h_shift) & h_mask) << 4: Q4_K (h_mask 0),
-    Q5_K (its qh bits, h_mask 1). n: a literal. Returns int32."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    width = n.literal_value
-
-    def codegen(context, builder, signature, args):
-        w_, at_, shift_, h_, h_at_, h_shift_, h_mask_, x_, x_at_, _ = args
-        low = lanes.bytes_at(context, builder, signature.args[0], w_, at_, width)
-        high = lanes.bytes_at(context, builder, signature.args[3], h_, h_at_, width)
-        weights = lanes.fields(builder, low, shift_, ir.Constant(lanes.I8, 15), high, h_shift_,
-                               h_mask_, 4)
-        activations = lanes.bytes_at(context, builder, signature.args[7], x_, x_at_, width)
-        return _reduce_products(builder, weights, activations, width, False)
-    return types.int32(w, at, shift, h, h_at, h_shift, h_mask, x, x_at, n), codegen
-
-
-@intrinsic
-def dot_q6_k(typingctx, w, at, ql_at, qh_at, scales_at, x, x_at):
-    """sum over the 16 groups g of scales[g] * ((q - 32) . x) for the Q6_K super-block at w[at:]
-    (its fields at at + ql_at / qh_at / scales_at) and the int8 activations x[x_at:x_at + 256].
-    Exact in int32. One reduction: each scaled weight (q - 32) * scale fits in int16, so LLVM can
-    multiply it with x as pairs of int16 products summed into int32 lanes (vpmaddwd)."""
-    def codegen(context, builder, signature, args):
-        w_, at_, ql_at_, qh_at_, scales_at_, x_, x_at_ = args
-        w_type = signature.args[0]
-
-        def field(offset, extra):
-            return builder.add(at_, builder.add(offset, ir.Constant(at_.type, extra)))
-
-        halves = [lanes.q6_k_half(context, builder, w_type, w_, field(ql_at_, 64 * h),
-                                  field(qh_at_, 32 * h)) for h in range(2)]
-        weights = lanes.concat(builder, *halves)
-        i16s = ir.VectorType(ir.IntType(16), 256)
-        scale_bytes = lanes.bytes_at(context, builder, w_type, w_, field(scales_at_, 0), 16)
-        scales = builder.sext(scale_bytes, ir.VectorType(ir.IntType(16), 16))
-        scale_per_weight = lanes.pick(builder, scales, [j // 16 for j in range(256)])
-        scaled = builder.mul(builder.sext(weights, i16s), scale_per_weight)
-        activations = lanes.bytes_at(context, builder, signature.args[5], x_, x_at_, 256)
-        i32s = ir.VectorType(lanes.I32, 256)
-        return lanes.reduce_add(builder, builder.mul(builder.sext(scaled, i32s),
-                                                     builder.sext(activations, i32s)))
-    return types.int32(w, at, ql_at, qh_at, scales_at, x, x_at), codegen
-
-
-@intrinsic
-def dot_bytes(typingctx, w, at, x, x_at, n):
-    """sum of int8(w[at + j]) * x[x_at + j], j < n (Q8_0 weights). n: a literal. Returns int32."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    width = n.literal_value
-
-    def codegen(context, builder, signature, args):
-        w_, at_, x_, x_at_, _ = args
-        weights = lanes.bytes_at(context, builder, signature.args[0], w_, at_, width)
-        activations = lanes.bytes_at(context, builder, signature.args[2], x_, x_at_, width)
-        return _reduce_products(builder, weights, activations, width, True)
-    return types.int32(w, at, x, x_at, n), codegen
-
+I32X8 = ir.VectorType(I32, 8)
+ONES = ir.Constant(ir.VectorType(I16, 16), [1] * 16)
 
 # ------------------------------------------------------------------ activation quantizers
 # Bit-identical to llama.cpp's quantize_row_q8_*_ref (and kernels.reference.vec_dot): no fastmath.
-# Outputs: qs int8 (n,); d float32 per block (Q8_0/Q8_1: the fp16-rounded value the dot product
-# uses); s float32 per block (Q8_1's fp16 d * sum(q); unused otherwise); sums int32: per block of
-# 32 for Q8_0/Q8_1, per 16 (llama.cpp's bsums) for Q8_K.
+# Outputs for one x (float32 (n,)), per block b: qs[b] int8 (block,); d[b] float32 (Q8_0/Q8_1: the
+# fp16-rounded value the dot product uses); s[b] float32 (Q8_1's fp16 d * sum(q)); Q8_K's
+# sums[b] int16 (16,), llama.cpp's bsums.
 
 @numba.njit(cache=True)
-def quantize_q8_0(x, qs, d, s, sums):
+def quantize_q8_0(x, qs, d, s):
     for b in range(x.size // QK):
+        block = x[b * QK:(b + 1) * QK]
         amax = F32(0)
-        for j in range(b * QK, (b + 1) * QK):
-            amax = max(amax, abs(x[j]))
+        for j in range(QK):
+            amax = max(amax, abs(block[j]))
         scale = amax / F32(127)
         inv = inverse(scale)
         total = 0
-        for j in range(b * QK, (b + 1) * QK):
-            q = int(roundf(x[j] * inv))
-            qs[j] = q
+        for j in range(QK):
+            q = int(roundf(block[j] * inv))
+            qs[b, j] = q
             total += q
         d[b] = half_to_float(f32_to_fp16_bits(scale))
         s[b] = half_to_float(f32_to_fp16_bits(F32(total) * scale))
-        sums[b] = total
 
 
 @numba.njit(cache=True)
-def quantize_q8_k(x, qs, d, s, sums):
+def quantize_q8_k(x, qs, d, sums):
     for b in range(x.size // QK_K):
+        block = x[b * QK_K:(b + 1) * QK_K]
         amax, peak = F32(0), F32(0)
-        for j in range(b * QK_K, (b + 1) * QK_K):
-            if abs(x[j]) > amax:
-                amax, peak = abs(x[j]), x[j]
+        for j in range(QK_K):
+            if abs(block[j]) > amax:
+                amax, peak = abs(block[j]), block[j]
         if amax == 0:
-            qs[b * QK_K:(b + 1) * QK_K] = 0
-            sums[b * 16:(b + 1) * 16] = 0
+            qs[b] = 0
+            sums[b] = 0
             d[b] = 0
             continue
         iscale = F32(-127) / peak
-        for g in range(b * 16, (b + 1) * 16):
+        for g in range(16):
             total = 0
             for j in range(16 * g, 16 * g + 16):
-                q = min(127, nearest_int(iscale * x[j]))
-                qs[j] = q
+                q = min(127, nearest_int(iscale * block[j]))
+                qs[b, j] = q
                 total += q
-            sums[g] = total
+            sums[b, g] = total
         d[b] = F32(1) / iscale
-        s[b] = 0
 
 
-# ------------------------------------------------------------------ one row per format
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q4_0_row(row, xq, xd, xs, xsum):
-    s = F32(0)
-    for b in range(xd.size):
-        at = b * Q4_0.size
-        sumi = dot_nibble_pairs(row, at + Q4_0.qs, 0, xq, b * QK, HALF) - 8 * xsum[b]
-        s += fp16_at(row, at + Q4_0.d) * xd[b] * F32(sumi)
-    return s
+@numba.njit(cache=True)
+def quantize_column(x, t, super_blocks, xq, xd, xs, xsum):
+    if super_blocks:
+        quantize_q8_k(x[t], xq[:, t], xd[:, t], xsum[:, t])
+    else:
+        quantize_q8_0(x[t], xq[:, t], xd[:, t], xs[:, t])
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q5_0_row(row, xq, xd, xs, xsum):
-    s = F32(0)
-    for b in range(xd.size):
-        at = b * Q5_0.size
-        high = q5_high_bits(row, at + Q5_0.qh)
-        sumi = dot_nibble_pairs(row, at + Q5_0.qs, high, xq, b * QK, HALF) - 16 * xsum[b]
-        s += fp16_at(row, at + Q5_0.d) * xd[b] * F32(sumi)
-    return s
+@numba.njit(cache=True)
+def quantize_one(x, super_blocks, xq, xd, xs, xsum):
+    quantize_column(x, 0, super_blocks, xq, xd, xs, xsum)
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def affine_row(row, size, d_at, m_at, qs_at, qh_at, xq, xd, xs):
-    """Q4_1 (qh_at < 0) and Q5_1: sum of (d * d_x) * sumi + m * s_x over the blocks."""
-    s, sm = F32(0), F32(0)
-    for b in range(xd.size):
-        at = b * size
-        high = q5_high_bits(row, at + qh_at) if qh_at >= 0 else np.uint32(0)
-        sumi = dot_nibble_pairs(row, at + qs_at, high, xq, b * QK, HALF)
-        s += fp16_at(row, at + d_at) * xd[b] * F32(sumi)
-        sm += fp16_at(row, at + m_at) * xs[b]
-    return s + sm
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q8_0_row(row, xq, xd, xs, xsum):
-    s = F32(0)
-    for b in range(xd.size):
-        at = b * Q8_0.size
-        s += fp16_at(row, at + Q8_0.d) * xd[b] * F32(dot_bytes(row, at + Q8_0.qs, xq, b * QK, QK))
-    return s
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, first, last):
-    """(sum of scale * (q . x), sum of min * bsums) over the groups first..last - 1 of a Q4_K /
-    Q5_K super-block. Called for groups 0-3 and 4-7 apart so that k_scale_min's branch folds."""
-    sumi, summ = 0, 0
-    for g in range(first, last):
-        scale, minimum = k_scale_min(row, at + scales_at, g)
-        dot = dot_fields(row, at + qs_at + 32 * (g // 2), 4 * (g % 2),
-                         row, at + qh_at, g, high_mask, xq, xo + 32 * g, 32)
-        sumi += np.int32(scale) * dot
-        summ += np.int32(minimum) * (xsum[xo // 16 + 2 * g] + xsum[xo // 16 + 2 * g + 1])
-    return sumi, summ
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q4_k_q5_k_row(row, size, d_at, dmin_at, scales_at, qs_at, qh_at, xq, xd, xsum):
-    """8 groups of 32 per super-block: d * sum(scale * q . x) - dmin * sum(min * bsums);
-    Q5_K's fifth bit of weight j of group g is bit g of qh[j] (qh_at < 0: Q4_K)."""
-    s, sm = F32(0), F32(0)
-    high_mask, qh_at = (1, qh_at) if qh_at >= 0 else (0, 0)
-    for b in range(xd.size):
-        at, xo = b * size, b * QK_K
-        sumi0, summ0 = k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, 0, 4)
-        sumi1, summ1 = k_groups(row, at, scales_at, qs_at, qh_at, high_mask, xq, xo, xsum, 4, 8)
-        s += fp16_at(row, at + d_at) * xd[b] * F32(sumi0 + sumi1)
-        sm += fp16_at(row, at + dmin_at) * xd[b] * F32(summ0 + summ1)
-    return s - sm
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q6_k_row(row, xq, xd, xs, xsum):
-    """16 groups of 16 per super-block: d * sum(scale * ((q - 32) . x))."""
-    s = F32(0)
-    for b in range(xd.size):
-        at = b * Q6_K.size
-        sumi = dot_q6_k(row, at, Q6_K.ql, Q6_K.qh, Q6_K.scales, xq, b * QK_K)
-        s += fp16_at(row, at + Q6_K.d) * xd[b] * F32(sumi)
-    return s
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q4_1_row(row, xq, xd, xs, xsum):
-    return affine_row(row, Q4_1.size, Q4_1.d, Q4_1.m, Q4_1.qs, -1, xq, xd, xs)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q5_1_row(row, xq, xd, xs, xsum):
-    return affine_row(row, Q5_1.size, Q5_1.d, Q5_1.m, Q5_1.qs, Q5_1.qh, xq, xd, xs)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q4_k_row(row, xq, xd, xs, xsum):
-    return q4_k_q5_k_row(row, Q4_K.size, Q4_K.d, Q4_K.dmin, Q4_K.scales, Q4_K.qs, -1, xq, xd, xsum)
-
-
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def q5_k_row(row, xq, xd, xs, xsum):
-    return q4_k_q5_k_row(row, Q5_K.size, Q5_K.d, Q5_K.dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh,
-                         xq, xd, xsum)
-
-
-# Each format's row kernel, and the activation blocks it dots with: super-blocks of QK_K (Q8_K)
-# for the k-quants, blocks of QK (Q8_0, or Q8_1 whose sums xs the affine formats use) otherwise.
-Q8_ROW_DOT = {QType.Q4_0: q4_0_row, QType.Q4_1: q4_1_row, QType.Q5_0: q5_0_row,
-              QType.Q5_1: q5_1_row, QType.Q8_0: q8_0_row, QType.Q4_K: q4_k_row,
-              QType.Q5_K: q5_k_row, QType.Q6_K: q6_k_row}
-SUPPORTED = tuple(Q8_ROW_DOT)
-SUPER_BLOCK_TYPES = tuple(t for t in Q8_ROW_DOT if FORMATS[t].block_size == QK_K)  # Q8_K partners
-
-
-def q8_row_dot(qtype, row, xq, xd, xs, xsum):
-    """row . x (float32) for a row of format `qtype` (a literal GGML type id) and the quantized
-    activations xq, xd, xs, xsum (see quantize_q8_0 / quantize_q8_k): Q8_ROW_DOT's entry."""
-    raise NotImplementedError("called from Numba code only")
-
-
-@overload(q8_row_dot)
-def _q8_row_dot(qtype, row, xq, xd, xs, xsum):
-    impl = format_kernel(Q8_ROW_DOT, qtype, "q8 matvec")
-    return lambda qtype, row, xq, xd, xs, xsum: impl(row, xq, xd, xs, xsum)
-
-
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matvec_blocks(rows, qtype, xq, xd, xs, xsum, out):
-    """out[r] = row r . x for activations already quantized (see quantize_activations); qtype:
-    the rows' format, a literal (each format compiles its own kernel)."""
-    for r in prange(rows.shape[0]):
-        lanes.prefetch_row(rows, r + 1)
-        out[r] = q8_row_dot(numba.literally(qtype), rows[r], xq, xd, xs, xsum)
-
-
-def _matvec_q8_kernel(qtype: int):
-    """The q8 matvec of one format (`qtype` a closure constant: see matvec._matvec_kernel).
-
-    The activations are quantized here, outside any fastmath function: Numba compiles (and
-    caches) a function called from a fastmath kernel with the caller's flags, and contracting
-    llama.cpp's rounding `(v + 1.5 * 2^23) - 1.5 * 2^23` into an FMA changes the quantized
-    values."""
-    super_blocks = QType(qtype) in SUPER_BLOCK_TYPES
-
-    @numba.njit(cache=True)
-    def matvec_q8(rows, x, out):
-        xq, xd, xs, xsum = quantize_activations(x, super_blocks)
-        matvec_blocks(rows, qtype, xq, xd, xs, xsum, out)
-    return matvec_q8
-
-
-# out = W @ x with llama.cpp's numerics (x quantized once to Q8_0 / Q8_1 / Q8_K), one kernel per
-# format: MATVEC_Q8[qtype](rows, x, out) with rows uint8 (n_rows, row_bytes), read-only; x float32
-# (n,), n a multiple of the block size; out float32 (n_rows,).
-MATVEC_Q8 = {t: _matvec_q8_kernel(int(t)) for t in Q8_ROW_DOT}
+@numba.njit(parallel=True, cache=True)
+def quantize_columns(x, super_blocks, xq, xd, xs, xsum):
+    for t in prange(x.shape[0]):
+        quantize_column(x, t, super_blocks, xq, xd, xs, xsum)
 
 
 @numba.njit(cache=True)
 def quantize_activations(x, super_blocks):
-    """x (float32 (n,)) as 8-bit activation blocks: Q8_K when `super_blocks`, else Q8_0 with
-    Q8_1's sums. Returns (qs int8 (n,), d float32, s float32 per block, sums int32)."""
+    """x (float32 (T, n)) as 8-bit activation blocks for a matmul with T columns: Q8_K when
+    `super_blocks` (the k-quants' partner), else Q8_0 with Q8_1's sums. Block-major, so that a
+    tile of columns is one run of memory per block: returns (xq int8 (blocks, T, block),
+    xd float32 (blocks, T), xs float32 (blocks, T): Q8_1's s, xsum int16 (blocks, T, 16): Q8_K's
+    bsums, (blocks, T, 0) for Q8_0). Compiled, like its callers' whole path, because a decode
+    step makes hundreds of these calls on small matrices; one column runs serially (a parallel
+    region costs more than it)."""
+    n_columns, n = x.shape
     block = QK_K if super_blocks else QK
-    n_blocks = x.size // block
-    xq = np.empty(x.size, np.int8)
-    xd = np.empty(n_blocks, F32)
-    xs = np.empty(n_blocks, F32)
-    if super_blocks:
-        xsum = np.empty(x.size // 16, np.int32)
-        quantize_q8_k(x, xq, xd, xs, xsum)
+    xq = np.empty((n // block, n_columns, block), np.int8)
+    xd = np.empty((n // block, n_columns), F32)
+    xs = np.empty((n // block, n_columns), F32)
+    xsum = np.empty((n // block, n_columns, 16 if super_blocks else 0), np.int16)
+    if n_columns == 1:
+        quantize_one(x, super_blocks, xq, xd, xs, xsum)
     else:
-        xsum = np.empty(n_blocks, np.int32)
-        quantize_q8_0(x, xq, xd, xs, xsum)
+        quantize_columns(x, super_blocks, xq, xd, xs, xsum)
     return xq, xd, xs, xsum
 
 
-@numba.njit(inline="always", cache=True)
-def round_trip_q8_k_block(x, out):
-    """out = the 256 values x (float32) holds as a Q8_K block, q * d: q = min(127,
-    nearest_int(iscale * x)), iscale = -127 / (the first x of largest magnitude), d = 1 / iscale
-    (quantize_q8_k, written so that LLVM vectorizes it). The sign of that x matters only to
-    the zeros: 0 * d is +0 or -0."""
-    high, low = F32(0), F32(0)
-    for j in range(x.size):
-        high, low = max(high, x[j]), min(low, x[j])
-    if high == -low:  # a tie between +m and -m: the first of them (or all zeros)
-        peak = high
-        for j in range(x.size):
-            if abs(x[j]) == high:
-                peak = x[j]
-                break
-    else:
-        peak = high if high > -low else low
-    if peak == 0:
-        out[:] = 0
-        return
-    iscale = F32(-127) / peak
-    d = F32(1) / iscale
-    for j in range(x.size):
-        out[j] = F32(min(127, nearest_int(iscale * x[j]))) * d
+# ------------------------------------------------------------------ one block, a tile of columns
+
+def _half(builder, block, at):
+    """The fp16 at byte `at` of a block (i8*), as float32 (exact)."""
+    return builder.fpext(builder.bitcast(lanes.load(builder, block, at, I16), ir.HalfType()),
+                         lanes.F32)
 
 
-@numba.njit(inline="always", cache=True)
-def round_trip_q8_0_block(x, out):
-    """out = the 32 values x (float32) holds as a Q8_0 block: roundf(x / scale) * fp16(scale),
-    scale = max|x| / 127 (quantize_q8_0, written so that LLVM vectorizes it)."""
-    amax = F32(0)
-    for j in range(x.size):
-        amax = max(amax, abs(x[j]))
-    scale = amax / F32(127)
-    inv, d = inverse(scale), half_to_float(f32_to_fp16_bits(scale))
-    for j in range(x.size):
-        out[j] = roundf(x[j] * inv) * d
+class _Columns:
+    """A tile's activation columns inside dot_tile's loop, at block b: each column's int8 block
+    and Q8_K sums, and the columns' scales d_x and Q8_1 sums s_x side by side (<width x float>)."""
+
+    def __init__(self, builder, width, xq, xd, xs, xsum, column_bytes):
+        self.builder, self.width = builder, width
+        self.xq, self.xsum, self.column_bytes = xq, xsum, column_bytes
+        self.d = lanes.load(builder, xd, 0, lanes.F32, width)
+        self.s = lanes.load(builder, xs, 0, lanes.F32, width)
+
+    def x(self, j, at, n):
+        """<n x i8>: column j's activations at offset `at` of the block."""
+        return lanes.load(self.builder, self.xq, j * self.column_bytes + at, I8, n)
+
+    def bsums(self, j):
+        """<16 x i16>: column j's 16 Q8_K sums of 16 activations in this super-block."""
+        return lanes.load(self.builder, self.xsum, 32 * j, I16, 16)
 
 
-@numba.njit(cache=True)
-def round_trip_q8(x, super_blocks, out):
-    """out[t] = x[t] as llama.cpp's 8-bit activation blocks hold it (q * d per block): Q8_K when
-    `super_blocks` (for k-quant weights), else Q8_0 (Q8_1 stores the same values). Prefill with
-    llama.cpp numerics multiplies these with dequantized weights. x, out: float32 (T, n).
-    Serial on purpose: ~0.2 ms for 64 x 2048, while a parallel region here left Numba's OpenMP
-    workers spinning on the cores the prefill's BLAS threads then needed (+3 ms a matmul)."""
-    block = QK_K if super_blocks else QK
-    per_row = x.shape[1] // block
-    for i in range(x.shape[0] * per_row):
-        t, b = i // per_row, i % per_row
-        x_block, out_block = x[t, b * block:(b + 1) * block], out[t, b * block:(b + 1) * block]
-        if super_blocks:
-            round_trip_q8_k_block(x_block, out_block)
+# A block emitter returns its row's terms, in the order they are added to each (row, column)
+# accumulator: (sums, scale), sums a <8 x i32> of exact integer sums per column and scale the
+# block's float32 weight scale, adds float(sum of the lanes) * (scale * d_x); (None, m) adds
+# m * s_x (Q4_1 / Q5_1's offset times Q8_1's s).
+
+def _legacy(layout, offset=0, signed=False, affine=False):
+    """Q4_0 / Q5_0 (offset 8 / 16: signed weights q - offset), Q4_1 / Q5_1 (affine: d * q + m,
+    with Q8_1's s), Q8_0 (signed bytes): one block of 32 per call."""
+    five_bit = "qh" in layout._fields
+
+    def emit(builder, block, columns):
+        d = _half(builder, block, layout.d)
+        if layout is Q8_0:
+            weights = lanes.load(builder, block, layout.qs, I8, QK)
         else:
-            round_trip_q8_0_block(x_block, out_block)
+            high = (builder.zext(lanes.load(builder, block, layout.qh, I32), ir.IntType(64))
+                    if five_bit else None)
+            weights = lanes.nibble_pairs(builder, lanes.load(builder, block, layout.qs, I8, QK // 2),
+                                         high)
+            if offset:
+                weights = builder.sub(weights, lanes.constant(QK, offset))
+        unsigned = lanes.magnitude(builder, weights) if signed else weights
+        sums = []
+        for j in range(columns.width):
+            x = columns.x(j, 0, QK)
+            pairs = lanes.maddubs(builder, unsigned,
+                                  lanes.sign_of(builder, x, weights) if signed else x)
+            sums.append(lanes.madd(builder, pairs, ONES))
+        return [(sums, d)] + ([(None, _half(builder, block, layout.m))] if affine else [])
+    return emit
+
+
+def _k_quant(layout):
+    """Q4_K, Q5_K: 8 groups of 32, weight (d * scale_g) * q - dmin * min_g; the mins multiply
+    Q8_K's bsums."""
+    five_bit = "qh" in layout._fields
+
+    def emit(builder, block, columns):
+        d, dmin = _half(builder, block, layout.d), _half(builder, block, layout.dmin)
+        scales, mins = (builder.zext(v, ir.VectorType(I16, 8)) for v in lanes.k_scales_mins(
+            builder, lanes.load(builder, block, layout.scales, I8, 12)))
+        qh = lanes.load(builder, block, layout.qh, I8, 32) if five_bit else lanes.constant(32, 0)
+        sums = [ir.Constant(I32X8, None)] * columns.width
+        for g in range(8):
+            q = lanes.fields(builder, lanes.load(builder, block, layout.qs + 32 * (g // 2), I8, 32),
+                             ir.Constant(I8, 4 * (g % 2)), ir.Constant(I8, 15), qh,
+                             ir.Constant(I8, g), ir.Constant(I8, int(five_bit)), 4)
+            scale = lanes.pick(builder, scales, [g] * 16)
+            for j in range(columns.width):
+                pairs = lanes.maddubs(builder, q, columns.x(j, 32 * g, 32))
+                sums[j] = builder.add(sums[j], lanes.madd(builder, pairs, scale))
+        min_per_bsum = lanes.pick(builder, mins, [i // 2 for i in range(16)])
+        min_sums = [lanes.madd(builder, columns.bsums(j), min_per_bsum) for j in range(columns.width)]
+        return [(sums, d), (min_sums, builder.fneg(dmin))]
+    return emit
+
+
+def _q6_k(builder, block, columns):
+    """Q6_K: 16 groups of 16, weight d * scale_g * (q - 32), int8 scales; the - 32 goes through
+    Q8_K's bsums: sum_g scale_g * (q . x - 32 * bsum_g), exact."""
+    d = _half(builder, block, Q6_K.d)
+    scales = builder.sext(lanes.load(builder, block, Q6_K.scales, I8, 16), ir.VectorType(I16, 16))
+    halves = [lanes.q6_k_half(builder, lanes.load(builder, block, Q6_K.ql + 64 * h, I8, 64),
+                              lanes.load(builder, block, Q6_K.qh + 32 * h, I8, 32)) for h in range(2)]
+    sums = [ir.Constant(I32X8, None)] * columns.width
+    for u in range(8):  # 32 weights: groups 2u and 2u + 1
+        q = lanes.pick(builder, halves[u // 4], list(range(32 * (u % 4), 32 * (u % 4) + 32)))
+        scale = lanes.pick(builder, scales, [2 * u] * 8 + [2 * u + 1] * 8)
+        for j in range(columns.width):
+            pairs = lanes.maddubs(builder, q, columns.x(j, 32 * u, 32))
+            sums[j] = builder.add(sums[j], lanes.madd(builder, pairs, scale))
+    offsets = [lanes.madd(builder, columns.bsums(j), scales) for j in range(columns.width)]
+    return [([builder.sub(total, builder.shl(offset, ir.Constant(I32X8, [5] * 8)))
+              for total, offset in zip(sums, offsets)], d)]
+
+
+# Each format's block emitter and its weights per block (the activation block it meets: Q8_K
+# for the k-quants, Q8_0 / Q8_1 for the rest).
+BLOCK_DOT = {QType.Q4_0: _legacy(Q4_0, offset=8, signed=True), QType.Q4_1: _legacy(Q4_1, affine=True),
+             QType.Q5_0: _legacy(Q5_0, offset=16, signed=True), QType.Q5_1: _legacy(Q5_1, affine=True),
+             QType.Q8_0: _legacy(Q8_0, signed=True), QType.Q4_K: _k_quant(Q4_K),
+             QType.Q5_K: _k_quant(Q5_K), QType.Q6_K: _q6_k}
+SUPPORTED = tuple(BLOCK_DOT)
+SUPER_BLOCK_TYPES = tuple(t for t in BLOCK_DOT if FORMATS[t].block_size == QK_K)  # Q8_K partners
+
+
+@intrinsic
+def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out):
+    """out[t + j, r + i] = row r + i of `rows` (uint8 (n_rows, row_bytes), format `qtype`) .
+    column t + j of the activations (quantize_activations' arrays, as it makes them), i < height,
+    j < width. qtype, height, width: literals, height * width <= 8 and each a power of 2.
+
+    One float32 accumulator per (row, column), lanes of a vector (an alloca, which LLVM keeps in
+    a register); per block, each term's integer sums of the whole tile are reduced across lanes
+    together (lanes.sum_per_vector) and scaled with one multiply and one FMA. Lane (i, j) gets the
+    same float operations whatever the tile's shape, which makes every shape's results equal."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (qtype, height, width)):
+        return None
+    fmt = FORMATS[QType(qtype.literal_value)]
+    emit, n_rows, n_columns = BLOCK_DOT[fmt.qtype], height.literal_value, width.literal_value
+    lanes_type = ir.VectorType(lanes.F32, n_rows * n_columns)
+    per_row = [i for i in range(n_rows) for _ in range(n_columns)]  # lane -> its row
+    per_column = [j for _ in range(n_rows) for j in range(n_columns)]  # lane -> its column
+
+    def codegen(context, builder, signature, args):
+        _, rows_, r_, _, xq_, xd_, xs_, xsum_, t_, _, out_ = args
+        row_pointers = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
+                                           builder.add(r_, ir.Constant(r_.type, i)))
+                        for i in range(n_rows)]
+        # Each activation array is C-contiguous (blocks, T, ...): column t + j of block b sits at
+        # data + b * strides[0] + (t + j) * column_bytes.
+        column_bytes = (fmt.block_size, 4, 4, 32)
+        views = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (4, 5, 6, 7)]
+        n_blocks = cgutils.unpack_tuple(builder, views[1].shape)[0]
+        strides = [cgutils.unpack_tuple(builder, view.strides)[0] for view in views]
+        starts = [builder.gep(builder.bitcast(view.data, I8.as_pointer()),
+                              [builder.mul(t_, ir.Constant(t_.type, size))])
+                  for view, size in zip(views, column_bytes)]
+        acc = cgutils.alloca_once_value(builder, ir.Constant(lanes_type, None))
+
+        def per_row_vector(values):  # <lanes> with lane (i, j) = values[i]
+            vector = ir.Constant(ir.VectorType(lanes.F32, n_rows), None)
+            for i, value in enumerate(values):
+                vector = builder.insert_element(vector, value, ir.Constant(I32, i))
+            return lanes.pick(builder, vector, per_row)
+
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            at_block = [builder.gep(start, [builder.mul(b, stride)])
+                        for start, stride in zip(starts, strides)]
+            columns = _Columns(builder, n_columns, *at_block, fmt.block_size)
+            terms = [emit(builder, builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))]),
+                          columns) for row in row_pointers]
+            for k in range(len(terms[0])):
+                scale = per_row_vector([row_terms[k][1] for row_terms in terms])
+                if terms[0][k][0] is None:  # m * s_x
+                    update = (scale, lanes.pick(builder, columns.s, per_column))
+                else:
+                    sums = lanes.sum_per_vector(builder, [v for row_terms in terms for v in row_terms[k][0]])
+                    update = (builder.sitofp(sums, lanes_type),
+                              builder.fmul(scale, lanes.pick(builder, columns.d, per_column)))
+                builder.store(lanes.fma(builder, *update, builder.load(acc)), acc)
+        out_view = context.make_array(signature.args[10])(context, builder, out_)
+        out_stride = cgutils.unpack_tuple(builder, out_view.strides)[0]
+        out_start = builder.gep(builder.bitcast(out_view.data, I8.as_pointer()),
+                                [builder.add(builder.mul(t_, out_stride),
+                                             builder.mul(r_, ir.Constant(r_.type, 4)))])
+        totals = builder.load(acc)
+        for lane, (i, j) in enumerate(zip(per_row, per_column)):
+            at = builder.add(builder.mul(out_stride, ir.Constant(out_stride.type, j)),
+                             ir.Constant(out_stride.type, 4 * i))
+            builder.store(builder.extract_element(totals, ir.Constant(I32, lane)),
+                          builder.bitcast(builder.gep(out_start, [at]), lanes.F32.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(qtype, rows, r, height, xq, xd, xs, xsum, t, width, out), codegen
+
+
+# ------------------------------------------------------------------ the kernels
+
+ROW_TILE = 16    # rows per task: their weights stay in L1/L2 while every column tile runs
+COLUMN_TILE = 8  # columns per pass over a row (measured: 4 -> 8 is 1.2-1.4x, 16 no better)
+HALF_TILE = COLUMN_TILE // 2
+
+
+# Decode: rows a tile for the 32-weight formats, whose integer sums are then reduced together
+# (a horizontal sum per block otherwise; Q4_1 576 x 576: 5.6 -> 7-8 GB/s); one for the k-quants,
+# which reduce once per 256 weights and stream faster alone (Q6_K 14336 x 4096 from memory:
+# 11 GB/s with 4 rows, 18 with 1).
+ROWS_PER_STEP = {QK: 4, QK_K: 1}
+
+
+def _matmul_q8_kernel(qtype: int):
+    """The q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
+    matvec._matvec_kernel). Several columns run COLUMN_TILE at a time, then HALF_TILE, then one at
+    a time; one column (decode) runs `step` rows a tile, with the next tile's rows prefetched,
+    in a parallel loop of its own (inside the tiled kernel's loop LLVM kept the wide tiles'
+    pointers live and the one-column path ran from the stack). Every tile shape gives each
+    (row, column) the same result (dot_tile)."""
+    step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
+
+    @numba.njit(parallel=True, cache=True)
+    def matmul_tiles(rows, xq, xd, xs, xsum, out):
+        n_rows, n_columns = rows.shape[0], xq.shape[1]
+        tiled = n_columns - n_columns % COLUMN_TILE
+        half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
+        for tile in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
+            first, last = tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)
+            for t in range(0, tiled, COLUMN_TILE):
+                for r in range(first, last):
+                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, COLUMN_TILE, out)
+            for t in range(tiled, half, HALF_TILE):
+                for r in range(first, last):
+                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, HALF_TILE, out)
+            for t in range(half, n_columns):
+                for r in range(first, last):
+                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, 1, out)
+
+    @numba.njit(parallel=True, cache=True)
+    def matvec(rows, xq, xd, xs, xsum, out):
+        n_steps = rows.shape[0] // step
+        for i in prange(n_steps):
+            r = i * step
+            for ahead in range(r + step, r + 2 * step):
+                lanes.prefetch_row(rows, ahead)
+            dot_tile(qtype, rows, r, step, xq, xd, xs, xsum, 0, 1, out)
+        for r in range(n_steps * step, rows.shape[0]):
+            dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, 0, 1, out)
+
+    @numba.njit(cache=True)
+    def matmul_q8(rows, xq, xd, xs, xsum, out):
+        if xq.shape[1] == 1:
+            matvec(rows, xq, xd, xs, xsum, out)
+        else:
+            matmul_tiles(rows, xq, xd, xs, xsum, out)
+    return matmul_q8
+
+
+# out = x @ W.T with llama.cpp's numerics, one kernel per format: MATMUL_Q8[qtype](rows, xq, xd,
+# xs, xsum, out) with rows uint8 (n_rows, row_bytes), read-only; the activations from
+# quantize_activations(x, qtype in SUPER_BLOCK_TYPES), x float32 (T, n); out float32 (T, n_rows).
+MATMUL_Q8 = {t: _matmul_q8_kernel(int(t)) for t in BLOCK_DOT}
+
+
+def matmul_q8(rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
+    """x @ W.T (float32 (T, n_rows)) for W's rows (uint8 (n_rows, row_bytes), read-only) and x
+    (float32 (T, n)): quantize_activations, then MATMUL_Q8. For tests and benchmarks; the model
+    goes through kernels.dispatch, which shares one quantized x between matrices."""
+    activations = quantize_activations(x, qtype in SUPER_BLOCK_TYPES)
+    out = np.empty((x.shape[0], rows.shape[0]), F32)
+    MATMUL_Q8[qtype](rows, *activations, out)
+    return out
