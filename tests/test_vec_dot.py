@@ -136,6 +136,8 @@ def test_numba_activations_bit_identical(qtype, n_columns):
         assert np.array_equal(xd[:, t].view(np.uint32), y["d"].astype(np.float32).view(np.uint32))
         if qtype == QType.Q4_K:
             assert np.array_equal(xsum[:, t], y["bsums"])
+        else:  # Q8_0's block sums, for Q4_0 / Q5_0's offsets
+            assert np.array_equal(xsum[:, t, 0], y["qs"].sum(axis=1))
         if qtype == QType.Q4_1:
             assert np.array_equal(xs[:, t].view(np.uint32), y["s"].astype(np.float32).view(np.uint32))
 

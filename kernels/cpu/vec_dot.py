@@ -13,11 +13,12 @@ for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
 IR (1 x 8 for prefill, 4 x 1 for decode): per block it loads and unpacks each row's weights once
 (kernels.cpu.lanes), multiplies them with each column's int8 block in byte lanes (`vpmaddubsw`,
-unsigned by signed, pairs into int16; signed weights pass as |w| with x taking w's sign), scales
-pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces the whole
-tile's int32 lanes together and folds them into one float32 accumulator per (row, column) with
-one FMA by d_w * d_x. The float arithmetic is emitted with no fast-math flags, so LLVM cannot
-reorder or fuse it differently for one tile shape than for another. See docs/kernels-q8.md.
+unsigned by signed, pairs into int16; Q8_0's signed weights pass as |w| with x taking w's
+sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
+the whole tile's int32 lanes together and folds them into one float32 accumulator per (row,
+column) with one FMA by d_w * d_x. The float arithmetic is emitted with no fast-math flags, so
+LLVM cannot reorder or fuse it differently for one tile shape than for another. See
+docs/kernels-q8.md.
 """
 import numba
 import numpy as np
@@ -40,11 +41,11 @@ ONES = ir.Constant(ir.VectorType(I16, 16), [1] * 16)
 # ------------------------------------------------------------------ activation quantizers
 # Bit-identical to llama.cpp's quantize_row_q8_*_ref (and kernels.reference.vec_dot): no fastmath.
 # Outputs for one x (float32 (n,)), per block b: qs[b] int8 (block,); d[b] float32 (Q8_0/Q8_1: the
-# fp16-rounded value the dot product uses); s[b] float32 (Q8_1's fp16 d * sum(q)); Q8_K's
-# sums[b] int16 (16,), llama.cpp's bsums.
+# fp16-rounded value the dot product uses); s[b] float32 (Q8_1's fp16 d * sum(q)); sums[b]
+# int16: sum(q) (1,) for Q8_0, llama.cpp's bsums (16,) for Q8_K.
 
 @numba.njit(cache=True)
-def quantize_q8_0(x, qs, d, s):
+def quantize_q8_0(x, qs, d, s, sums):
     for b in range(x.size // QK):
         block = x[b * QK:(b + 1) * QK]
         amax = F32(0)
@@ -59,6 +60,7 @@ def quantize_q8_0(x, qs, d, s):
             total += q
         d[b] = half_to_float(f32_to_fp16_bits(scale))
         s[b] = half_to_float(f32_to_fp16_bits(F32(total) * scale))
+        sums[b, 0] = total
 
 
 @numba.njit(cache=True)
@@ -90,7 +92,7 @@ def quantize_column(x, t, super_blocks, xq, xd, xs, xsum):
     if super_blocks:
         quantize_q8_k(x[t], xq[:, t], xd[:, t], xsum[:, t])
     else:
-        quantize_q8_0(x[t], xq[:, t], xd[:, t], xs[:, t])
+        quantize_q8_0(x[t], xq[:, t], xd[:, t], xs[:, t], xsum[:, t])
 
 
 @numba.njit(cache=True)
@@ -109,16 +111,16 @@ def quantize_activations(x, super_blocks):
     """x (float32 (T, n)) as 8-bit activation blocks for a matmul with T columns: Q8_K when
     `super_blocks` (the k-quants' partner), else Q8_0 with Q8_1's sums. Block-major, so that a
     tile of columns is one run of memory per block: returns (xq int8 (blocks, T, block),
-    xd float32 (blocks, T), xs float32 (blocks, T): Q8_1's s, xsum int16 (blocks, T, 16): Q8_K's
-    bsums, (blocks, T, 0) for Q8_0). Compiled, like its callers' whole path, because a decode
-    step makes hundreds of these calls on small matrices; one column runs serially (a parallel
-    region costs more than it)."""
+    xd float32 (blocks, T), xs float32 (blocks, T): Q8_1's s, xsum int16: Q8_K's bsums
+    (blocks, T, 16), or sum(q) (blocks, T, 1) for Q8_0). Compiled, like its callers' whole
+    path, because a decode step makes hundreds of these calls on small matrices; one column runs
+    serially (a parallel region costs more than it)."""
     n_columns, n = x.shape
     block = QK_K if super_blocks else QK
     xq = np.empty((n // block, n_columns, block), np.int8)
     xd = np.empty((n // block, n_columns), F32)
     xs = np.empty((n // block, n_columns), F32)
-    xsum = np.empty((n // block, n_columns, 16 if super_blocks else 0), np.int16)
+    xsum = np.empty((n // block, n_columns, 16 if super_blocks else 1), np.int16)
     if n_columns == 1:
         quantize_one(x, super_blocks, xq, xd, xs, xsum)
     else:
@@ -152,36 +154,38 @@ class _Columns:
         """<16 x i16>: column j's 16 Q8_K sums of 16 activations in this super-block."""
         return lanes.load(self.builder, self.xsum, 32 * j, I16, 16)
 
+    def block_sums(self):
+        """<width x i32>: the columns' Q8_0 sums of this block's 32 activations."""
+        return self.builder.sext(lanes.load(self.builder, self.xsum, 0, I16, self.width),
+                                 ir.VectorType(I32, self.width))
+
 
 # A block emitter returns its row's terms, in the order they are added to each (row, column)
-# accumulator: (sums, scale), sums a <8 x i32> of exact integer sums per column and scale the
-# block's float32 weight scale, adds float(sum of the lanes) * (scale * d_x); (None, m) adds
-# m * s_x (Q4_1 / Q5_1's offset times Q8_1's s).
+# accumulator: (sums, scale, offset), sums a <8 x i32> of exact integer sums per column, scale
+# the block's float32 weight scale and offset an int, adds float(sum of the lanes - offset *
+# sum(x)) * (scale * d_x); (None, m, 0) adds m * s_x (Q4_1 / Q5_1's offset times Q8_1's s).
 
-def _legacy(layout, offset=0, signed=False, affine=False):
-    """Q4_0 / Q5_0 (offset 8 / 16: signed weights q - offset), Q4_1 / Q5_1 (affine: d * q + m,
-    with Q8_1's s), Q8_0 (signed bytes): one block of 32 per call."""
+def _legacy(layout, offset=0, affine=False):
+    """Q4_0 / Q5_0 (weights q - offset, offset 8 / 16: q . x - offset * sum(x) with Q8_0's block
+    sums, after the tile's reduction), Q4_1 / Q5_1 (affine: d * q + m, with Q8_1's s), Q8_0
+    (signed bytes: |w| . (x with w's sign)): one block of 32 per call."""
     five_bit = "qh" in layout._fields
 
     def emit(builder, block, columns):
         d = _half(builder, block, layout.d)
         if layout is Q8_0:
             weights = lanes.load(builder, block, layout.qs, I8, QK)
+            unsigned = lanes.magnitude(builder, weights)
+            x_of = lambda j: lanes.sign_of(builder, columns.x(j, 0, QK), weights)  # noqa: E731
         else:
             high = (builder.zext(lanes.load(builder, block, layout.qh, I32), ir.IntType(64))
                     if five_bit else None)
-            weights = lanes.nibble_pairs(builder, lanes.load(builder, block, layout.qs, I8, QK // 2),
-                                         high)
-            if offset:
-                weights = builder.sub(weights, lanes.constant(QK, offset))
-        unsigned = lanes.magnitude(builder, weights) if signed else weights
-        sums = []
-        for j in range(columns.width):
-            x = columns.x(j, 0, QK)
-            pairs = lanes.maddubs(builder, unsigned,
-                                  lanes.sign_of(builder, x, weights) if signed else x)
-            sums.append(lanes.madd(builder, pairs, ONES))
-        return [(sums, d)] + ([(None, _half(builder, block, layout.m))] if affine else [])
+            unsigned = lanes.nibble_pairs(builder, lanes.load(builder, block, layout.qs, I8, QK // 2),
+                                          high)
+            x_of = lambda j: columns.x(j, 0, QK)  # noqa: E731
+        sums = [lanes.madd(builder, lanes.maddubs(builder, unsigned, x_of(j)), ONES)
+                for j in range(columns.width)]
+        return [(sums, d, offset)] + ([(None, _half(builder, block, layout.m), 0)] if affine else [])
     return emit
 
 
@@ -206,7 +210,7 @@ def _k_quant(layout):
                 sums[j] = builder.add(sums[j], lanes.madd(builder, pairs, scale))
         min_per_bsum = lanes.pick(builder, mins, [i // 2 for i in range(16)])
         min_sums = [lanes.madd(builder, columns.bsums(j), min_per_bsum) for j in range(columns.width)]
-        return [(sums, d), (min_sums, builder.fneg(dmin))]
+        return [(sums, d, 0), (min_sums, builder.fneg(dmin), 0)]
     return emit
 
 
@@ -226,14 +230,14 @@ def _q6_k(builder, block, columns):
             sums[j] = builder.add(sums[j], lanes.madd(builder, pairs, scale))
     offsets = [lanes.madd(builder, columns.bsums(j), scales) for j in range(columns.width)]
     return [([builder.sub(total, builder.shl(offset, ir.Constant(I32X8, [5] * 8)))
-              for total, offset in zip(sums, offsets)], d)]
+              for total, offset in zip(sums, offsets)], d, 0)]
 
 
 # Each format's block emitter and its weights per block (the activation block it meets: Q8_K
 # for the k-quants, Q8_0 / Q8_1 for the rest).
-BLOCK_DOT = {QType.Q4_0: _legacy(Q4_0, offset=8, signed=True), QType.Q4_1: _legacy(Q4_1, affine=True),
-             QType.Q5_0: _legacy(Q5_0, offset=16, signed=True), QType.Q5_1: _legacy(Q5_1, affine=True),
-             QType.Q8_0: _legacy(Q8_0, signed=True), QType.Q4_K: _k_quant(Q4_K),
+BLOCK_DOT = {QType.Q4_0: _legacy(Q4_0, offset=8), QType.Q4_1: _legacy(Q4_1, affine=True),
+             QType.Q5_0: _legacy(Q5_0, offset=16), QType.Q5_1: _legacy(Q5_1, affine=True),
+             QType.Q8_0: _legacy(Q8_0), QType.Q4_K: _k_quant(Q4_K),
              QType.Q5_K: _k_quant(Q5_K), QType.Q6_K: _q6_k}
 SUPPORTED = tuple(BLOCK_DOT)
 SUPER_BLOCK_TYPES = tuple(t for t in BLOCK_DOT if FORMATS[t].block_size == QK_K)  # Q8_K partners
@@ -264,7 +268,7 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
                         for i in range(n_rows)]
         # Each activation array is C-contiguous (blocks, T, ...): column t + j of block b sits at
         # data + b * strides[0] + (t + j) * column_bytes.
-        column_bytes = (fmt.block_size, 4, 4, 32)
+        column_bytes = (fmt.block_size, 4, 4, 32 if fmt.block_size == QK_K else 2)
         views = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (4, 5, 6, 7)]
         n_blocks = cgutils.unpack_tuple(builder, views[1].shape)[0]
         strides = [cgutils.unpack_tuple(builder, view.strides)[0] for view in views]
@@ -291,7 +295,13 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
                 if terms[0][k][0] is None:  # m * s_x
                     update = (scale, lanes.pick(builder, columns.s, per_column))
                 else:
-                    sums = lanes.sum_per_vector(builder, [v for row_terms in terms for v in row_terms[k][0]])
+                    tile_sums = [v for row_terms in terms for v in row_terms[k][0]]
+                    sums = lanes.sum_per_vector(builder, tile_sums)
+                    offset = terms[0][k][2]  # the format's, the same for every row
+                    if offset:  # - offset * sum(x), exact
+                        x_sums = lanes.pick(builder, columns.block_sums(), per_column)
+                        sums = builder.sub(sums, builder.mul(
+                            x_sums, lanes.constant(len(per_column), offset, I32)))
                     update = (builder.sitofp(sums, lanes_type),
                               builder.fmul(scale, lanes.pick(builder, columns.d, per_column)))
                 builder.store(lanes.fma(builder, *update, builder.load(acc)), acc)
