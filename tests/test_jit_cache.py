@@ -72,3 +72,26 @@ def test_stamp_covers_every_source_file(tmp_path):
 def test_our_kernels_use_it():
     from mistral_ref_kernels.cpu import dequant
     assert type(dequant.q4_k._cache._impl.locator).__module__ == jit_cache.__name__
+
+
+FORWARD_AND_COUNT_MISSES = """\
+import gc, sys
+import numba
+from mistral_ref.model import Model
+model = Model.from_gguf(sys.argv[1], activations="q8")
+model.forward([1, 2, 3], model.new_cache(8))  # prefill (T = 3) and then decode (T = 1)
+model.forward([4], model.new_cache(8))
+misses = sorted(d.py_func.__qualname__ for d in gc.get_objects()
+                if isinstance(d, numba.core.dispatcher.Dispatcher) and d.stats.cache_misses)
+print(" ".join(misses) or "none")
+"""
+
+
+def test_a_new_process_compiles_nothing(default_model):
+    """Every kernel a q8 forward pass calls is loaded from the cache by the next process: a
+    compiled function that Numba saves but can never find again (a closure calling other compiled
+    closures) cost each new process ~1.3 s before its first token."""
+    run = lambda: subprocess.run([sys.executable, "-c", FORWARD_AND_COUNT_MISSES, str(default_model)],  # noqa: E731
+                                 capture_output=True, text=True, timeout=600, check=True).stdout.split()[-1]
+    run()  # fills the cache where this checkout's kernels are not compiled yet
+    assert run() == "none"

@@ -371,12 +371,11 @@ def _matmul_q8_kernel(qtype: int):
         for r in range(n_steps * step, rows.shape[0]):
             dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, 0, 1, out)
 
-    @numba.njit(cache=True)
-    def matmul_q8(rows, xq, xd, xs, xsum, out):
-        if xq.shape[1] == 1:
-            matvec(rows, xq, xd, xs, xsum, out)
-        else:
-            matmul_tiles(rows, xq, xd, xs, xsum, out)
+    def matmul_q8(rows: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray,
+                  xsum: np.ndarray, out: np.ndarray) -> None:
+        # Python, not a compiled wrapper: a compiled closure that calls other compiled functions
+        # cannot be cached, and recompiling it cost every new process ~1.3 s.
+        (matvec if xq.shape[1] == 1 else matmul_tiles)(rows, xq, xd, xs, xsum, out)
     return matmul_q8
 
 
