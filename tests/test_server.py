@@ -377,3 +377,15 @@ def test_queue_full_and_graceful_shutdown(model):
     assert s.proc.wait(20) in GRACEFUL
     log = s.proc.stdout.read()
     assert "Finished server process" in log and "Traceback" not in log
+
+
+def test_http_bodies_default_to_openais_temperature():
+    """OpenAI's API samples at temperature 1 when a body gives none (or null); an explicit 0 stays
+    greedy, and the Python API keeps mistral.rs's None (greedy)."""
+    from mistral_ref.api_types import ChatCompletionRequest, CompletionRequest
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert ChatCompletionRequest.from_openai(chat).temperature == 1.0
+    assert ChatCompletionRequest.from_openai({**chat, "temperature": None}).temperature == 1.0
+    assert ChatCompletionRequest.from_openai({**chat, "temperature": 0}).temperature == 0
+    assert CompletionRequest.from_openai({"prompt": "Hi"}).temperature == 1.0
+    assert CompletionRequest(prompt="Hi").temperature is None
