@@ -11,10 +11,10 @@ same float operations whatever T is, so column t of a prefill equals the decode 
 for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float kernels.
 
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
-IR (1 x 8 for prefill, 4 x 1 for decode): per block it loads and unpacks each row's weights once
-(kernels.cpu.lanes), multiplies them with each column's int8 block in byte lanes (`vpmaddubsw`,
-unsigned by signed, pairs into int16; Q8_0's signed weights pass as |w| with x taking w's
-sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
+IR (1 x 8 for prefill; 4 x 1, or 1 x 1 for k-quants, in decode): per block it loads and unpacks
+each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
+byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
+|w| with x taking w's sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
 the whole tile's int32 lanes together and folds them into one float32 accumulator per (row,
 column) with one FMA by d_w * d_x. The float arithmetic is emitted with no fast-math flags, so
 LLVM cannot reorder or fuse it differently for one tile shape than for another. See
