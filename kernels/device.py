@@ -45,6 +45,14 @@ class Device(Protocol):
     def to_host(self, x: Array) -> np.ndarray:
         """x as a NumPy array (logits)."""
 
+    def concat(self, parts: Sequence[Array]) -> Array:
+        """The arrays stacked along their first axis (several sequences' rows); one part is
+        returned as it is."""
+
+    def copy_slots_(self, dst: Array, src: Array, n_slots: int) -> None:
+        """In place: dst[:, :, :n_slots] = src[:, :, :n_slots], both (n_layers, KV, S, D) (keys or
+        values of a KV cache, from or into a prefix-cache entry)."""
+
     def matmul(self, rows: Array, qtype: QType, x: Array) -> Array:
         """x @ W.T: rows uint8 (n_rows, row_bytes), W in format `qtype`; x (T, n). Returns
         (T, n_rows)."""
@@ -109,6 +117,12 @@ class HostDevice:
 
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+    def concat(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def copy_slots_(self, dst: np.ndarray, src: np.ndarray, n_slots: int) -> None:
+        dst[:, :, :n_slots] = src[:, :, :n_slots]
 
     def matmul(self, rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
         return dispatch.matmul(rows, qtype, x, self.backend, self.scratch, self.activations)

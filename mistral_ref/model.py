@@ -125,40 +125,70 @@ class Model:
         """Logits at every position of `token_ids` from a fresh cache: float32 (n_tokens, vocab)."""
         return self._run(token_ids, self.new_cache(max(1, len(token_ids))), all_logits=True)
 
+    def forward_batch(self, batch: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
+        """Several sequences in one pass through the weights (continuous batching): each
+        (token_ids, cache) runs at its cache's next positions, as `forward(token_ids, cache)`
+        would, with its own positions, window and attention. Returns each one's last-position
+        logits, float32 (vocab,).
+
+        A sequence's logits do not depend on what it is batched with: with q8 activations they
+        equal forward's bit for bit (each matmul column is computed alone, attention per
+        sequence); with f32 to float32 rounding (BLAS blocks a matrix by its column count)."""
+        checked = [(self._check_tokens(ids, cache), cache) for ids, cache in batch]
+        if not checked:
+            raise InputError("an empty batch")
+        if len({id(cache) for _, cache in checked}) != len(checked):
+            raise InputError("a KV cache appears twice in one batch")
+        hidden = self._hidden(checked)
+        ends = np.cumsum([len(tokens) for tokens, _ in checked])
+        last = self.device.concat([hidden[end - 1:end] for end in ends])
+        return list(self.device.to_host(self._linear(self.output, last)))
+
     def _run(self, token_ids: Sequence[int], cache: KVCache, all_logits: bool) -> np.ndarray:
         tokens = self._check_tokens(token_ids, cache)
         outputs = []
         for start in range(0, len(tokens), PREFILL_CHUNK):
             chunk = tokens[start:start + PREFILL_CHUNK]
             last = start + len(chunk) == len(tokens)
-            hidden = self._chunk(chunk, cache)
+            hidden = self._hidden([(chunk, cache)])
             if all_logits or last:
                 hidden = hidden if all_logits else hidden[-1:]
                 outputs.append(self.device.to_host(self._linear(self.output, hidden)))
         return np.concatenate(outputs)
 
-    def _chunk(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
-        """The transformer on T tokens at positions cache.length..; returns the final-normed hidden
-        states (T, dim) and advances the cache."""
-        c, dev, n_tokens, start = self.config, self.device, len(tokens), cache.length
-        positions = np.arange(start, start + n_tokens, dtype=np.int64)
+    def _hidden(self, batch: Sequence[tuple[np.ndarray, KVCache]]):
+        """The transformer on each (tokens, cache) at positions cache.length.., the tokens of all
+        side by side as the rows of one (T, dim) activation; returns the final-normed hidden
+        states (T, dim) and advances the caches."""
+        c, dev = self.config, self.device
+        tokens = np.concatenate([t for t, _ in batch])
+        positions = np.concatenate([np.arange(cache.length, cache.length + len(t), dtype=np.int64)
+                                    for t, cache in batch])
+        bounds = np.cumsum([0] + [len(t) for t, _ in batch])
+        n_tokens = len(tokens)
         x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
             q, k, v = self._linears((layer.wq, layer.wk, layer.wv), h)
-            q = q.reshape(n_tokens, c.n_heads, c.head_dim)
-            k = k.reshape(n_tokens, c.n_kv_heads, c.head_dim)
+            q = dev.rope(q.reshape(n_tokens, c.n_heads, c.head_dim), positions, self.inv_freq)
+            k = dev.rope(k.reshape(n_tokens, c.n_kv_heads, c.head_dim), positions, self.inv_freq)
             v = v.reshape(n_tokens, c.n_kv_heads, c.head_dim)
-            q = dev.rope(q, positions, self.inv_freq)
-            k = dev.rope(k, positions, self.inv_freq)
-            attn = dev.attention(q, k, v, cache.k[i], cache.v[i], start, cache.window)
-            dev.kv_write_(cache.k[i], cache.v[i], start, k, v)
+            attn = dev.concat([self._attend(i, q[a:b], k[a:b], v[a:b], cache)
+                               for a, b, (_, cache) in zip(bounds, bounds[1:], batch)])
             dev.add_(x, self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim)))
             h = dev.rmsnorm(x, layer.ffn_norm, c.norm_eps)
             gate_up = dev.swiglu(*self._linears((layer.w_gate, layer.w_up), h))
             dev.add_(x, self._linear(layer.w_down, gate_up))
-        cache.length += n_tokens
+        for t, cache in batch:
+            cache.length += len(t)
         return dev.rmsnorm(x, self.output_norm, c.norm_eps)
+
+    def _attend(self, layer: int, q, k, v, cache: KVCache):
+        """One sequence's attention in `layer` (q (T, H, D); k, v (T, KV, D), rotated), then its
+        keys and values into its cache."""
+        out = self.device.attention(q, k, v, cache.k[layer], cache.v[layer], cache.length, cache.window)
+        self.device.kv_write_(cache.k[layer], cache.v[layer], cache.length, k, v)
+        return out
 
     def _linear(self, w: Weight, x):
         return self.device.matmul(w.rows, w.qtype, x)

@@ -208,17 +208,22 @@ def tiny_mixed_model(tmp_path):
 
 @pytest.mark.slow
 def test_whole_model_matches_cpu(tiny_mixed_model):
-    """Prefill 4 tokens, then decode 2 that wrap the KV ring; logits within 1e-3 of the CPU
-    device at every step."""
+    """Prefill 4 tokens, then two batched steps (continuous batching) in which that sequence
+    decodes past its ring of 4 while a second one prefills 2 tokens and decodes 1; every
+    sequence's logits within 1e-3 of the CPU device running it alone."""
     from mistral_ref.model import Model
 
     cpu_model = Model.from_gguf(tiny_mixed_model)
     gpu_model = Model.from_gguf(tiny_mixed_model, device="cuda")
-    cpu_cache, gpu_cache = cpu_model.new_cache(8), gpu_model.new_cache(8)
-    for tokens in ([1, 5, 19, 2], [11], [37]):
-        expected = cpu_model.forward(tokens, cpu_cache)
-        np.testing.assert_allclose(gpu_model.forward(tokens, gpu_cache), expected, atol=1e-3, rtol=0)
-    assert gpu_cache.k.shape[2] == 4  # the ring holds the window, not the sequence
+    cpu_caches = [cpu_model.new_cache(8) for _ in range(2)]
+    gpu_caches = [gpu_model.new_cache(8) for _ in range(2)]
+    np.testing.assert_allclose(gpu_model.forward([1, 5, 19, 2], gpu_caches[0]),
+                               cpu_model.forward([1, 5, 19, 2], cpu_caches[0]), atol=1e-3, rtol=0)
+    for step in (([11], [7, 3]), ([37], [12])):
+        batched = gpu_model.forward_batch(list(zip(step, gpu_caches)))
+        for tokens, cache, logits in zip(step, cpu_caches, batched):
+            np.testing.assert_allclose(logits, cpu_model.forward(tokens, cache), atol=1e-3, rtol=0)
+    assert gpu_caches[0].k.shape[2] == 4  # the ring holds the window, not the sequence
 
 
 def test_real_device_arrays_have_no_copy_method():
@@ -256,6 +261,10 @@ def test_kv_cache_fork_on_the_device(tiny_mixed_model, monkeypatch):
     for cache, shift in ((child, 0), (parent, 1)):
         assert np.array_equal(cache.k.copy_to_host()[layer, :, :3], (k + shift).transpose(1, 0, 2))
         assert np.array_equal(cache.v.copy_to_host()[layer, :, :3], (v + shift).transpose(1, 0, 2))
+    prefix = model.new_cache(8)  # the prefix cache's copy: the first slots of every layer and head
+    model.device.copy_slots_(prefix.k, parent.k, 2)
+    assert np.array_equal(prefix.k.copy_to_host()[:, :, :2], parent.k.copy_to_host()[:, :, :2])
+    assert not prefix.k.copy_to_host()[:, :, 2:].any()
 
 
 def test_model_with_unsupported_weights_is_refused_at_load(tmp_path):
@@ -271,3 +280,4 @@ def test_model_with_unsupported_weights_is_refused_at_load(tmp_path):
     Model.from_gguf(path)  # the CPU reads every format
     with pytest.raises(UnsupportedTensorTypeError, match="blk.0.ffn_down.weight.*Q2_K"):
         Model.from_gguf(path, device="cuda")
+

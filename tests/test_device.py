@@ -9,6 +9,7 @@ import pytest
 
 import mistral_ref_kernels as kernels
 from mistral_ref_kernels.device import Device
+from mistral_ref.errors import ContextLengthError, InputError
 from mistral_ref.model import Model
 from mistral_ref.tokenizer import Tokenizer
 
@@ -118,3 +119,55 @@ def test_q8_prefill_equals_q8_decode(mixed_formats_model):
     cache = model.new_cache(len(TOKENS))
     decode = np.stack([model.forward([token], cache) for token in TOKENS])
     np.testing.assert_array_equal(prefill, decode)
+
+
+def _batched_and_alone(model: Model, histories, steps) -> tuple[list, list]:
+    """Each sequence's logits for its `steps` (a list of token lists per step), run alone and run
+    in batches with the others (histories are prefilled first, each alone)."""
+    def fresh():
+        caches = [model.new_cache(16) for _ in histories]
+        for history, cache in zip(histories, caches):
+            model.forward(history, cache)
+        return caches
+    caches, alone = fresh(), []
+    for step in steps:
+        alone.append([model.forward(tokens, cache) for tokens, cache in zip(step, caches)])
+    caches, batched = fresh(), []
+    for step in steps:
+        batched.append(model.forward_batch(list(zip(step, caches))))
+    return np.array(alone), np.array(batched)
+
+
+def test_a_batched_step_equals_each_sequence_alone(mixed_formats_model):
+    """Continuous batching: sequences at different positions (past the window of 3 and not), a
+    prefill chunk among the decode tokens, in one forward pass; each sequence's logits are bit for
+    bit its logits alone (q8: each matmul column is computed alone, attention per sequence), over
+    several steps, so the caches advanced the same too."""
+    model = Model.from_gguf(mixed_formats_model, activations="q8")
+    histories = [TOKENS[:6], TOKENS[:1], TOKENS[2:4], [7]]
+    steps = [[[11], [12], [13], [1, 2, 3, 4]], [[21], [22], [23], [24]], [[31], [32, 33], [34], [35]]]
+    alone, batched = _batched_and_alone(model, histories, steps)
+    np.testing.assert_array_equal(batched, alone)
+
+
+@pytest.mark.parametrize("name", ["cpu", "reference"])
+def test_a_batched_step_with_f32_activations(mixed_formats_model, name):
+    """f32 activations: BLAS (cpu) blocks a matrix by its column count, so a batched sequence
+    agrees with itself alone to float32 rounding."""
+    model = Model.from_gguf(mixed_formats_model, device=name, activations="f32")
+    histories = [TOKENS[:6], TOKENS[:1], [7]]
+    steps = [[[11], [12], [1, 2, 3]], [[21], [22], [24]]]
+    alone, batched = _batched_and_alone(model, histories, steps)
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5 * np.abs(alone).max())
+
+
+def test_forward_batch_rejects_bad_batches(mixed_formats_model):
+    model = Model.from_gguf(mixed_formats_model, activations="q8")
+    cache = model.new_cache(4)
+    with pytest.raises(InputError, match="empty batch"):
+        model.forward_batch([])
+    with pytest.raises(InputError, match="twice"):
+        model.forward_batch([([1], cache), ([2], cache)])
+    with pytest.raises(ContextLengthError):
+        model.forward_batch([([1, 2, 3, 4, 5], cache)])
+    assert cache.length == 0  # nothing ran

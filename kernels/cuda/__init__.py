@@ -54,6 +54,21 @@ class CUDADevice:
     def to_host(self, x) -> np.ndarray:
         return x.copy_to_host()
 
+    def concat(self, parts):
+        if len(parts) == 1:
+            return parts[0]
+        out = cuda.device_array((sum(len(p) for p in parts), *parts[0].shape[1:]), parts[0].dtype)
+        row = 0
+        for part in parts:  # device-to-device copies into contiguous row ranges
+            out[row:row + len(part)].copy_to_device(part)
+            row += len(part)
+        return out
+
+    def copy_slots_(self, dst, src, n_slots: int) -> None:
+        for layer in range(dst.shape[0]):  # (n_slots, D) is contiguous per layer and head
+            for head in range(dst.shape[1]):
+                dst[layer, head, :n_slots].copy_to_device(src[layer, head, :n_slots])
+
     def matmuls(self, weights, x) -> list:
         return [matmul(rows, qtype, x) for rows, qtype in weights]  # f32: nothing to share
 
