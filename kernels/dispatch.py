@@ -283,6 +283,9 @@ def kv_write_(k_cache: np.ndarray, v_cache: np.ndarray, start_pos: int, k: np.nd
     """In place: store keys and values (T, KV, D) of positions start_pos.. in a ring cache
     (KV, S, D) at slots p % S; when T > S only the last S positions are kept (later ones win)."""
     n_slots, keep = k_cache.shape[1], min(len(k), k_cache.shape[1])
-    slots = np.arange(start_pos + len(k) - keep, start_pos + len(k)) % n_slots
-    k_cache[:, slots] = k[-keep:].transpose(1, 0, 2)
-    v_cache[:, slots] = v[-keep:].transpose(1, 0, 2)
+    first = (start_pos + len(k) - keep) % n_slots
+    before_wrap = min(keep, n_slots - first)
+    for cache, new in ((k_cache, k), (v_cache, v)):  # slices, not fancy indexing: decode writes 1 slot
+        new = new[len(new) - keep:].transpose(1, 0, 2)
+        cache[:, first:first + before_wrap] = new[:, :before_wrap]
+        cache[:, :keep - before_wrap] = new[:, before_wrap:]

@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model or default_model_path(), host=args.host, port=args.port, api_key=args.api_key,
           model_id=args.model_id, max_queue=args.max_queue, max_running=args.max_running,
           chat_template=args.chat_template, seed=args.seed, shutdown_timeout=args.shutdown_timeout,
-          log_level=args.log_level)
+          log_level=args.log_level, prefix_cache_n=args.prefix_cache_n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     serve.add_argument("--model-id", help="the model's name in the API (default: the file's name)")
     serve.add_argument("--max-queue", type=int, default=32, help="requests that may wait (then 503)")
-    serve.add_argument("--max-running", type=int, default=8, help="streams generating at once")
+    serve.add_argument("--max-running", "--max-seqs", type=int, default=8,
+                       help="requests generating at once, in one batch (mistral.rs: --max-seqs)")
+    serve.add_argument("--prefix-cache-n", type=int, default=16,
+                       help="sequences whose KV caches the prefix cache keeps (0: off)")
     serve.add_argument("--chat-template", help="Jinja chat template (text or file) replacing the GGUF's")
     serve.add_argument("--seed", type=int, default=None, help="seed of requests that give none")
     serve.add_argument("--shutdown-timeout", type=float, default=10.0,

@@ -1,17 +1,19 @@
 """mistral.rs's Python API: `Runner(which=Which.MistralGGUF(...))` and its completion requests.
 
-A request becomes a `_Job`; `Runner._decode` prefills the prompt once, forks the KV cache for each
-choice, and advances all unfinished sequences in lock step: sample a token for every sequence, then
-run the model on every sequence's new token (`_forward_step`, the one place a batched forward will
-go). Responses, streamed or not, are assembled from the per-token `_Event`s it yields.
+A request is checked and becomes a `Submission`: a scheduler Job and how its events become the
+API's objects (chunks as they come, or one response at the end). The Runner's scheduler
+(mistral_ref.scheduler) runs every started submission in each step, so the choices of one request
+(n_choices, best_of), streams iterated side by side, and the server's concurrent requests all
+share one forward pass per token.
 """
 from __future__ import annotations
 
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from typing import Any
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +21,14 @@ import numpy as np
 from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRequest,
                                    ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
                                    CompletionRequest, CompletionResponse, Delta, Logprobs,
-                                   ResponseLogprob, ResponseMessage, TopLogprob, Usage)
+                                   ResponseLogprob, ResponseMessage)
 from mistral_ref.chat_template import apply_chat_template
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
-from mistral_ref.model import KVCache, Model
-from mistral_ref.sampler import (GrammarConstraint, Sampler, SamplingParams, StopStrings,
-                                 compile_grammar)
-from mistral_ref.tokenizer import IncrementalDetokenizer, Tokenizer
+from mistral_ref.model import Model
+from mistral_ref.prefix_cache import DEFAULT_ENTRIES, PrefixCache
+from mistral_ref.sampler import GrammarConstraint, SamplingParams, compile_grammar
+from mistral_ref.scheduler import Event, Generation, Job, Scheduler, Timing
+from mistral_ref.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = "local"
 
@@ -88,97 +91,6 @@ def resolve_which(which: Which.GGUF | Which.MistralGGUF) -> tuple[Path, Path | N
     return gguf, tokenizer_json
 
 
-@dataclass
-class _Job:
-    """What a request asks the engine to generate."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int | None
-    n_sequences: int
-    stop_ids: frozenset[int]
-    stop_seqs: list[str]
-    grammar: str | None  # compiled by sampler.compile_grammar
-    seed: int | None
-    logprobs: bool
-
-
-@dataclass
-class _Event:
-    """One sampled token of one sequence: the text it made final, and how the sequence stands."""
-
-    index: int
-    text: str
-    token_logprob: float | None  # None when no token was sampled (max_tokens=0)
-    logprob: ResponseLogprob | None  # the reportable form, when logprobs were asked for
-    finish_reason: str | None
-    last: bool = False  # the job's final event: usage can be reported with it
-
-
-@dataclass
-class _Timing:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    start: float = field(default_factory=time.perf_counter)
-    prompt_done: float = 0.0
-    end: float = 0.0
-
-    def usage(self) -> Usage:
-        total, prompt = self.end - self.start, self.prompt_done - self.start
-        completion = self.end - self.prompt_done
-        rate = lambda n, t: n / t if t > 0 else 0.0
-        return Usage(completion_tokens=self.completion_tokens, prompt_tokens=self.prompt_tokens,
-                     total_tokens=self.prompt_tokens + self.completion_tokens,
-                     avg_tok_per_sec=rate(self.prompt_tokens + self.completion_tokens, total),
-                     avg_prompt_tok_per_sec=rate(self.prompt_tokens, prompt),
-                     avg_compl_tok_per_sec=rate(self.completion_tokens, completion),
-                     total_time_sec=total, total_prompt_time_sec=prompt,
-                     total_completion_time_sec=completion)
-
-
-class _Sequence:
-    """One choice being generated: its KV cache, sampler, grammar, detokenizer and stop strings."""
-
-    def __init__(self, index: int, job: _Job, cache: KVCache, rng: np.random.Generator,
-                 tokenizer: Tokenizer, grammar: GrammarConstraint | None):
-        self.index, self.job, self.cache, self.tokenizer = index, job, cache, tokenizer
-        self.sampler = Sampler(job.params, rng)
-        self.grammar = grammar
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
-        self.stops = StopStrings(job.stop_seqs)
-        self.context = list(job.prompt_ids)  # prompt + generated ids
-        self.finish_reason: str | None = None
-
-    def advance(self, logits: np.ndarray) -> _Event:
-        """Sample the next token from `logits` (float32 (model vocab,)) and see whether it ends
-        the sequence."""
-        tok = self.tokenizer
-        allowed = self.grammar.allowed() if self.grammar is not None else None
-        sample = self.sampler.sample(logits[:tok.vocab_size], self.context, len(self.job.prompt_ids), allowed)
-        token = sample.token
-        self.context.append(token)
-        if token in self.job.stop_ids:  # a stop token's own text is not part of the output
-            text, self.finish_reason = "", "stop"
-        else:
-            text = self.stops.add(self.detokenizer.add(token))
-            if self.grammar is not None:
-                self.grammar.consume(token)
-            if self.stops.stopped or (self.grammar is not None and self.grammar.finished):
-                self.finish_reason = "stop"
-            elif len(self.context) >= self.cache.max_tokens:  # max_tokens, or the model's context
-                self.finish_reason = "length"
-        if self.finish_reason is not None and not self.stops.stopped:
-            text += self.stops.add(self.detokenizer.flush())
-            text += self.stops.flush()
-        logprob = None
-        if self.job.logprobs:
-            piece = lambda i: tok.token_bytes(i).decode("utf-8", errors="replace")
-            logprob = ResponseLogprob(token=piece(token), logprob=sample.logprob,
-                                      bytes=list(tok.token_bytes(token)),
-                                      top_logprobs=[TopLogprob(i, lp, piece(i)) for i, lp in sample.top_logprobs])
-        return _Event(self.index, text, sample.logprob, logprob, self.finish_reason)
-
-
 class Runner:
     """Loads a model and serves completion requests, as `mistralrs.Runner`.
 
@@ -188,11 +100,13 @@ class Runner:
     quantized to 8 bits before each quantized matmul, llama.cpp's and mistral.rs's numerics, and
     twice the decode speed) or "f32" (exact float32 arithmetic; the cuda device's only mode).
     token_source: accepted for mistral.rs compatibility; nothing is fetched, so it is not used.
+    prefix_cache_n: how many sequences' KV caches the prefix cache keeps (mistral.rs's name and
+    default; 0 turns it off): a prompt starting with a cached sequence reuses its keys and values.
     """
 
     def __init__(self, which: Which.GGUF | Which.MistralGGUF, chat_template: str | None = None,
                  seed: int | None = None, device: str = "cpu", activations: str | None = None,
-                 token_source: str = "cache"):
+                 token_source: str = "cache", prefix_cache_n: int = DEFAULT_ENTRIES):
         gguf, tokenizer_json = resolve_which(which)
         activations = activations or ("q8" if device == "cpu" else "f32")
         self.model = Model.from_gguf(gguf, device=device, activations=activations)
@@ -206,6 +120,8 @@ class Runner:
         self.repeat_last_n = which.repeat_last_n
         self.model_id = gguf.name
         self._seeds = np.random.SeedSequence(seed)
+        self.prefix_cache = PrefixCache(self.model, prefix_cache_n) if prefix_cache_n else None
+        self.scheduler = Scheduler(self.model, self.tokenizer, self.prefix_cache)
 
     # -- the documented API ---------------------------------------------------------------------
     def send_chat_completion_request(self, request: ChatCompletionRequest, model_id: str | None = None
@@ -216,24 +132,7 @@ class Runner:
         compatibility; a Runner holds one model."""
         if not isinstance(request, ChatCompletionRequest):
             raise InvalidRequestError("request", f"expected a ChatCompletionRequest, got {type(request).__name__}")
-        request.__post_init__()  # fields may have been changed since construction
-        prompt_ids = self._chat_prompt(request.messages)
-        job = self._job(request, prompt_ids, "messages", request.n_choices,
-                        request.logprobs, request.top_logprobs or 0)
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                    model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT)
-        timing = _Timing(prompt_tokens=len(prompt_ids))
-        events = self._decode(job, timing)
-        if request.stream:
-            return (ChatCompletionChunkResponse(
-                        **head, object="chat.completion.chunk",
-                        choices=[ChunkChoice(e.finish_reason, e.index, Delta(e.text), _logprobs(e, job))],
-                        usage=timing.usage() if e.last else None)
-                    for e in events)
-        texts, logprobs, finish, _ = _collect(events, job.n_sequences)
-        choices = [Choice(finish[i], i, ResponseMessage(texts[i]),
-                          Logprobs(logprobs[i]) if job.logprobs else None) for i in range(job.n_sequences)]
-        return ChatCompletionResponse(**head, object="chat.completion", choices=choices, usage=timing.usage())
+        return self._run(self.submit(request))
 
     def send_completion_request(self, request: CompletionRequest, model_id: str | None = None
                                 ) -> CompletionResponse | Iterator[CompletionResponse]:
@@ -242,25 +141,7 @@ class Runner:
         returns the n_choices with the highest mean token logprob."""
         if not isinstance(request, CompletionRequest):
             raise InvalidRequestError("request", f"expected a CompletionRequest, got {type(request).__name__}")
-        request.__post_init__()
-        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=True)
-        job = self._job(request, prompt_ids, "prompt", request.best_of,
-                        request.logprobs is not None, request.logprobs or 0)
-        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                    model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT,
-                    object="text_completion")
-        prefix = request.prompt if request.echo_prompt else ""
-        suffix = request.suffix or ""
-        timing = _Timing(prompt_tokens=len(prompt_ids))
-        events = self._decode(job, timing)
-        if request.stream:
-            return self._stream_completion(events, job, head, timing, prefix, suffix)
-        texts, logprobs, finish, mean_logprobs = _collect(events, job.n_sequences)
-        ranked = sorted(range(job.n_sequences), key=lambda i: -mean_logprobs[i])
-        choices = [CompletionChoice(finish[i], rank, prefix + texts[i] + suffix,
-                                    Logprobs(logprobs[i]) if job.logprobs else None)
-                   for rank, i in enumerate(ranked[:request.n_choices])]
-        return CompletionResponse(**head, choices=choices, usage=timing.usage())
+        return self._run(self.submit(request))
 
     def tokenize_text(self, text: str, add_special_tokens: bool, enable_thinking: bool | None = None,
                       model_id: str | None = None) -> list[int]:
@@ -275,7 +156,99 @@ class Runner:
         """The model's context length in tokens."""
         return self.model.config.context_length
 
-    # -- engine ---------------------------------------------------------------------------------
+    # -- the engine: what a server drives -------------------------------------------------------
+    def submit(self, request: ChatCompletionRequest | CompletionRequest) -> Submission:
+        """Check `request` (raises InvalidRequestError naming the field) and make it a Submission,
+        which `start()` puts in the scheduler; `step()` then advances every started one."""
+        request.__post_init__()  # fields may have been changed since construction
+        if isinstance(request, ChatCompletionRequest):
+            return self._chat_submission(request)
+        if isinstance(request, CompletionRequest):
+            return self._completion_submission(request)
+        raise InvalidRequestError("request", f"expected a ChatCompletionRequest or CompletionRequest, "
+                                             f"got {type(request).__name__}")
+
+    def step(self) -> None:
+        """One forward pass over every started submission (see mistral_ref.scheduler)."""
+        self.scheduler.step()
+
+    def _run(self, submission: Submission):
+        return self._stream(submission) if submission.stream else self._complete(submission)
+
+    def _stream(self, submission: Submission) -> Iterator:
+        submission.start()  # on the first next(): an iterator nobody reads costs nothing
+        try:
+            while True:
+                yield from submission.chunks()
+                if submission.done:
+                    return
+                self.step()
+        finally:
+            submission.cancel()
+
+    def _complete(self, submission: Submission):
+        submission.start()
+        try:
+            while not submission.done:
+                self.step()
+            return submission.response()
+        finally:
+            submission.cancel()
+
+    def _chat_submission(self, request: ChatCompletionRequest) -> Submission:
+        prompt_ids = self._chat_prompt(request.messages)
+        job = self._job(request, prompt_ids, "messages", request.n_choices,
+                        request.logprobs, request.top_logprobs or 0)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT)
+        timing = Timing(prompt_tokens=len(prompt_ids))
+
+        def chunk(e: Event) -> ChatCompletionChunkResponse:
+            return ChatCompletionChunkResponse(
+                **head, object="chat.completion.chunk",
+                choices=[ChunkChoice(e.finish_reason, e.index, Delta(e.text), _logprobs(e, job))],
+                usage=timing.usage() if e.last else None)
+
+        def response(events: list[Event]) -> ChatCompletionResponse:
+            texts, logprobs, finish, _ = _collect(events, job.n_sequences)
+            choices = [Choice(finish[i], i, ResponseMessage(texts[i]),
+                              Logprobs(logprobs[i]) if job.logprobs else None) for i in range(job.n_sequences)]
+            return ChatCompletionResponse(**head, object="chat.completion", choices=choices, usage=timing.usage())
+        return Submission(self, job, timing, request.stream, chunk, response)
+
+    def _completion_submission(self, request: CompletionRequest) -> Submission:
+        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=True)
+        job = self._job(request, prompt_ids, "prompt", request.best_of,
+                        request.logprobs is not None, request.logprobs or 0)
+        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                    model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT,
+                    object="text_completion")
+        prefix = request.prompt if request.echo_prompt else ""
+        suffix = request.suffix or ""
+        timing = Timing(prompt_tokens=len(prompt_ids))
+        started = set()
+
+        def chunk(e: Event) -> CompletionResponse:
+            text = e.text
+            if e.index not in started:
+                started.add(e.index)
+                text = prefix + text
+            if e.finish_reason is not None:
+                text += suffix
+            return CompletionResponse(**head, choices=[CompletionChoice(e.finish_reason, e.index, text,
+                                                                        _logprobs(e, job))],
+                                      usage=timing.usage() if e.last else None)
+
+        def response(events: list[Event]) -> CompletionResponse:
+            texts, logprobs, finish, mean_logprobs = _collect(events, job.n_sequences)
+            ranked = sorted(range(job.n_sequences), key=lambda i: -mean_logprobs[i])
+            choices = [CompletionChoice(finish[i], rank, prefix + texts[i] + suffix,
+                                        Logprobs(logprobs[i]) if job.logprobs else None)
+                       for rank, i in enumerate(ranked[:request.n_choices])]
+            return CompletionResponse(**head, choices=choices, usage=timing.usage())
+        return Submission(self, job, timing, request.stream, chunk, response)
+
+    # -- checks --------------------------------------------------------------------------------
     def _chat_prompt(self, messages: list | str) -> list[int]:
         if isinstance(messages, str):  # an already templated prompt
             ids = self.tokenizer.encode(messages, add_special_tokens=False, parse_special=True)
@@ -286,7 +259,7 @@ class Runner:
         return apply_chat_template(self.tokenizer, messages, self.chat_template)
 
     def _job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
-             prompt_field: str, n_sequences: int, logprobs: bool, top_logprobs: int) -> _Job:
+             prompt_field: str, n_sequences: int, logprobs: bool, top_logprobs: int) -> Job:
         """Checks that need the model (vocabulary, context), then the job. Raises InvalidRequestError."""
         vocab, context = self.tokenizer.vocab_size, self.model.config.context_length
         if not prompt_ids:
@@ -309,64 +282,68 @@ class Runner:
         if request.grammar is not None:  # compiled once; errors surface now, before any compute
             grammar = compile_grammar(request.grammar, request.grammar_type)
             GrammarConstraint(self.tokenizer, grammar)
-        return _Job(prompt_ids, params, request.max_tokens, n_sequences,
+        return Job(prompt_ids, params, request.max_tokens, n_sequences,
                     self.tokenizer.stop_ids | set(request.stop_token_ids or ()),
                     list(request.stop_seqs or ()), grammar, request.seed, logprobs)
 
-    def _decode(self, job: _Job, timing: _Timing) -> Iterator[_Event]:
-        """Generate all sequences of `job`, yielding one event per sampled token."""
-        context = self.model.config.context_length
-        budget = context if job.max_tokens is None else min(context, len(job.prompt_ids) + job.max_tokens)
-        cache = self.model.new_cache(budget)
-        timing.start = time.perf_counter()
-        logits = self.model.forward(job.prompt_ids, cache)
-        timing.prompt_done = time.perf_counter()
-        seeds = np.random.SeedSequence(job.seed) if job.seed is not None else self._seeds.spawn(1)[0]
-        rngs = [np.random.default_rng(s) for s in seeds.spawn(job.n_sequences)]
-        sequences = [_Sequence(i, job, cache if i == 0 else cache.fork(), rngs[i], self.tokenizer,
-                               GrammarConstraint(self.tokenizer, job.grammar) if job.grammar else None)
-                     for i in range(job.n_sequences)]
-        if job.max_tokens == 0:
-            timing.end = time.perf_counter()
-            for seq in sequences:
-                yield _Event(seq.index, "", None, None, "length", last=seq is sequences[-1])
-            return
-        active, all_logits = sequences, [logits] * len(sequences)
-        while active:
-            for seq, seq_logits in zip(active, all_logits):
-                event = seq.advance(seq_logits)
-                event.last = all(s.finish_reason is not None for s in sequences)
-                timing.completion_tokens += 1
-                timing.end = time.perf_counter()
-                yield event
-            active = [s for s in active if s.finish_reason is None]
-            all_logits = self._forward_step(active)
 
-    def _forward_step(self, sequences: Sequence[_Sequence]) -> list[np.ndarray]:
-        """Logits after each sequence's newest token, each against its own cache. This is where a
-        batched forward over all sequences will go."""
-        return [self.model.forward(seq.context[-1:], seq.cache) for seq in sequences]
+class Submission:
+    """A checked request (`Runner.submit`) and its output as the API's objects. `start()` puts it in
+    the Runner's scheduler; then, after each `Runner.step()`, `chunks()` gives a streamed request's
+    new chunks, and `response()` a non-streamed one's response once `done`. Both raise the
+    request's error if it failed while generating."""
 
-    def _stream_completion(self, events: Iterator[_Event], job: _Job, head: dict, timing: _Timing,
-                           prefix: str, suffix: str) -> Iterator[CompletionResponse]:
-        started = set()
-        for event in events:
-            text = event.text
-            if event.index not in started:
-                started.add(event.index)
-                text = prefix + text
-            if event.finish_reason is not None:
-                text += suffix
-            yield CompletionResponse(**head, choices=[CompletionChoice(event.finish_reason, event.index, text,
-                                                                       _logprobs(event, job))],
-                                     usage=timing.usage() if event.last else None)
+    def __init__(self, runner: Runner, job: Job, timing: Timing, stream: bool,
+                 chunk: Callable[[Event], Any], response: Callable[[list[Event]], Any]):
+        self.runner, self.job, self.timing, self.stream = runner, job, timing, stream
+        self._chunk, self._response = chunk, response
+        self.generation: Generation | None = None
+        self._events: list[Event] = []  # a non-streamed request's, until its response
+
+    def start(self) -> None:
+        if self.generation is None:
+            seeds = (np.random.SeedSequence(self.job.seed) if self.job.seed is not None
+                     else self.runner._seeds.spawn(1)[0])
+            self.generation = self.runner.scheduler.submit(self.job, self.timing, seeds)
+
+    @property
+    def done(self) -> bool:
+        return self.generation is not None and self.generation.done
+
+    def chunks(self) -> Iterator:
+        """The chunks of the events since the last call (streamed requests)."""
+        for event in self._take():
+            yield self._chunk(event)
+        self._raise_error()
+
+    def response(self):
+        """The whole response (non-streamed requests, once done)."""
+        self._events += self._take()
+        self._raise_error()
+        return self._response(self._events)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); a no-op once done."""
+        if self.generation is not None:
+            self.runner.scheduler.cancel(self.generation)
+
+    def _take(self) -> list[Event]:
+        if self.generation is None:
+            return []
+        events = list(self.generation.events)
+        self.generation.events.clear()
+        return events
+
+    def _raise_error(self) -> None:
+        if self.generation is not None and self.generation.error is not None:
+            raise self.generation.error
 
 
-def _logprobs(event: _Event, job: _Job) -> Logprobs | None:
+def _logprobs(event: Event, job: Job) -> Logprobs | None:
     return Logprobs([event.logprob]) if job.logprobs and event.logprob is not None else None
 
 
-def _collect(events: Iterator[_Event], n: int
+def _collect(events: Iterator[Event], n: int
              ) -> tuple[list[str], list[list[ResponseLogprob]], list[str], list[float]]:
     """Per sequence: its text, logprob entries, finish reason and mean token logprob."""
     texts, logprobs, finish = [""] * n, [[] for _ in range(n)], [""] * n

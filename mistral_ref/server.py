@@ -2,9 +2,9 @@
 
 Threads: uvicorn's event loop parses requests and writes responses; one engine thread owns the
 Runner and does all model work, so /health and bad requests are answered while a generation runs.
-Requests reach the engine through a bounded queue (503 when it is full). The engine advances every
-running stream by one token per round, in turn: that round is where one batched forward over all
-running sequences will go once the Runner can step several requests together.
+Requests reach the engine through a bounded queue (503 when it is full). Each round of the engine
+is one batched forward pass over every running request's sequences (continuous batching, see
+mistral_ref.scheduler), prompts read in chunks between decode tokens.
 
 Request validation and the response JSON are the Runner's (`ChatCompletionRequest.from_openai`,
 `response.to_dict()`); this module adds routing, authentication, Server-Sent Events and OpenAI's
@@ -44,7 +44,8 @@ from swagger_ui_bundle import swagger_ui_path  # Swagger UI 5's files (swagger-u
 from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRequest,
                                    ChatCompletionResponse, CompletionRequest, CompletionResponse)
 from mistral_ref.errors import InvalidRequestError, MistralRefError
-from mistral_ref.runner import Runner
+from mistral_ref.prefix_cache import DEFAULT_ENTRIES
+from mistral_ref.runner import Runner, Submission
 
 log = logging.getLogger("mistral_ref.server")
 
@@ -92,17 +93,17 @@ _DONE = object()  # end of a job's events
 class Job:
     """One request on its way through the engine, and the events the engine sends back for it.
 
-    start: calls the Runner; returns the response (non-streamed) or an iterator of chunks.
+    submit: checks the request and returns the Runner's Submission (raises on a bad request).
     Events, read on the event loop with `get()`: ("accepted", None) once a stream's request has
     been checked, ("chunk", dict) per streamed chunk, ("result", dict), ("error", exception), and
     _DONE last.
     """
 
-    def __init__(self, start: Callable[[], Any], stream: bool, loop: asyncio.AbstractEventLoop):
-        self.start, self.stream, self.loop = start, stream, loop
+    def __init__(self, submit: Callable[[], Submission], stream: bool, loop: asyncio.AbstractEventLoop):
+        self.submit, self.stream, self.loop = submit, stream, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()  # set by the client side: stop generating for it
-        self.chunks: Iterator | None = None
+        self.submission: Submission | None = None
 
     def send(self, kind: Any, value: Any = None) -> None:
         """Called from the engine thread."""
@@ -122,11 +123,13 @@ class QueueFullError(APIError):
 
 
 class Engine:
-    """The one thread that runs the Runner.
+    """The one thread that runs the Runner: continuous batching over HTTP requests.
 
-    Up to `max_running` streams generate at once, one token each per round; at most `max_queue`
-    more requests wait. A non-streamed request runs to completion when its turn comes (the
-    Runner's non-streamed call is one blocking call), pausing the streams meanwhile.
+    Up to `max_running` requests, streamed or not, generate at once; each round is one
+    `Runner.step()` (one forward pass over all their sequences, prompts read in chunks between
+    decode tokens), after which every request's new chunks go out. At most `max_queue` more
+    requests wait, checked, for a running slot. A request whose client hangs up is cancelled at
+    the next round; one that fails ends alone.
     """
 
     def __init__(self, runner: Runner, max_queue: int = 32, max_running: int = 8):
@@ -138,6 +141,8 @@ class Engine:
         self.running: list[Job] = []
         self.n_jobs = 0  # submitted and not finished: bounded by max_queue + max_running
         self.n_chunks = 0  # chunks streamed since start (lets a test see that a cancel stopped work)
+        self.n_cancelled = 0  # requests ended because their client went away
+        self.prefix_cache_stats: dict[str, int] = {}  # a snapshot, for /health on the event loop
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mistral-ref-engine", daemon=True)
@@ -162,31 +167,34 @@ class Engine:
             self.n_jobs += 1
         self.inbox.put(job)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         with self.lock:
             n_jobs = self.n_jobs
         running = len(self.running)
-        return {"running": running, "queued": max(0, n_jobs - running), "streamed_chunks": self.n_chunks}
+        return {"running": running, "queued": max(0, n_jobs - running), "streamed_chunks": self.n_chunks,
+                "cancelled": self.n_cancelled, "steps": self.runner.scheduler.n_steps,
+                "prefix_cache": self.prefix_cache_stats}
 
     # everything below runs on the engine thread
     def _loop(self) -> None:
         while not self.stopping.is_set():
-            idle = not self.running and not self.waiting
-            self._take_inbox(block=idle)
+            self._take_inbox(block=not self.running and not self.waiting)
             while self.waiting and len(self.running) < self.max_running:
-                job = self.waiting.popleft()
-                if job.stream:
-                    self.running.append(job)
-                else:
-                    self._run_to_end(job)
-            for job in list(self.running):
-                self._step(job)
+                self._admit(self.waiting.popleft())
+            for job in [j for j in self.running if j.cancelled.is_set()]:
+                self.n_cancelled += 1
+                self._finish(job)
+            if self.running:
+                self.runner.step()
+                for job in list(self.running):
+                    self._deliver(job)
+                if self.runner.prefix_cache is not None:
+                    self.prefix_cache_stats = self.runner.prefix_cache.stats()
+        shutting_down = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         for job in self.running + list(self.waiting):
-            self._finish(job, APIError(503, "the server is shutting down", type="server_error",
-                                       code="shutting_down"))
+            self._finish(job, shutting_down)
         while (job := self._inbox_get(block=False)) is not None:
-            self._finish(job, APIError(503, "the server is shutting down", type="server_error",
-                                       code="shutting_down"))
+            self._finish(job, shutting_down)
 
     def _inbox_get(self, block: bool) -> Job | None:
         try:
@@ -195,55 +203,49 @@ class Engine:
             return None
 
     def _take_inbox(self, block: bool) -> None:
-        """Move new jobs to `waiting`; a stream's request is checked now (its chunks are lazy), so
-        its client gets a 400 or its response headers without waiting for a running slot."""
+        """Move new jobs to `waiting`, checked now: a bad request gets its 400, and a stream its
+        response headers, without waiting for a running slot."""
         job = self._inbox_get(block)
         while job is not None:
             if job.cancelled.is_set():
                 self._finish(job)
-            elif job.stream:
+            else:
                 try:
-                    job.chunks = job.start()
+                    job.submission = job.submit()
                 except Exception as e:
                     self._finish(job, e)
                 else:
-                    job.send("accepted")
+                    if job.stream:
+                        job.send("accepted")
                     self.waiting.append(job)
-            else:
-                self.waiting.append(job)
             job = self._inbox_get(block=False)
 
-    def _run_to_end(self, job: Job) -> None:
+    def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():
             return self._finish(job)
-        try:
-            job.send("result", job.start().to_dict())
-        except Exception as e:
-            return self._finish(job, e)
-        self._finish(job)
+        job.submission.start()
+        self.running.append(job)
 
-    def _step(self, job: Job) -> None:
-        """One chunk of a running stream (usually one token of one of its sequences)."""
-        if job.cancelled.is_set():
-            return self._finish(job)
+    def _deliver(self, job: Job) -> None:
+        """What the last step made for `job`: its chunks, or its response once done."""
+        submission = job.submission
         try:
-            chunk = next(job.chunks).to_dict()
-        except StopIteration:
-            return self._finish(job)
+            if submission.stream:
+                for chunk in submission.chunks():
+                    self.n_chunks += 1
+                    job.send("chunk", chunk.to_dict())
+            elif submission.done:
+                job.send("result", submission.response().to_dict())
         except Exception as e:
             return self._finish(job, e)
-        self.n_chunks += 1
-        job.send("chunk", chunk)
+        if submission.done:
+            self._finish(job)
 
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
         if error is not None:
             _log_unexpected(error)
-        if job.chunks is not None:
-            chunks, job.chunks = job.chunks, None
-            try:
-                chunks.close()  # ends the Runner's generator: its KV cache is freed
-            except Exception as e:
-                _log_unexpected(e)
+        if job.submission is not None:
+            job.submission.cancel()  # a no-op when it finished
         if error is not None:
             job.send("error", error)
         job.send(_DONE)
@@ -371,8 +373,7 @@ def _include_usage(body: Any) -> bool:
     return options.get("include_usage", False)
 
 
-async def _handle(request: Request, state: ServerState, body: Any, build: Callable[[dict], Any],
-                  send: Callable[[Any], Any]) -> Response:
+async def _handle(request: Request, state: ServerState, body: Any, build: Callable[[dict], Any]) -> Response:
     """Run a generation request on the engine: its JSON once done, or its SSE once the engine has
     checked it (so a bad value is still a 400, not an error event)."""
     _check_model(body, state.served_id)
@@ -382,7 +383,7 @@ async def _handle(request: Request, state: ServerState, body: Any, build: Callab
         if body.get("model") in ("", "default"):
             body["model"] = state.served_id
     req = build(body)  # raises InvalidRequestError: 400
-    job = Job(lambda: send(req), req.stream, asyncio.get_running_loop())
+    job = Job(lambda: state.runner.submit(req), req.stream, asyncio.get_running_loop())
     state.engine.submit(job)
     if not req.stream:
         return await _wait_result(request, job)
@@ -439,8 +440,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
     """Process an OpenAI compatible chat request; with `"stream": true`, Server-Sent Events
     of chat.completion.chunk objects ending with `data: [DONE]`."""
     body = await _read_json(request, state.max_body_bytes)
-    return await _handle(request, state, body, ChatCompletionRequest.from_openai,
-                         state.runner.send_chat_completion_request)
+    return await _handle(request, state, body, ChatCompletionRequest.from_openai)
 
 
 @_v1.post("/completions", openapi_extra=_example_body(
@@ -449,8 +449,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
 async def completions(request: Request, state: StateDep) -> Response:
     """Process an OpenAI compatible text completion request (streaming supported)."""
     body = await _read_json(request, state.max_body_bytes)
-    return await _handle(request, state, body, CompletionRequest.from_openai,
-                         state.runner.send_completion_request)
+    return await _handle(request, state, body, CompletionRequest.from_openai)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -566,14 +565,17 @@ async def _stream(job: Job, include_usage: bool, keep_alive: float) -> AsyncIter
 def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080,
           api_key: str | None = None, model_id: str | None = None, max_queue: int = 32,
           max_running: int = 8, chat_template: str | None = None, seed: int | None = None,
-          shutdown_timeout: float = 10.0, log_level: str = "info") -> None:
+          shutdown_timeout: float = 10.0, log_level: str = "info",
+          prefix_cache_n: int = DEFAULT_ENTRIES) -> None:
     """Load the model and serve it until SIGINT/SIGTERM. In-flight requests then get up to
-    `shutdown_timeout` s to finish; what is left is cancelled."""
+    `shutdown_timeout` s to finish; what is left is cancelled. prefix_cache_n: sequences the
+    prefix cache keeps (0: off)."""
     import uvicorn
 
     from mistral_ref.runner import Which
 
-    runner = Runner(which=Which.GGUF(str(model_path)), chat_template=chat_template, seed=seed)
+    runner = Runner(which=Which.GGUF(str(model_path)), chat_template=chat_template, seed=seed,
+                    prefix_cache_n=prefix_cache_n)
     app = create_app(runner, model_id=model_id, api_key=api_key, max_queue=max_queue,
                      max_running=max_running)
     engine = app.state.server.engine
@@ -588,8 +590,7 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
                 timer.start()
             super().handle_exit(sig, frame)
 
-    # uvicorn's own cancel is only the backstop for a non-streamed request (one uninterruptible
-    # Runner call) or a forward pass that outlasts the engine's stop.
+    # uvicorn's own cancel is only the backstop for a forward pass that outlasts the engine's stop.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout + 10)
     Server(config).run()

@@ -156,18 +156,22 @@ def test_attention(start_pos, n_tokens, n_slots, window):
     close(out, kernels.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window))
 
 
-@pytest.mark.parametrize("start_pos,n_tokens", [(5, 2), (3, 11)])  # the second wraps the ring
+@pytest.mark.parametrize("start_pos,n_tokens", [(5, 2), (6, 4), (3, 11)])  # wrap: part, all
 def test_kv_write(start_pos, n_tokens):
+    """The device's and the host's ring writes against sequential writes."""
     n_slots = 8
     k_cache, v_cache = activations((2, n_slots, 4)), activations((2, n_slots, 4), seed=2)
     k, v = activations((n_tokens, 2, 4), seed=3), activations((n_tokens, 2, 4), seed=4)
     k_dev, v_dev = cuda.to_device(k_cache), cuda.to_device(v_cache)
     gpu.kv_write_(k_dev, v_dev, start_pos, cuda.to_device(k), cuda.to_device(v))
+    k_host, v_host = k_cache.copy(), v_cache.copy()
+    kernels.kv_write_(k_host, v_host, start_pos, k, v)
     for t in range(n_tokens):  # sequential writes: the last position of a slot wins
         k_cache[:, (start_pos + t) % n_slots] = k[t]
         v_cache[:, (start_pos + t) % n_slots] = v[t]
-    np.testing.assert_array_equal(k_dev.copy_to_host(), k_cache)
-    np.testing.assert_array_equal(v_dev.copy_to_host(), v_cache)
+    for k_out, v_out in ((k_dev.copy_to_host(), v_dev.copy_to_host()), (k_host, v_host)):
+        np.testing.assert_array_equal(k_out, k_cache)
+        np.testing.assert_array_equal(v_out, v_cache)
 
 
 def test_bad_input():

@@ -316,27 +316,24 @@ def test_eight_concurrent_streams(server, client, runner):
     assert max(health_seconds) < 2.0  # /health is not stuck behind generation
 
 
-def test_keep_alive_comments(server):
-    """A stream paused while a non-streamed request runs gets `: keep-alive` comments (every 50 ms)."""
-    # The stream must outlive the moment the blocking request arrives: 200 tokens, not a handful
-    # that a quiet machine finishes before the second request is even sent.
-    body = {"model": "tiny.gguf", "messages": CHAT, "max_tokens": 200, "temperature": 0,
-            "stream": True}
-    lines = []
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        blocker = None
-        for line in r.iter_lines():
-            lines.append(line)
-            if blocker is None and line.startswith("data: "):
-                blocker = threading.Thread(target=post, args=(server, "/v1/chat/completions", {
-                    "model": "tiny.gguf", "messages": CHAT, "max_tokens": 300, "temperature": 0}))
-                blocker.start()
-        blocker.join(60)
-    assert ": keep-alive" in lines
+def test_keep_alive_comments(model):
+    """A stream waiting for a running slot gets `: keep-alive` comments (every 50 ms) until its
+    turn, then its chunks, as the openai client expects."""
+    s = ServerProcess(model, "--max-running", "1", env={"KEEP_ALIVE_INTERVAL": "50"})
+    try:
+        long = {"model": "tiny.gguf", "prompt": "Once", "max_tokens": 500, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=long, timeout=60) as first:
+            first_lines = first.iter_lines()  # kept: a dropped iterator would close the connection
+            next(line for line in first_lines if line.startswith("data: "))  # it holds the slot
+            body = {"model": "tiny.gguf", "messages": CHAT, "max_tokens": 3, "stream": True}
+            with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as second:
+                assert second.status_code == 200
+                lines = list(second.iter_lines())
+    finally:
+        assert s.stop() in GRACEFUL
+    assert lines[0] == ": keep-alive"
     events = sse_events(lines)
-    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] > 0
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 3
 
 
 def test_disconnect_cancels_generation(server):
