@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 from dataclasses import dataclass
@@ -179,8 +180,9 @@ class Runner:
         submission.start()  # on the first next(): an iterator nobody reads costs nothing
         try:
             while True:
+                done = submission.done  # seen before draining: every event up to it goes out
                 yield from submission.chunks()
-                if submission.done:
+                if done:
                     return
                 self.step()
         finally:
@@ -311,9 +313,11 @@ class Submission:
         return self.generation is not None and self.generation.done
 
     def chunks(self) -> Iterator:
-        """The chunks of the events since the last call (streamed requests)."""
-        for event in self._take():
-            yield self._chunk(event)
+        """The chunks of the events not yet taken (streamed requests), to the last one made,
+        even while this iterator was paused (the caller checks `done` before, not after)."""
+        events = self.generation.events if self.generation is not None else deque()
+        while events:
+            yield self._chunk(events.popleft())
         self._raise_error()
 
     def response(self):

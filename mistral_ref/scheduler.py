@@ -207,6 +207,7 @@ class Scheduler:
             return
         job, timing = gen.job, gen.timing
         timing.prompt_done = time.perf_counter()
+        self._offer(job.prompt_ids, gen.cache)  # the same prompt again restores all but its last token
         gen.sequences = [_Sequence(i, job, gen.cache if i == 0 else gen.cache.fork(), gen.rngs[i],
                                    self.tokenizer) for i in range(job.n_sequences)]
         if job.max_tokens == 0:

@@ -51,6 +51,7 @@ log = logging.getLogger("mistral_ref.server")
 
 DEFAULT_KEEP_ALIVE_MS = 10_000  # mistral.rs's default; KEEP_ALIVE_INTERVAL overrides it
 MAX_BODY_BYTES = 4 << 20
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 # -- errors in OpenAI's shape ---------------------------------------------------------------------
@@ -521,7 +522,7 @@ async def _wait_result(request: Request, job: Job) -> Response:
     try:
         while True:
             try:
-                kind, value = await asyncio.wait_for(job.get(), 1.0)
+                kind, value = await asyncio.wait_for(job.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     job.cancelled.set()

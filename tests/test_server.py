@@ -316,6 +316,92 @@ def test_eight_concurrent_streams(server, client, runner):
     assert max(health_seconds) < 2.0  # /health is not stuck behind generation
 
 
+def test_concurrent_different_requests_equal_each_alone(server, runner):
+    """Streamed and non-streamed chat and completion requests that differ in prompt, length,
+    sampling, seed, n, stops and grammar, sent at once: the engine runs them in one batch, and
+    each gets what the Runner makes of it alone (the q8 kernels give every sequence the same bits
+    in any batch)."""
+    user = lambda text: [{"role": "user", "content": text}]
+    bodies = [
+        ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 12, "temperature": 0}),
+        ("/v1/chat/completions", {"messages": user("Tell me of ships."), "max_tokens": 20,
+                                  "temperature": 0.8, "top_p": 0.9, "seed": 3, "n": 2, "stream": True}),
+        ("/v1/chat/completions", {"messages": user("Count."), "max_tokens": 9, "temperature": 1.0, "seed": 5,
+                                  "grammar": "[0-9]{1,6}", "grammar_type": "regex"}),
+        ("/v1/chat/completions", {"messages": user("Go on"), "max_tokens": 30, "temperature": 1.0,
+                                  "seed": 8, "stop": ["a"], "stream": True}),
+        ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 15, "temperature": 0.9,
+                             "seed": 4, "best_of": 3, "n": 2}),
+        ("/v1/completions", {"prompt": "The sea", "max_tokens": 25, "temperature": 1.1, "top_k": 40,
+                             "seed": 9, "stream": True}),
+    ]
+
+    def texts(path: str, body: dict) -> dict:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        if not body.get("stream"):
+            r = post(server, path, body)
+            assert r.status_code == 200, r.text
+            return {c["index"]: c.get("text", c.get("message", {}).get("content")) for c in r.json()["choices"]}
+        out = {}
+        with httpx.stream("POST", server.url + path, json=body, timeout=60, headers=headers) as r:
+            for event in sse_events(r.iter_lines()):
+                for c in event["choices"] if isinstance(event, dict) else ():
+                    out[c["index"]] = out.get(c["index"], "") + (c["text"] if "text" in c else c["delta"]["content"])
+        return out
+
+    def alone(path: str, body: dict) -> dict:
+        body = {**body, "stream": False}
+        if path == "/v1/completions":
+            response = runner.send_completion_request(CompletionRequest.from_openai(body))
+            return {c.index: c.text for c in response.choices}
+        response = runner.send_chat_completion_request(ChatCompletionRequest.from_openai(body))
+        return {c.index: c.message.content for c in response.choices}
+
+    results, errors = [None] * len(bodies), []
+
+    def one(i: int) -> None:
+        try:
+            results[i] = texts(*bodies[i])
+        except Exception as e:  # reported below
+            errors.append(e)
+    steps = server.health()["steps"]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert results == [alone(*b) for b in bodies]
+    # batched: far fewer forward passes than the 175 tokens generated
+    assert server.health()["steps"] - steps < 100
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_hangs_up(model):
+    s = ServerProcess(model)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 500}, timeout=0.5)
+        deadline = time.monotonic() + 20
+        while s.health()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = s.health()
+        assert health["cancelled"] == 1 and health["running"] == 0
+        assert health["steps"] < 400  # stopped well before its 500 tokens
+    finally:
+        assert s.stop() in GRACEFUL
+
+
+def test_health_reports_the_prefix_cache(server, client):
+    before = server.health()["prefix_cache"]
+    messages = [{"role": "system", "content": "You answer in French. " * 8}, {"role": "user", "content": "Bonjour"}]
+    for _ in range(2):
+        client.chat.completions.create(model="tiny.gguf", messages=messages, max_tokens=3, temperature=0)
+    after = server.health()["prefix_cache"]
+    assert after["hits"] >= before.get("hits", 0) + 1
+    assert after["reused_tokens"] - before.get("reused_tokens", 0) >= 50
+    assert after["entries"] >= 1 and after["bytes"] > 0
+
+
 def test_keep_alive_comments(model):
     """A stream waiting for a running slot gets `: keep-alive` comments (every 50 ms) until its
     turn, then its chunks, as the openai client expects."""
