@@ -1,17 +1,19 @@
-"""HTTP server throughput: requests/s, tokens/s and time to first token at 1, 4 and 8 concurrent
-streaming clients.
+"""HTTP server under concurrency (continuous batching): aggregate tokens/s at 1, 2, 4 and 8
+concurrent streams, time to first token (TTFT) alone and while 7 other streams run, n=4 against
+n=1, and the prefix cache on the second turn of a chat with a long first prompt.
 
-Starts `mistral-ref serve` on a free loopback port, then for each concurrency C runs C client
-threads, each sending `--requests` streamed chat requests one after another (greedy,
-`--max-tokens` tokens). Time to first token (TTFT): from sending the request to the first `data:`
-line with text. Usage:
+Starts `mistral-ref serve` on a free loopback port. Every request's prompt carries a nonce, so
+the prefix cache helps only where it is measured (the chat's second turn). TTFT: from sending the
+request to the first `data:` line with text. Saves a plot to docs/figures. Usage:
 
     python bench/serve.py                      # tiny random Mistral (real Mistral tokenizer)
     python bench/serve.py --model default      # SmolLM2-135M-Instruct Q4_1
+    python bench/serve.py --model m1b.gguf --plot docs/figures/serve-1b.png
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -26,7 +28,11 @@ from pathlib import Path
 
 import httpx
 
-CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+STORY = "Write a short story about a lighthouse keeper."
+LONG_CONTEXT = ("The lighthouse stood on a rock at the mouth of the bay, and every night its keeper climbed "
+                "the hundred and twelve steps to light the lamp, trim the wick and wind the clockwork that "
+                "turned the lens. ") * 12  # ~500 tokens with the system prompt and template
+_nonce = itertools.count()
 
 
 def start_server(model: Path, max_running: int) -> tuple[subprocess.Popen, str]:
@@ -47,30 +53,41 @@ def start_server(model: Path, max_running: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start within 180 s")
 
 
-def one_request(url: str, max_tokens: int) -> tuple[float, float, int]:
-    """(TTFT s, total s, completion tokens) of one streamed chat request."""
-    body = {"model": "", "messages": CHAT, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+def fresh(text: str = STORY) -> list[dict]:
+    """A one-message chat no earlier request began with (the prefix cache cannot help it)."""
+    return [{"role": "user", "content": f"({next(_nonce)}) {text}"}]
+
+
+def stream_chat(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None
+                ) -> tuple[float, float, int, str]:
+    """(TTFT s, total s, completion tokens, text) of one greedy streamed chat request."""
+    body = {"model": "", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, text = None, 0, ""
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"]["content"]:
-                ttft = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["delta"]["content"]:
+                text += chunk["choices"][0]["delta"]["content"]
+                if ttft is None:
+                    ttft = time.perf_counter() - start
+                    if started is not None:
+                        started.set()
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return (ttft if ttft is not None else float("nan")), time.perf_counter() - start, tokens
+    return (ttft if ttft is not None else float("nan")), time.perf_counter() - start, tokens, text
 
 
-def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def throughput(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    """`clients` threads, each sending `requests` streamed requests one after another."""
     results, lock = [], threading.Lock()
 
     def client() -> None:
         for _ in range(requests):
-            r = one_request(url, max_tokens)
+            r = stream_chat(url, fresh(), max_tokens)
             with lock:
                 results.append(r)
 
@@ -81,18 +98,104 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ttfts = sorted(r[0] for r in results)
-    return {"clients": clients, "requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall,
-            "tok_per_s": sum(r[2] for r in results) / wall, "ttft_p50_s": statistics.median(ttfts),
-            "ttft_max_s": ttfts[-1], "latency_p50_s": statistics.median(r[1] for r in results)}
+    return {"clients": clients, "tok_per_s": sum(r[2] for r in results) / wall,
+            "ttft_p50_s": statistics.median(r[0] for r in results)}
+
+
+def mistralrs_throughput(model: Path, levels: list[int], max_tokens: int) -> list[float]:
+    """mistralrs 0.9.5 (the seed engine, in this process): aggregate tokens/s of C Python threads
+    each sending one chat request at once to one Runner (it batches them in its own scheduler)."""
+    import mistralrs
+    runner = mistralrs.Runner(which=mistralrs.Which.GGUF(quantized_model_id=str(model.parent),
+                                                         quantized_filename=model.name),
+                              token_source="none", max_seqs=max(levels))
+    out = []
+    for clients in [1, *levels]:  # the first is a warm-up
+        tokens = []
+
+        def client() -> None:
+            response = runner.send_chat_completion_request(mistralrs.ChatCompletionRequest(
+                messages=fresh(), model="default", max_tokens=max_tokens, temperature=0.0))
+            tokens.append(response.usage.completion_tokens)
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out.append(sum(tokens) / (time.perf_counter() - start))
+    return out[1:]
+
+
+def ttft_under_load(url: str, others: int, repeats: int = 3) -> tuple[float, float]:
+    """Median TTFT of a request alone, and of one sent while `others` streams are generating."""
+    alone = statistics.median(stream_chat(url, fresh(), 1)[0] for _ in range(repeats))
+    loaded = []
+    for _ in range(repeats):
+        events = [threading.Event() for _ in range(others)]
+        threads = [threading.Thread(target=stream_chat, args=(url, fresh(), 96, e)) for e in events]
+        for t in threads:
+            t.start()
+        for e in events:
+            e.wait(120)
+        loaded.append(stream_chat(url, fresh(), 1)[0])
+        for t in threads:
+            t.join()
+    return alone, statistics.median(loaded)
+
+
+def n_choices_cost(url: str, n: int, max_tokens: int) -> float:
+    body = {"model": "", "messages": fresh(), "max_tokens": max_tokens, "temperature": 1.0, "seed": 1,
+            "n": n, "logit_bias": {}}
+    start = time.perf_counter()
+    httpx.post(url + "/v1/chat/completions", json=body, timeout=600).raise_for_status()
+    return time.perf_counter() - start
+
+
+def second_turn(url: str) -> tuple[float, float, int]:
+    """TTFT of a chat's first turn (a ~500-token prompt) and of its second turn, and the prefix
+    cache's reused tokens in between."""
+    turn1 = [{"role": "system", "content": f"({next(_nonce)}) {LONG_CONTEXT}"},
+             {"role": "user", "content": "How many steps did the keeper climb?"}]
+    ttft1, _, _, reply = stream_chat(url, turn1, 16)
+    before = httpx.get(url + "/health").json()["prefix_cache"].get("reused_tokens", 0)
+    turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "And why?"}]
+    ttft2 = stream_chat(url, turn2, 1)[0]
+    return ttft1, ttft2, httpx.get(url + "/health").json()["prefix_cache"]["reused_tokens"] - before
+
+
+def plot(path: Path, title: str, levels: list[dict], ttfts: dict[str, float]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    clients = [r["clients"] for r in levels]
+    left.plot(clients, [r["tok_per_s"] for r in levels], "o-", label="mistral-ref serve (HTTP)")
+    if "mistralrs_tok_per_s" in levels[0]:
+        left.plot(clients, [r["mistralrs_tok_per_s"] for r in levels], "s-", label="mistralrs Runner (threads)")
+    left.plot(clients, [levels[0]["tok_per_s"] * c for c in clients], ":", color="gray", label="linear in streams")
+    left.set(xlabel="concurrent streams", ylabel="tokens/s (all streams)", xticks=clients,
+             title="aggregate decode throughput")
+    left.legend()
+    right.bar(list(ttfts), list(ttfts.values()), color=["C0", "C0", "C1", "C1"])
+    right.set(ylabel="time to first token (s)", title="TTFT")
+    right.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="GGUF file, or 'default' for SmolLM2 (default: tiny random Mistral)")
-    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--compare", action="store_true", help="also mistralrs's Runner, same concurrency")
+    parser.add_argument("--plot", type=Path, help="where to save the plot (default: docs/figures/serve-<model>.png)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,14 +210,42 @@ def main() -> None:
             synth_model(model, "tiny", "Q4_K_M", sliding_window=16, seed=0, progress=False)
         proc, url = start_server(model, max_running=max(levels))
         try:
-            one_request(url, 4)  # warm up: kernels loaded, first-call dispatch done
-            print(f"model {model.name}, {args.requests} requests per client, {args.max_tokens} tokens each, "
-                  f"{os.cpu_count()} CPUs")
-            print(f"{'clients':>7} {'req/s':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT max':>9} {'latency p50':>12}")
+            stream_chat(url, fresh(), 4)  # warm up: kernels loaded, first-call dispatch done
+            print(f"model {model.name}, {os.cpu_count()} CPUs, {args.requests} requests per client, "
+                  f"{args.max_tokens} tokens each")
+            print(f"{'streams':>7} {'tok/s':>8} {'x one':>6} {'TTFT p50':>9}")
+            results = []
             for c in levels:
-                r = run_level(url, c, args.requests, args.max_tokens)
-                print(f"{r['clients']:>7} {r['req_per_s']:>7.2f} {r['tok_per_s']:>7.1f} {r['ttft_p50_s']:>8.3f}s "
-                      f"{r['ttft_max_s']:>8.3f}s {r['latency_p50_s']:>11.3f}s")
+                r = throughput(url, c, args.requests, args.max_tokens)
+                results.append(r)
+                print(f"{c:>7} {r['tok_per_s']:>8.1f} {r['tok_per_s'] / results[0]['tok_per_s']:>5.2f}x "
+                      f"{r['ttft_p50_s']:>8.3f}s", flush=True)
+            if args.compare:
+                proc.send_signal(signal.SIGSTOP)  # its threads stay out of mistralrs's way
+                try:
+                    theirs = mistralrs_throughput(model, levels, args.max_tokens)
+                finally:
+                    proc.send_signal(signal.SIGCONT)
+                for r, t in zip(results, theirs):
+                    r["mistralrs_tok_per_s"] = t
+                    print(f"{r['clients']:>7} streams: mistralrs {t:.1f} tok/s; ours / mistralrs "
+                          f"{r['tok_per_s'] / t:.2f}x", flush=True)
+            others = max(levels) - 1
+            alone, loaded = ttft_under_load(url, others)
+            print(f"TTFT alone {alone:.3f} s, while {others} others stream {loaded:.3f} s ({loaded / alone:.2f}x)")
+            one, four = n_choices_cost(url, 1, 32), n_choices_cost(url, 4, 32)
+            print(f"n=4 wall {four:.2f} s vs n=1 {one:.2f} s ({four / one:.2f}x), 32 tokens each")
+            try:
+                ttft1, ttft2, reused = second_turn(url)
+                print(f"chat with a long first prompt: TTFT turn 1 {ttft1:.3f} s, turn 2 {ttft2:.3f} s "
+                      f"({ttft2 / ttft1:.2f}x; {reused} prompt tokens restored from the prefix cache)")
+            except httpx.HTTPStatusError as e:  # the tiny model's context is 512 tokens
+                ttft1 = ttft2 = float("nan")
+                print(f"chat with a long first prompt: skipped ({e}: the model's context is too short)")
+            plot(args.plot or Path(__file__).parent.parent / "docs" / "figures" / f"serve-{model.stem}.png",
+                 f"{model.name}, {os.cpu_count()} CPUs: continuous batching",
+                 results, {"alone": alone, f"{others} streaming": loaded, "turn 1\n(~500 tok)": ttft1,
+                           "turn 2\n(prefix cache)": ttft2})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
