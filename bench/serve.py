@@ -3,7 +3,9 @@ concurrent streams, time to first token (TTFT) alone and while 7 other streams r
 n=1, and the prefix cache on the second turn of a chat with a long first prompt.
 
 Starts `mistral-ref serve` on a free loopback port. Every request's prompt carries a nonce, so
-the prefix cache helps only where it is measured (the chat's second turn). TTFT: from sending the
+the prefix cache helps only where it is measured (the chat's second turn). No other engine runs
+side by side here: mistralrs 0.9.5's Python Runner is not safe to call from several threads
+("RuntimeError: Already borrowed"), and llama-cpp-python's server runs one request at a time. TTFT: from sending the
 request to the first `data:` line with text. Saves a plot to docs/figures. Usage:
 
     python bench/serve.py                      # tiny random Mistral (real Mistral tokenizer)
@@ -102,31 +104,6 @@ def throughput(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "ttft_p50_s": statistics.median(r[0] for r in results)}
 
 
-def mistralrs_throughput(model: Path, levels: list[int], max_tokens: int) -> list[float]:
-    """mistralrs 0.9.5 (the seed engine, in this process): aggregate tokens/s of C Python threads
-    each sending one chat request at once to one Runner (it batches them in its own scheduler)."""
-    import mistralrs
-    runner = mistralrs.Runner(which=mistralrs.Which.GGUF(quantized_model_id=str(model.parent),
-                                                         quantized_filename=model.name),
-                              token_source="none", max_seqs=max(levels))
-    out = []
-    for clients in [1, *levels]:  # the first is a warm-up
-        tokens = []
-
-        def client() -> None:
-            response = runner.send_chat_completion_request(mistralrs.ChatCompletionRequest(
-                messages=fresh(), model="default", max_tokens=max_tokens, temperature=0.0))
-            tokens.append(response.usage.completion_tokens)
-        threads = [threading.Thread(target=client) for _ in range(clients)]
-        start = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        out.append(sum(tokens) / (time.perf_counter() - start))
-    return out[1:]
-
-
 def ttft_under_load(url: str, others: int, repeats: int = 3) -> tuple[float, float]:
     """Median TTFT of a request alone, and of one sent while `others` streams are generating."""
     alone = statistics.median(stream_chat(url, fresh(), 1)[0] for _ in range(repeats))
@@ -171,9 +148,7 @@ def plot(path: Path, title: str, levels: list[dict], ttfts: dict[str, float]) ->
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     clients = [r["clients"] for r in levels]
-    left.plot(clients, [r["tok_per_s"] for r in levels], "o-", label="mistral-ref serve (HTTP)")
-    if "mistralrs_tok_per_s" in levels[0]:
-        left.plot(clients, [r["mistralrs_tok_per_s"] for r in levels], "s-", label="mistralrs Runner (threads)")
+    left.plot(clients, [r["tok_per_s"] for r in levels], "o-", label="mistral-ref serve")
     left.plot(clients, [levels[0]["tok_per_s"] * c for c in clients], ":", color="gray", label="linear in streams")
     left.set(xlabel="concurrent streams", ylabel="tokens/s (all streams)", xticks=clients,
              title="aggregate decode throughput")
@@ -194,7 +169,6 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4,8")
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--compare", action="store_true", help="also mistralrs's Runner, same concurrency")
     parser.add_argument("--plot", type=Path, help="where to save the plot (default: docs/figures/serve-<model>.png)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -220,16 +194,6 @@ def main() -> None:
                 results.append(r)
                 print(f"{c:>7} {r['tok_per_s']:>8.1f} {r['tok_per_s'] / results[0]['tok_per_s']:>5.2f}x "
                       f"{r['ttft_p50_s']:>8.3f}s", flush=True)
-            if args.compare:
-                proc.send_signal(signal.SIGSTOP)  # its threads stay out of mistralrs's way
-                try:
-                    theirs = mistralrs_throughput(model, levels, args.max_tokens)
-                finally:
-                    proc.send_signal(signal.SIGCONT)
-                for r, t in zip(results, theirs):
-                    r["mistralrs_tok_per_s"] = t
-                    print(f"{r['clients']:>7} streams: mistralrs {t:.1f} tok/s; ours / mistralrs "
-                          f"{r['tok_per_s'] / t:.2f}x", flush=True)
             others = max(levels) - 1
             alone, loaded = ttft_under_load(url, others)
             print(f"TTFT alone {alone:.3f} s, while {others} others stream {loaded:.3f} s ({loaded / alone:.2f}x)")
