@@ -79,6 +79,18 @@ class Device(Protocol):
         (KV, S, D), position p at slot p % S, holding the positions before start_pos. The query at
         p sees keys at max(0, p - window + 1)..p (window 0: all). Returns (T, H, D)."""
 
+    def cache_list(self, caches: Sequence[Array]) -> Any:
+        """Several sequences' keys (or values), each (n_layers, KV, S_b, D), in the form
+        decode_attention_ takes: made once per step, used by every layer."""
+
+    def decode_attention_(self, q: Array, k_new: Array, v_new: Array, k_caches: Any, v_caches: Any,
+                          layer: int, starts: np.ndarray, window: int) -> Array:
+        """One decode step of B sequences (continuous batching): q (B, H, D); k_new, v_new
+        (B, KV, D), rotated; k_caches, v_caches from cache_list, of which `layer` is used; starts
+        int64 (B,), host, each one's position. For each b, `attention` of its one token against
+        its own cache, then its key and value into the cache (`kv_write_`). Returns (B, H, D), each
+        row what attention gives that sequence alone."""
+
     def swiglu(self, gate: Array, up: Array) -> Array:
         """silu(gate) * up; both (T, ffn_dim)."""
 
@@ -143,6 +155,14 @@ class HostDevice:
                   v_cache: np.ndarray, start_pos: int, window: int) -> np.ndarray:
         return dispatch.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window,
                                   self.backend)
+
+    def cache_list(self, caches: Sequence[np.ndarray]):
+        return dispatch.cache_list(caches, self.backend)
+
+    def decode_attention_(self, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_caches, v_caches,
+                          layer: int, starts: np.ndarray, window: int) -> np.ndarray:
+        return dispatch.decode_attention(q, k_new, v_new, k_caches, v_caches, layer, starts, window,
+                                         self.backend)
 
     def swiglu(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         return dispatch.swiglu(gate, up, self.backend)

@@ -36,8 +36,8 @@ ACTIVATIONS = ("f32", "q8")
 _THREADPOOLS = ThreadpoolController()
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat",
-           "add_", "attention", "block_format", "dequantize", "kv_write_", "matmul", "matmuls", "quantize",
-           "rmsnorm", "rope", "swiglu"]
+           "add_", "attention", "block_format", "cache_list", "decode_attention", "dequantize",
+           "kv_write_", "matmul", "matmuls", "quantize", "rmsnorm", "rope", "swiglu"]
 
 
 def check_backend(backend: str) -> None:
@@ -261,6 +261,44 @@ def attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.n
                                        window)
     out = np.empty_like(q)
     cpu_ops.attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out)
+    return out
+
+
+def cache_list(caches: Sequence[np.ndarray], backend: str = "cpu"):
+    """Several sequences' caches (each float32 C-contiguous (n_layers, KV, S_b, D)) as
+    `decode_attention` takes them: on the cpu backend their data addresses and slot counts
+    (int64 (B,) each), made once per step and used by every layer, valid while the caches live."""
+    if backend != "cpu":
+        return list(caches)
+    for cache in caches:
+        if cache.dtype != np.float32 or cache.ndim != 4 or not cache.flags.c_contiguous:
+            raise ValueError(f"a KV cache must be float32 C-contiguous (n_layers, KV, S, D), got "
+                             f"{cache.dtype} {cache.shape}")
+    return (np.array([cache.ctypes.data for cache in caches], dtype=np.int64),
+            np.array([cache.shape[2] for cache in caches], dtype=np.int64), list(caches))
+
+
+def decode_attention(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_caches, v_caches,
+                     layer: int, starts: np.ndarray, window: int, backend: str = "cpu") -> np.ndarray:
+    """One decode step of B sequences against their own caches, then each one's key and value
+    into its cache: for each b, `attention` of T = 1 at position starts[b] and `kv_write_`, in one
+    call. q: float32 (B, H, D); k_new, v_new: (B, KV, D); k_caches, v_caches: from `cache_list`,
+    of which `layer` is used; starts: int64 (B,). Returns a new float32 (B, H, D), each row
+    bit-identical to `attention`'s for that sequence alone."""
+    if backend == "reference":
+        out = np.empty_like(q)
+        for b, start in enumerate(starts):
+            rows = slice(b, b + 1)
+            k_cache, v_cache = k_caches[b][layer], v_caches[b][layer]
+            out[rows] = attention(q[rows], k_new[rows], v_new[rows], k_cache, v_cache, int(start), window,
+                                  backend)
+            kv_write_(k_cache, v_cache, int(start), k_new[rows], v_new[rows])
+        return out
+    (k_addresses, slots, _), (v_addresses, _, _) = k_caches, v_caches
+    if len(k_addresses) != len(q) or len(starts) != len(q):
+        raise ValueError(f"{len(q)} queries, {len(k_addresses)} caches and {len(starts)} positions")
+    out = np.empty_like(q)
+    cpu_ops.decode_attention(q, k_new, v_new, k_addresses, v_addresses, slots, layer, starts, window, out)
     return out
 
 

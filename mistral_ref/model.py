@@ -166,6 +166,14 @@ class Model:
                                     for t, cache in batch])
         bounds = np.cumsum([0] + [len(t) for t, _ in batch])
         n_tokens = len(tokens)
+        # The leading one-token sequences (decode steps: the scheduler puts them first) attend in
+        # one call per layer; prompt chunks one at a time.
+        n_decode = next((i for i, (t, _) in enumerate(batch) if len(t) != 1), len(batch))
+        decoding = batch[:n_decode]
+        if decoding:
+            k_caches = dev.cache_list([cache.k for _, cache in decoding])
+            v_caches = dev.cache_list([cache.v for _, cache in decoding])
+            starts = np.array([cache.length for _, cache in decoding], dtype=np.int64)
         x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
@@ -173,8 +181,12 @@ class Model:
             q = dev.rope(q.reshape(n_tokens, c.n_heads, c.head_dim), positions, self.inv_freq)
             k = dev.rope(k.reshape(n_tokens, c.n_kv_heads, c.head_dim), positions, self.inv_freq)
             v = v.reshape(n_tokens, c.n_kv_heads, c.head_dim)
-            attn = dev.concat([self._attend(i, q[a:b], k[a:b], v[a:b], cache)
-                               for a, b, (_, cache) in zip(bounds, bounds[1:], batch)])
+            parts = [self._attend(i, q[a:b], k[a:b], v[a:b], cache)
+                     for a, b, (_, cache) in zip(bounds[n_decode:], bounds[n_decode + 1:], batch[n_decode:])]
+            if decoding:
+                parts.insert(0, dev.decode_attention_(q[:n_decode], k[:n_decode], v[:n_decode], k_caches,
+                                                      v_caches, i, starts, c.sliding_window or 0))
+            attn = dev.concat(parts)
             dev.add_(x, self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim)))
             h = dev.rmsnorm(x, layer.ffn_norm, c.norm_eps)
             gate_up = dev.swiglu(*self._linears((layer.w_gate, layer.w_up), h))

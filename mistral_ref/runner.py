@@ -279,7 +279,8 @@ class Runner:
             min_p=request.min_p, presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty, repeat_last_n=self.repeat_last_n,
-            logit_bias=dict(request.logit_bias or {}), top_logprobs=top_logprobs if logprobs else 0)
+            logit_bias=dict(request.logit_bias or {}), top_logprobs=top_logprobs if logprobs else 0,
+            logprob=logprobs or n_sequences > request.n_choices)  # reported, or ranks best_of
         grammar = None
         if request.grammar is not None:  # compiled once; errors surface now, before any compute
             grammar = compile_grammar(request.grammar, request.grammar_type)

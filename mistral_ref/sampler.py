@@ -19,6 +19,7 @@ boundaries do not depend on float32 rounding.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -45,6 +46,7 @@ class SamplingParams:
     repeat_last_n: int = 64  # how far back the repetition penalty looks
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     top_logprobs: int = 0  # alternatives to report for each token
+    logprob: bool = True  # compute the chosen token's logprob (greedy: a pass of exp over the vocabulary)
 
     @property
     def greedy(self) -> bool:
@@ -62,7 +64,8 @@ class Sample:
     """One chosen token and what may be reported about it."""
 
     token: int
-    logprob: float  # log-probability of `token` in the reported distribution (step 4)
+    logprob: float  # log-probability of `token` in the reported distribution (step 4); NaN when
+    #                 greedy and not asked for (SamplingParams.logprob)
     top_logprobs: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
@@ -162,6 +165,8 @@ class Sampler:
             raise InputError("no token can be sampled: the logits are NaN, +inf or all -inf")
         if p.greedy:
             token = int(np.argmax(x))
+            if not (p.logprob or p.top_logprobs):  # nobody reads it: skip the exp over the vocabulary
+                return Sample(token, math.nan, [])
             logp = log_softmax(x)
         else:
             shifted = x / p.temperature

@@ -171,3 +171,30 @@ def test_forward_batch_rejects_bad_batches(mixed_formats_model):
     with pytest.raises(ContextLengthError):
         model.forward_batch([([1, 2, 3, 4, 5], cache)])
     assert cache.length == 0  # nothing ran
+
+
+@pytest.mark.parametrize("name", ["cpu", "reference"])
+@pytest.mark.parametrize("window", [0, 4])
+def test_decode_attention_equals_attention_per_sequence(name, window):
+    """The batched decode step against `attention` and `kv_write_` per sequence, on caches of
+    different slot counts (one ring wraps): the same bits out, the same caches after."""
+    rng = np.random.default_rng(0)
+    n_layers, n_kv, head_dim, n_heads, layer = 2, 2, 16, 4, 1
+    slots, starts = [8, 4, 16], np.array([5, 9, 2], dtype=np.int64)
+    dev = kernels.device(name)
+    new = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    k_caches = [new(n_layers, n_kv, s, head_dim) for s in slots]
+    v_caches = [new(n_layers, n_kv, s, head_dim) for s in slots]
+    q, k, v = new(3, n_heads, head_dim), new(3, n_kv, head_dim), new(3, n_kv, head_dim)
+    expected_k, expected_v = [c.copy() for c in k_caches], [c.copy() for c in v_caches]
+    expected = []
+    for b, start in enumerate(starts):
+        rows = slice(b, b + 1)
+        expected.append(dev.attention(q[rows], k[rows], v[rows], expected_k[b][layer], expected_v[b][layer],
+                                      int(start), window))
+        dev.kv_write_(expected_k[b][layer], expected_v[b][layer], int(start), k[rows], v[rows])
+    out = dev.decode_attention_(q, k, v, dev.cache_list(k_caches), dev.cache_list(v_caches), layer,
+                                starts, window)
+    np.testing.assert_array_equal(out, np.concatenate(expected))
+    for got, want in zip(k_caches + v_caches, expected_k + expected_v):
+        np.testing.assert_array_equal(got, want)

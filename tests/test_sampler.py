@@ -279,3 +279,12 @@ def test_sampler_renormalizes_top_p_over_the_top_k():
     logits = np.log(np.array([.0625, .125, .5, .0625, .25], np.float32))
     sampler = Sampler(SamplingParams(temperature=1.0, top_k=2, top_p=.625), np.random.default_rng(0))
     assert {sampler.sample(logits, [0], 1).token for _ in range(200)} == {2}
+
+
+def test_greedy_skips_the_logprob_nobody_reads():
+    logits = np.array([0.1, 2.0, -1.0, 2.0], np.float32)
+    quiet = Sampler(SamplingParams(logprob=False)).sample(logits, [], 0)
+    assert quiet.token == 1 and math.isnan(quiet.logprob) and quiet.top_logprobs == []
+    full = Sampler(SamplingParams()).sample(logits, [], 0)
+    assert full.token == 1 and math.isclose(full.logprob, math.log(reference_probs(logits.tolist())[1]),
+                                            rel_tol=1e-9)

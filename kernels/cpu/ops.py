@@ -8,7 +8,8 @@ import math
 
 import numba
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import intrinsic
 
 from . import FASTMATH
 
@@ -60,37 +61,91 @@ def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
     """
     n_tokens, n_heads, head_dim = q.shape
     group = n_heads // k_new.shape[1]
-    n_slots = k_cache.shape[1]
-    scale = F32(1.0 / math.sqrt(head_dim))
     for th in prange(n_tokens * n_heads):
         t, h = th // n_heads, th % n_heads
-        kv = h // group
-        pos = start_pos + t
-        first = max(0, pos - window + 1) if window > 0 else 0
-        acc = out[t, h]
-        acc[:] = 0
-        best, total = -np.inf, F32(0)
-        for p in range(first, pos + 1):
-            if p >= start_pos:
-                key, value = k_new[p - start_pos, kv], v_new[p - start_pos, kv]
-            else:
-                key, value = k_cache[kv, p % n_slots], v_cache[kv, p % n_slots]
-            score = F32(0)
-            for i in range(head_dim):
-                score += q[t, h, i] * key[i]
-            score *= scale
-            if score > best:  # rescale what was accumulated under the old maximum
-                correction = F32(math.exp(best - score))
-                total *= correction
-                for i in range(head_dim):
-                    acc[i] *= correction
-                best = score
-            weight = F32(math.exp(score - best))
-            total += weight
-            for i in range(head_dim):
-                acc[i] += weight * value[i]
+        _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, h // group, out[t, h])
+
+
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+def decode_attention(q, k_new, v_new, k_addresses, v_addresses, slots, layer, starts, window, out):
+    """One decode step of B sequences, each against its own cache: `attention` with T = 1 for
+    every sequence in one parallel region, then each key and value into its cache.
+
+    q: float32 (B, H, D); k_new, v_new: (B, KV, D). The caches are float32 C-contiguous
+    (n_layers, KV, S_b, D) arrays given by their data addresses (int64 (B,) each; a list of arrays
+    would be a Numba typed list, whose constructor compiles in every new process) and slot counts
+    S_b (int64 (B,)); `layer` is used. starts: int64 (B,), each sequence's position.
+    out: float32 (B, H, D). Each query's arithmetic is `attention`'s (the same `_attend`), so a
+    sequence gets the same bits either way.
+    """
+    n_seqs, n_heads, head_dim = q.shape
+    n_kv = k_new.shape[1]
+    group = n_heads // n_kv
+    for bh in prange(n_seqs * n_heads):
+        b, h = bh // n_heads, bh % n_heads
+        k_cache = _layer_view(k_addresses[b], layer, n_kv, slots[b], head_dim)
+        v_cache = _layer_view(v_addresses[b], layer, n_kv, slots[b], head_dim)
+        _attend(q[b:b + 1], k_new[b:b + 1], v_new[b:b + 1], k_cache, v_cache, starts[b], window, 0, h,
+                h // group, out[b, h])
+    _write_slots(k_new, k_addresses, slots, layer, starts)  # after every read: a query may read
+    _write_slots(v_new, v_addresses, slots, layer, starts)  # the slot a write reuses
+
+
+@numba.njit(cache=True)
+def _write_slots(new, addresses, slots, layer, starts):
+    """new[b] (KV, D) into slot starts[b] % slots[b] of layer `layer` of cache b. Not inlined
+    into the parallel kernel, whose dead-code pass would drop stores into a carray it made."""
+    n_kv, head_dim = new.shape[1], new.shape[2]
+    for b in range(len(new)):
+        _layer_view(addresses[b], layer, n_kv, slots[b], head_dim)[:, starts[b] % slots[b]] = new[b]
+
+
+@numba.njit(inline="always")
+def _layer_view(address, layer, n_kv, n_slots, head_dim):
+    """Layer `layer` (KV, S, D) of the float32 (n_layers, KV, S, D) cache whose data is at `address`."""
+    size = n_kv * n_slots * head_dim
+    return numba.carray(_float32_pointer(address + layer * size * 4), (n_kv, n_slots, head_dim))
+
+
+@intrinsic
+def _float32_pointer(typingctx, address):
+    """An int64 address as a float32 pointer (for numba.carray)."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return types.CPointer(types.float32)(types.int64), codegen
+
+
+@numba.njit(fastmath=FASTMATH, inline="always")
+def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc):
+    """acc (D,) = the attention of query (t, h), at position start_pos + t, over its visible keys
+    (see `attention`): one online-softmax pass."""
+    head_dim, n_slots = q.shape[2], k_cache.shape[1]
+    scale = F32(1.0 / math.sqrt(head_dim))
+    pos = start_pos + t
+    first = max(0, pos - window + 1) if window > 0 else 0
+    acc[:] = 0
+    best, total = -np.inf, F32(0)
+    for p in range(first, pos + 1):
+        if p >= start_pos:
+            key, value = k_new[p - start_pos, kv], v_new[p - start_pos, kv]
+        else:
+            key, value = k_cache[kv, p % n_slots], v_cache[kv, p % n_slots]
+        score = F32(0)
         for i in range(head_dim):
-            acc[i] /= total
+            score += q[t, h, i] * key[i]
+        score *= scale
+        if score > best:  # rescale what was accumulated under the old maximum
+            correction = F32(math.exp(best - score))
+            total *= correction
+            for i in range(head_dim):
+                acc[i] *= correction
+            best = score
+        weight = F32(math.exp(score - best))
+        total += weight
+        for i in range(head_dim):
+            acc[i] += weight * value[i]
+    for i in range(head_dim):
+        acc[i] /= total
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -336,8 +336,8 @@ ROWS_PER_STEP = {QK: 4, QK_K: 1}
 
 def _matmul_q8_kernel(qtype: int):
     """The q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
-    matvec._matvec_kernel). Several columns run COLUMN_TILE at a time, then HALF_TILE, then one at
-    a time; one column (decode) runs `step` rows a tile, with the next tile's rows prefetched,
+    matvec._matvec_kernel). Several columns run COLUMN_TILE at a time, then HALF_TILE, 2, then one
+    at a time; one column (decode) runs `step` rows a tile, with the next tile's rows prefetched,
     in a parallel loop of its own (inside the tiled kernel's loop LLVM kept the wide tiles'
     pointers live and the one-column path ran from the stack). Every tile shape gives each
     (row, column) the same result (dot_tile)."""
@@ -348,6 +348,7 @@ def _matmul_q8_kernel(qtype: int):
         n_rows, n_columns = rows.shape[0], xq.shape[1]
         tiled = n_columns - n_columns % COLUMN_TILE
         half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
+        pair = half + 2 if n_columns - half >= 2 else half
         for tile in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
             first, last = tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)
             for t in range(0, tiled, COLUMN_TILE):
@@ -356,7 +357,10 @@ def _matmul_q8_kernel(qtype: int):
             for t in range(tiled, half, HALF_TILE):
                 for r in range(first, last):
                     dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, HALF_TILE, out)
-            for t in range(half, n_columns):
+            for t in range(half, pair, 2):  # small decode batches: each row unpacked once for two
+                for r in range(first, last):
+                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, 2, out)
+            for t in range(pair, n_columns):
                 for r in range(first, last):
                     dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, 1, out)
 

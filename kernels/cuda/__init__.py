@@ -64,6 +64,18 @@ class CUDADevice:
             row += len(part)
         return out
 
+    def cache_list(self, caches) -> list:
+        return list(caches)
+
+    def decode_attention_(self, q, k_new, v_new, k_caches, v_caches, layer: int, starts: np.ndarray,
+                          window: int):
+        outs = []
+        for b, start in enumerate(starts):  # one launch per sequence: a batched kernel is to come
+            k_cache, v_cache, rows = k_caches[b][layer], v_caches[b][layer], slice(b, b + 1)
+            outs.append(attention(q[rows], k_new[rows], v_new[rows], k_cache, v_cache, int(start), window))
+            kv_write_(k_cache, v_cache, int(start), k_new[rows], v_new[rows])
+        return self.concat(outs)
+
     def copy_slots_(self, dst, src, n_slots: int) -> None:
         for layer in range(dst.shape[0]):  # (n_slots, D) is contiguous per layer and head
             for head in range(dst.shape[1]):
