@@ -316,7 +316,7 @@ def block_sums(x):
 def _matvec_kernel(qtype: int):
     """The matvec of one format. `qtype` is a closure constant, which Numba types as a literal:
     row_dot resolves to the format's function at compile time, and the cache keys on its value."""
-    @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+    @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
     def matvec(rows, x, out):
         x_sums = block_sums(x)
         for r in prange(rows.shape[0]):

@@ -16,7 +16,7 @@ from . import FASTMATH
 F32 = np.float32
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight. x, out: float32 (T, dim)."""
     for t in prange(x.shape[0]):
@@ -28,7 +28,7 @@ def rmsnorm(x, weight, eps, out):
             out[t, i] = x[t, i] * scale * weight[i]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def rope(x, positions, inv_freq, out):
     """out = x with adjacent pairs (x[2i], x[2i+1]) of each head rotated by positions[t] *
     inv_freq[i].
@@ -48,7 +48,7 @@ def rope(x, positions, inv_freq, out):
                 out[t, h, 2 * i + 1] = a * s + b * c
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
     """Causal (optionally sliding-window) grouped-query attention for a chunk of T new tokens.
 
@@ -66,7 +66,7 @@ def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
         _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, h // group, out[t, h])
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def decode_attention(q, k_new, v_new, k_addresses, v_addresses, slots, layer, starts, window, out):
     """One decode step of B sequences, each against its own cache: `attention` with T = 1 for
     every sequence in one parallel region, then each key and value into its cache.
@@ -148,7 +148,7 @@ def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc)
         acc[i] /= total
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise. All float32 (T, ffn_dim)."""
     for t in prange(gate.shape[0]):

@@ -100,7 +100,7 @@ def quantize_one(x, super_blocks, xq, xd, xs, xsum):
     quantize_column(x, 0, super_blocks, xq, xd, xs, xsum)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True)
 def quantize_columns(x, super_blocks, xq, xd, xs, xsum):
     for t in prange(x.shape[0]):
         quantize_column(x, t, super_blocks, xq, xd, xs, xsum)
@@ -343,7 +343,7 @@ def _matmul_q8_kernel(qtype: int):
     (row, column) the same result (dot_tile)."""
     step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True, nogil=True, cache=True)
     def matmul_tiles(rows, xq, xd, xs, xsum, out):
         n_rows, n_columns = rows.shape[0], xq.shape[1]
         tiled = n_columns - n_columns % COLUMN_TILE
@@ -364,7 +364,7 @@ def _matmul_q8_kernel(qtype: int):
                 for r in range(first, last):
                     dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, 1, out)
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True, nogil=True, cache=True)
     def matvec(rows, xq, xd, xs, xsum, out):
         n_steps = rows.shape[0] // step
         for i in prange(n_steps):
