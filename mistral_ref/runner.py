@@ -9,13 +9,14 @@ share one forward pass per token.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,6 +124,7 @@ class Runner:
         self._seeds = np.random.SeedSequence(seed)
         self.prefix_cache = PrefixCache(self.model, prefix_cache_n) if prefix_cache_n else None
         self.scheduler = Scheduler(self.model, self.tokenizer, self.prefix_cache)
+        self._lock = threading.Lock()  # threads calling send_* share the scheduler: their steps batch
 
     # -- the documented API ---------------------------------------------------------------------
     def send_chat_completion_request(self, request: ChatCompletionRequest, model_id: str | None = None
@@ -171,7 +173,8 @@ class Runner:
 
     def step(self) -> None:
         """One forward pass over every started submission (see mistral_ref.scheduler)."""
-        self.scheduler.step()
+        with self._lock:
+            self.scheduler.step()
 
     def _run(self, submission: Submission):
         return self._stream(submission) if submission.stream else self._complete(submission)
@@ -304,10 +307,11 @@ class Submission:
         self._events: list[Event] = []  # a non-streamed request's, until its response
 
     def start(self) -> None:
-        if self.generation is None:
-            seeds = (np.random.SeedSequence(self.job.seed) if self.job.seed is not None
-                     else self.runner._seeds.spawn(1)[0])
-            self.generation = self.runner.scheduler.submit(self.job, self.timing, seeds)
+        with self.runner._lock:
+            if self.generation is None:
+                seeds = (np.random.SeedSequence(self.job.seed) if self.job.seed is not None
+                         else self.runner._seeds.spawn(1)[0])
+                self.generation = self.runner.scheduler.submit(self.job, self.timing, seeds)
 
     @property
     def done(self) -> bool:
@@ -330,7 +334,8 @@ class Submission:
     def cancel(self) -> None:
         """Stop generating (the client went away); a no-op once done."""
         if self.generation is not None:
-            self.runner.scheduler.cancel(self.generation)
+            with self.runner._lock:
+                self.runner.scheduler.cancel(self.generation)
 
     def _take(self) -> list[Event]:
         if self.generation is None:

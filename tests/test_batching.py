@@ -249,3 +249,25 @@ def test_prefix_cache_bounds_and_lru(tmp_path_factory):
     model.forward([1, 2, 3], kv)
     small.store([1, 2, 3], kv)
     assert small.stats()["entries"] == 0  # over the byte budget: not kept
+
+
+def test_threads_sharing_a_runner_batch_together(runners):
+    """Requests sent from several threads (as users of mistralrs try) share the Runner's steps
+    and each gets what it gets alone."""
+    import threading
+
+    runner, alone = runners
+    eos = runner.tokenizer.eos_id
+    chosen = [r for r in requests(eos) if isinstance(r, ChatCompletionRequest)][:4]
+    results = [None] * len(chosen)
+
+    def one(i: int) -> None:
+        results[i] = as_json(runner.send_chat_completion_request(chosen[i]))
+    steps = runner.scheduler.n_steps
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(chosen))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [as_json(alone.send_chat_completion_request(r)) for r in chosen]
+    assert runner.scheduler.n_steps - steps < sum(r.max_tokens for r in chosen)
