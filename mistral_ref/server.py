@@ -186,7 +186,11 @@ class Engine:
                 self.n_cancelled += 1
                 self._finish(job)
             if self.running:
-                self.runner.step()
+                try:
+                    self.runner.step()
+                except Exception as e:  # a bug: every running request gets its 500, the server lives on
+                    for job in list(self.running):
+                        self._finish(job, e)
                 for job in list(self.running):
                     self._deliver(job)
                 if self.runner.prefix_cache is not None:

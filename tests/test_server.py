@@ -472,3 +472,39 @@ def test_http_bodies_default_to_openais_temperature():
     assert ChatCompletionRequest.from_openai({**chat, "temperature": 0}).temperature == 0
     assert CompletionRequest.from_openai({"prompt": "Hi"}).temperature == 1.0
     assert CompletionRequest(prompt="Hi").temperature is None
+
+
+def test_the_engine_survives_a_failing_step(runner, monkeypatch):
+    """A bug in a forward pass fails the requests running then (a 500 each), not the engine."""
+    import asyncio
+
+    from mistral_ref.server import _DONE, Engine, Job
+
+    real_step, calls = runner.step, []
+
+    def step_failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a kernel bug")
+        real_step()
+    monkeypatch.setattr(runner, "step", step_failing_once)
+    engine = Engine(runner)
+    engine.start()
+
+    async def run() -> list:
+        request = ChatCompletionRequest(messages=CHAT, max_tokens=3, temperature=0)
+        job = Job(lambda: runner.submit(request), False, asyncio.get_running_loop())
+        engine.submit(job)
+        events = [await asyncio.wait_for(job.get(), 60)]  # a dead engine thread: a timeout, not a hang
+        while events[-1][0] is not _DONE:
+            events.append(await asyncio.wait_for(job.get(), 60))
+        return events
+    try:
+        first, second = asyncio.run(run()), asyncio.run(run())
+    finally:
+        engine.stop()
+    assert first[0][0] == "error" and str(first[0][1]) == "a kernel bug"
+    assert second[0][0] == "result"
+    expected = reference_chat(runner, max_tokens=3)["choices"][0]["message"]["content"]
+    assert second[0][1]["choices"][0]["message"]["content"] == expected
+    assert engine.stats()["running"] == 0
