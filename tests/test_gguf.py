@@ -194,3 +194,11 @@ def test_errors_are_value_errors():
     assert issubclass(errors.TruncatedGGUFError, errors.GGUFError)
     assert issubclass(errors.GGUFError, ValueError)
     assert issubclass(errors.GGUFError, errors.MistralRefError)
+
+
+def test_a_huge_block_count_is_a_missing_tensor_not_a_memory_blowup(tmp_path):
+    """Found by test_corrupt_header_never_crashes: a corrupt block_count near 2^32 made the shape
+    check build names for every layer until the machine ran out of memory (24 GB)."""
+    path = write_tiny_gguf(tmp_path / "x.gguf", metadata={"llama.block_count": (1 << 32) - 1})
+    with pytest.raises(errors.MissingTensorError, match="missing tensor 'blk.2"):
+        load_gguf(path)
