@@ -144,45 +144,57 @@ def matmuls(weights: Sequence[tuple[np.ndarray, QType | str | int]], x: np.ndarr
             backend: str = "cpu", scratch: np.ndarray | None = None,
             activations: str = "f32") -> list[np.ndarray]:
     """[x @ W.T for each (rows, qtype) of `weights`]: matmul for matrices that share their input
-    (q, k, v; gate, up). With "q8" activations x is quantized once per activation format."""
+    (q, k, v; gate, up). With "q8" activations x is quantized once per activation format, and the
+    matrices of one format run in one kernel call (one parallel loop over all their rows)."""
     check_backend(backend)
     if activations not in ACTIVATIONS:
         raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
     if x.ndim != 2 or x.dtype != np.float32:
         raise ValueError(f"activations must be float32 (T, n), got {x.dtype} {x.shape}")
     x = np.ascontiguousarray(x)
-    quantized: dict[bool, tuple] = {}  # by Q8_K (True) or Q8_0/Q8_1 (False)
-    outs = []
+    checked = []
     for rows, qtype in weights:
         fmt = block_format(qtype)
         if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(x.shape[1]):
             raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of "
                              f"{x.shape[1]} weights")
-        rows = read_only(np.ascontiguousarray(rows))
-        q8 = activations == "q8" and fmt.qtype in reference_vec_dot.VEC_DOT  # formats with q8 numerics
+        checked.append((read_only(np.ascontiguousarray(rows)), fmt.qtype))
+    outs = [np.empty((x.shape[0], rows.shape[0]), np.float32) for rows, _ in checked]
+    quantized: dict[bool, tuple] = {}  # by Q8_K (True) or Q8_0/Q8_1 (False)
+    fused: dict[QType, list[int]] = {}  # q8 matrices by format: one kernel call for each format
+    for i, (rows, qtype) in enumerate(checked):
+        q8 = activations == "q8" and qtype in reference_vec_dot.VEC_DOT  # formats with q8 numerics
         if backend == "reference":
-            outs.append(np.stack([reference_vec_dot.matvec_q8(rows, fmt.qtype, column) for column in x])
-                        if q8 else reference_ops.matmul(rows, fmt.qtype, x))
-            continue
-        out = np.empty((x.shape[0], rows.shape[0]), np.float32)
-        if q8:
-            super_blocks = fmt.qtype in SUPER_BLOCK_TYPES
-            if super_blocks not in quantized:
-                quantized[super_blocks] = quantize_activations(x, super_blocks)
-            CPU_MATMUL_Q8[fmt.qtype](rows, *quantized[super_blocks], out)
-        elif x.shape[0] == 1 and fmt.qtype in CPU_MATVEC:
-            CPU_MATVEC[fmt.qtype](rows, x[0], out[0])
+            outs[i][:] = (np.stack([reference_vec_dot.matvec_q8(rows, qtype, column) for column in x])
+                          if q8 else reference_ops.matmul(rows, qtype, x))
+        elif q8:
+            fused.setdefault(qtype, []).append(i)
+        elif x.shape[0] == 1 and qtype in CPU_MATVEC:
+            CPU_MATVEC[qtype](rows, x[0], outs[i][0])
         else:
-            workers = numba.get_num_threads()
-            if scratch is None or scratch.size < workers * x.shape[1]:
-                scratch = np.empty(max(workers * x.shape[1], 1 << 21), np.float32)
-            with _THREADPOOLS.limit(limits=1, user_api="blas"):
-                if workers == 1 or rows.shape[0] * x.shape[1] < PREFILL_POOL_MIN_WEIGHTS:
-                    _multiply_dequantized(rows, fmt.qtype, x, out, scratch)
-                else:
-                    _multiply_dequantized_in_pool(rows, fmt.qtype, x, out, scratch, workers)
-        outs.append(out)
+            scratch = _multiply_dequantized_any(rows, qtype, x, outs[i], scratch)
+    for qtype, group in fused.items():
+        super_blocks = qtype in SUPER_BLOCK_TYPES
+        if super_blocks not in quantized:
+            quantized[super_blocks] = quantize_activations(x, super_blocks)
+        CPU_MATMUL_Q8[qtype](tuple(checked[i][0] for i in group), *quantized[super_blocks],
+                             tuple(outs[i] for i in group))
     return outs
+
+
+def _multiply_dequantized_any(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,
+                              scratch: np.ndarray | None) -> np.ndarray:
+    """out = x @ W.T through dequantized tiles and BLAS, on this thread or the prefill pool;
+    returns the scratch it used (allocated when None or too small)."""
+    workers = numba.get_num_threads()
+    if scratch is None or scratch.size < workers * x.shape[1]:
+        scratch = np.empty(max(workers * x.shape[1], 1 << 21), np.float32)
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):
+        if workers == 1 or rows.shape[0] * x.shape[1] < PREFILL_POOL_MIN_WEIGHTS:
+            _multiply_dequantized(rows, qtype, x, out, scratch)
+        else:
+            _multiply_dequantized_in_pool(rows, qtype, x, out, scratch, workers)
+    return scratch
 
 
 # Prefill of a big matrix splits its rows between `workers` threads of our own, each

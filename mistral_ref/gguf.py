@@ -2,8 +2,10 @@
 
 File layout (GGUF v2/v3, little-endian): magic b"GGUF", u32 version, u64 tensor count, u64
 key/value count; the key/value pairs; one info record per tensor (name, dims innermost first,
-type, offset); padding to `general.alignment`; then the tensor data. Nothing is dequantized or
-copied here: every tensor is a uint8 view of the map, its byte range checked against the file.
+type, offset); padding to `general.alignment`; then the tensor data. Nothing is dequantized here:
+every tensor is a uint8 view of one block of memory, its byte range checked against the file.
+That block is the file's memory map (load="mmap"), or with load="copy" the tensor data read
+into anonymous memory on huge pages (mistral_ref.memory; llama.cpp's --no-mmap).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QType
 
 from mistral_ref_kernels.formats import BlockFormat, block_format
+from mistral_ref.memory import read_into_huge_pages
 from mistral_ref.errors import (GGUFError, MetadataError, MissingTensorError, NotGGUFError,
                                 TensorShapeError, TruncatedGGUFError,
                                 UnsupportedArchitectureError, UnsupportedTensorTypeError,
@@ -24,6 +27,7 @@ from mistral_ref.errors import (GGUFError, MetadataError, MissingTensorError, No
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral")
+LOADS = ("mmap", "copy")
 DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types: type id -> NumPy scalar dtype; 7 is bool, 8 string, 9 array.
@@ -54,7 +58,8 @@ class Config:
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """A tensor as stored: `data` is its raw bytes (uint8, read-only view of the file's map).
+    """A tensor as stored: `data` is its raw bytes (uint8, a read-only view of the file's map or
+    of its copy).
 
     `shape` is the logical NumPy shape, outermost first (GGUF lists dims innermost first); rows run
     along the last axis, each `format.row_bytes(shape[-1])` bytes of consecutive blocks.
@@ -125,8 +130,10 @@ class GGUFFile:
     Metadata strings are `str`, numeric arrays 1-D NumPy arrays, string arrays `list[str]`.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, load: str = "mmap"):
+        if load not in LOADS:
+            raise ValueError(f"unknown load {load!r} (choose from {', '.join(LOADS)})")
+        self.path, self.load = Path(path), load
         try:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         except ValueError:  # NumPy cannot map an empty file
@@ -179,17 +186,23 @@ class GGUFFile:
                     f"but the file ends at {len(self._map)}")
             self.tensors[name] = QuantizedTensor(name, fmt.qtype, shape,
                                                  self._map[start:start + nbytes])
-        self.config = _config_from(self)
+        self.config = _config_from(self)  # checks every shape before a copy reads gigabytes
+        if load == "copy":
+            copied = read_into_huge_pages(self.path, data_start, len(self._map) - data_start)
+            at = lambda t: t.data.ctypes.data - self._map.ctypes.data - data_start  # noqa: E731
+            self.tensors = {name: replace(t, data=copied[at(t):at(t) + t.data.nbytes])
+                            for name, t in self.tensors.items()}
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {self.config})"
 
 
-def load_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Open a GGUF file: parse its header, check every tensor's type, size and shape, map its data."""
+def load_gguf(path: str | os.PathLike, load: str = "mmap") -> GGUFFile:
+    """Open a GGUF file: parse its header, check every tensor's type, size and shape, map its data
+    (load="mmap"), or read it into huge-page memory (load="copy")."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
-    return GGUFFile(path)
+    return GGUFFile(path, load)
 
 
 def _config_from(f: GGUFFile) -> Config:

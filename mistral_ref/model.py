@@ -105,12 +105,16 @@ class Model:
         return tensor
 
     @classmethod
-    def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32") -> Model:
-        """Load a model; the weights stay quantized (and memory-mapped on the CPU).
+    def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
+                  load: str = "mmap") -> Model:
+        """Load a model; the weights stay quantized.
 
         device: "cpu", "cuda" or "reference" (the NumPy kernels that read like the spec: slow,
-        for checking); activations: "f32" (exact) or "q8" (llama.cpp's numerics; not on cuda)."""
-        return cls(load_gguf(path), device, activations)
+        for checking); activations: "f32" (exact) or "q8" (llama.cpp's numerics; not on cuda);
+        load: "mmap" (the CPU reads the weights in the file's memory map: instant, shared with
+        the page cache) or "copy" (read into anonymous memory on huge pages first, as llama.cpp's
+        --no-mmap; see mistral_ref.memory and docs/kernels.md for what each costs)."""
+        return cls(load_gguf(path, load), device, activations)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_tokens` positions (default: the model's context)."""

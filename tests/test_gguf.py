@@ -37,6 +37,31 @@ def test_default_model_matches_gguf_py(default_model):
             assert mine == value, key
 
 
+def test_copy_load_matches_gguf_py_on_huge_pages(default_model):
+    """load="copy": every tensor's bytes equal gguf-py's, read-only, in one 2 MB-aligned
+    anonymous block (not the file's map); the model's logits are those of the mmap load."""
+    from mistral_ref.memory import HUGE_PAGE
+    from mistral_ref.model import Model
+    ours, theirs = load_gguf(default_model, load="copy"), gguf.GGUFReader(default_model)
+    starts = []
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name].data
+        assert not mine.flags.writeable and mine.base is not None
+        assert np.array_equal(mine, t.data.reshape(-1).view(np.uint8))
+        starts.append(mine.ctypes.data)
+    first = ours.tensors[theirs.tensors[0].name].data.ctypes.data
+    assert (first - (int(theirs.tensors[0].data_offset) - theirs.data_offset)) % HUGE_PAGE == 0
+    assert not any(ours._map.ctypes.data <= a < ours._map.ctypes.data + ours._map.size for a in starts)
+    tokens = [1, 22, 333, 4444]
+    assert np.array_equal(Model.from_gguf(default_model, load="copy").logits(tokens),
+                          Model.from_gguf(default_model).logits(tokens))
+
+
+def test_unknown_load_is_refused(default_model):
+    with pytest.raises(ValueError, match="unknown load 'ram'"):
+        load_gguf(default_model, load="ram")
+
+
 def test_default_model_config(default_model):
     c = load_gguf(default_model).config
     # SmolLM2-135M: published hyper-parameters (HF config.json of SmolLM2-135M-Instruct).

@@ -35,6 +35,22 @@ def test_matmul_matches_float64(qtype, n_tokens, pool, monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("activations", ["f32", "q8"])
+@pytest.mark.parametrize("n_tokens", [1, 4])
+def test_matmuls_of_mixed_formats_equal_matmul_each(activations, n_tokens):
+    """matmuls over matrices of several formats (Q4_K_M's q, k in Q4_K and v in Q6_K; an F16
+    one with no q8 kernel) groups them by format into fused calls: every output, in order, is
+    bit for bit that matrix's matmul alone."""
+    n = 512
+    weights = [(random_rows(QType.Q4_K, 40, n), QType.Q4_K), (random_rows(QType.Q6_K, 12, n), QType.Q6_K),
+               (random_rows(QType.Q4_K, 12, n), QType.Q4_K), (random_rows(QType.F16, 7, n), QType.F16)]
+    x = rng.standard_normal((n_tokens, n)).astype(np.float32)
+    together = kernels.dispatch.matmuls(weights, x, activations=activations)
+    assert [out.shape for out in together] == [(n_tokens, rows.shape[0]) for rows, _ in weights]
+    for (rows, qtype), out in zip(weights, together):
+        assert np.array_equal(out, kernels.matmul(rows, qtype, x, activations=activations))
+
+
 def test_matvec_covers_decode_types():
     assert set(MATVEC) >= {QType.Q4_K, QType.Q6_K, QType.Q5_K, QType.Q5_0, QType.Q5_1,
                                  QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.F16, QType.F32}

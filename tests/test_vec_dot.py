@@ -178,6 +178,24 @@ def test_numba_matmul_columns_equal_decode(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_columns", [1, 3, 9])
+def test_numba_matmul_fused_equals_each_alone(qtype, n_columns):
+    """Several matrices sharing one input in one call (q, k, v; gate, up): each output is bit for
+    bit its matrix's call alone, with row counts that split tiles and row steps across matrices;
+    and it computes the reference's values."""
+    n = 512
+    matrices = tuple(random_rows(qtype, n_rows, n, seed=n_rows) for n_rows in (5, 18, 33))
+    x = np.stack([activations(t, n) for t in range(n_columns)])
+    acts = cpu.quantize_activations(x, qtype in cpu.SUPER_BLOCK_TYPES)
+    outs = tuple(np.full((n_columns, m.shape[0]), np.nan, np.float32) for m in matrices)
+    cpu.MATMUL_Q8[qtype](matrices, *acts, outs)
+    for rows, out in zip(matrices, outs):
+        assert np.array_equal(out.view(np.uint32), cpu.matmul_q8(rows, qtype, x).view(np.uint32))
+        expected, bound = reference_columns(rows, qtype, x)
+        assert np.all(np.abs(out - expected) <= bound)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 40), n_super=st.integers(1, 3),
        n_columns=st.integers(1, 10))

@@ -155,10 +155,12 @@ def sum_lanes(builder, vector):
 
 
 def sum_per_vector(builder, vectors):
-    """<k x i32>: the lane sums of k vectors <8 x i32> (k = 1, 2, 4 or 8), vector j's in lane j.
+    """<k x i32>: the lane sums of k vectors <8 x i32> (k = 1, 2, 4, 8 or 16), vector j's in lane j.
     Pairs of vectors are merged by adding their halves (lanes of A then lanes of B, each half as
     long), then each vector's remaining lanes are halved in place: 2 shuffles and an add a step,
     about 2.6 instructions a vector for k = 8. Integer: exact in any order."""
+    if len(vectors) > 8:
+        return concat(builder, sum_per_vector(builder, vectors[:8]), sum_per_vector(builder, vectors[8:]))
     width = vectors[0].type.count  # lanes per column while vectors are merged
     while len(vectors) > 1:
         n, half, merged = vectors[0].type.count, width // 2, []
@@ -270,19 +272,23 @@ def store_scaled(context, builder, array_type, out, at, weights, scale, bias):
 
 
 @intrinsic
-def prefetch(typingctx, array, at):
-    """Ask the CPU to start loading the cache line that holds array[at] (llvm.prefetch: read,
-    keep in all cache levels). A hint: no effect on results, no fault on any address."""
+def prefetch(typingctx, rows, r, at):
+    """Ask the CPU to start loading the cache line that holds byte `at` of row r of `rows` (a 2-D
+    array; llvm.prefetch: read, keep in all cache levels). A hint: no effect on results, no
+    fault on any address. Pointer arithmetic, not `rows[r]`: a row view costs an atomic
+    reference-count increment and decrement, and with two threads taking rows of one matrix that
+    counter's cache line bounced between the cores on every row (Q4_K 4096 x 4096, 2 threads:
+    14.4 -> see docs/kernels.md)."""
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        pointer = builder.bitcast(builder.gep(data, [args[1]]), I8.as_pointer())
+        row = byte_pointer(context, builder, signature.args[0], args[0], args[1])
+        pointer = builder.gep(row, [args[2]])
         llvm_prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, I32, I32, I32]),
             "llvm.prefetch.p0i8")
         builder.call(llvm_prefetch, [pointer, ir.Constant(I32, 0), ir.Constant(I32, 3),
                                      ir.Constant(I32, 1)])
         return context.get_dummy_value()
-    return types.none(array, types.intp), codegen
+    return types.none(rows, types.intp, types.intp), codegen
 
 
 @numba.njit(inline="always", cache=True)
@@ -292,6 +298,5 @@ def prefetch_row(rows, r):
     from memory the hardware prefetcher alone left them at 7 GB/s (Q4_K, 2 threads), with it 19
     (bench/matvec.py --stream)."""
     if r < rows.shape[0]:
-        row = rows[r]
-        for at in range(0, row.size, 64):
-            prefetch(row, at)
+        for at in range(0, rows.shape[1], 64):
+            prefetch(rows, r, at)

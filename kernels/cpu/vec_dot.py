@@ -250,8 +250,8 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
     j < width. qtype, height, width: literals, height * width <= 8 and each a power of 2.
 
     One float32 accumulator per (row, column), lanes of a vector (an alloca, which LLVM keeps in
-    a register); per block, each term's integer sums of the whole tile are reduced across lanes
-    together (lanes.sum_per_vector) and scaled with one multiply and one FMA. Lane (i, j) gets the
+    a register); per block, the integer sums of every term and every lane of the tile are reduced
+    together (lanes.sum_per_vector), and each term is scaled with one multiply and one FMA. Lane (i, j) gets the
     same float operations whatever the tile's shape, which makes every shape's results equal."""
     if not all(isinstance(a, types.IntegerLiteral) for a in (qtype, height, width)):
         return None
@@ -290,13 +290,19 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
             columns = _Columns(builder, n_columns, *at_block, fmt.block_size)
             terms = [emit(builder, builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))]),
                           columns) for row in row_pointers]
+            # Every integer term of the whole tile reduced at once: term p's lanes are
+            # p * n_lanes.. of `reduced` (one reduction for Q4_K's sums and mins, not two).
+            integer_terms = [k for k, term in enumerate(terms[0]) if term[0] is not None]
+            reduced = lanes.sum_per_vector(builder, [v for k in integer_terms for row_terms in terms
+                                                     for v in row_terms[k][0]])
+            n_lanes = len(per_column)
             for k in range(len(terms[0])):
                 scale = per_row_vector([row_terms[k][1] for row_terms in terms])
                 if terms[0][k][0] is None:  # m * s_x
                     update = (scale, lanes.pick(builder, columns.s, per_column))
                 else:
-                    tile_sums = [v for row_terms in terms for v in row_terms[k][0]]
-                    sums = lanes.sum_per_vector(builder, tile_sums)
+                    p = integer_terms.index(k)
+                    sums = lanes.pick(builder, reduced, list(range(p * n_lanes, (p + 1) * n_lanes)))
                     offset = terms[0][k][2]  # the format's, the same for every row
                     if offset:  # - offset * sum(x), exact
                         x_sums = lanes.pick(builder, columns.block_sums(), per_column)
@@ -336,56 +342,84 @@ ROWS_PER_STEP = {QK: 4, QK_K: 1}
 
 def _matmul_q8_kernel(qtype: int):
     """The q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
-    matvec._matvec_kernel). Several columns run COLUMN_TILE at a time, then HALF_TILE, 2, then one
-    at a time; one column (decode) runs `step` rows a tile, with the next tile's rows prefetched,
-    in a parallel loop of its own (inside the tiled kernel's loop LLVM kept the wide tiles'
-    pointers live and the one-column path ran from the stack). Every tile shape gives each
-    (row, column) the same result (dot_tile)."""
+    matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
+    up) in one parallel loop: one fork and join per group instead of one per matrix, and the
+    rows of all of them split evenly between the threads. Several columns run COLUMN_TILE at a
+    time, then HALF_TILE, 2, then one at a time; one column (decode) runs `step` rows a tile, with
+    the next tile's rows prefetched, in a parallel loop of its own (inside the tiled kernel's loop
+    LLVM kept the wide tiles' pointers live and the one-column path ran from the stack). Every
+    tile shape gives each (row, column) the same result (dot_tile)."""
     step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
 
+    @numba.njit(inline="always", cache=True)
+    def unit_ends(matrices, rows_per_unit):
+        """Cumulative count of `rows_per_unit`-row work units, matrix by matrix (whole units)."""
+        ends = np.empty(len(matrices), np.int64)
+        total = 0
+        for m in range(len(matrices)):
+            total += matrices[m].shape[0] // rows_per_unit
+            ends[m] = total
+        return ends
+
+    @numba.njit(inline="always", cache=True)
+    def unit(ends, i):
+        """(matrix, its unit) of work unit i."""
+        m = 0
+        while i >= ends[m]:
+            m += 1
+        return m, i - (ends[m - 1] if m else 0)
+
     @numba.njit(parallel=True, nogil=True, cache=True)
-    def matmul_tiles(rows, xq, xd, xs, xsum, out):
-        n_rows, n_columns = rows.shape[0], xq.shape[1]
+    def matmul_tiles(matrices, xq, xd, xs, xsum, outs):
+        n_columns = xq.shape[1]
         tiled = n_columns - n_columns % COLUMN_TILE
         half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
         pair = half + 2 if n_columns - half >= 2 else half
-        for tile in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
-            first, last = tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)
+        ends = unit_ends(matrices, 1)  # a unit a row, ROW_TILE rows a task
+        for tile in prange((ends[-1] + ROW_TILE - 1) // ROW_TILE):
+            first, last = tile * ROW_TILE, min(ends[-1], (tile + 1) * ROW_TILE)
             for t in range(0, tiled, COLUMN_TILE):
-                for r in range(first, last):
-                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, COLUMN_TILE, out)
+                for i in range(first, last):
+                    m, r = unit(ends, i)
+                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, COLUMN_TILE, outs[m])
             for t in range(tiled, half, HALF_TILE):
-                for r in range(first, last):
-                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, HALF_TILE, out)
+                for i in range(first, last):
+                    m, r = unit(ends, i)
+                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, HALF_TILE, outs[m])
             for t in range(half, pair, 2):  # small decode batches: each row unpacked once for two
-                for r in range(first, last):
-                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, 2, out)
+                for i in range(first, last):
+                    m, r = unit(ends, i)
+                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 2, outs[m])
             for t in range(pair, n_columns):
-                for r in range(first, last):
-                    dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, t, 1, out)
+                for i in range(first, last):
+                    m, r = unit(ends, i)
+                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m])
 
     @numba.njit(parallel=True, nogil=True, cache=True)
-    def matvec(rows, xq, xd, xs, xsum, out):
-        n_steps = rows.shape[0] // step
-        for i in prange(n_steps):
-            r = i * step
+    def matvec(matrices, xq, xd, xs, xsum, outs):
+        ends = unit_ends(matrices, step)
+        for i in prange(ends[-1]):
+            m, u = unit(ends, i)
+            rows, r = matrices[m], u * step
             for ahead in range(r + step, r + 2 * step):
                 lanes.prefetch_row(rows, ahead)
-            dot_tile(qtype, rows, r, step, xq, xd, xs, xsum, 0, 1, out)
-        for r in range(n_steps * step, rows.shape[0]):
-            dot_tile(qtype, rows, r, 1, xq, xd, xs, xsum, 0, 1, out)
+            dot_tile(qtype, rows, r, step, xq, xd, xs, xsum, 0, 1, outs[m])
+        for m in range(len(matrices)):
+            for r in range(matrices[m].shape[0] // step * step, matrices[m].shape[0]):
+                dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, 0, 1, outs[m])
 
-    def matmul_q8(rows: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray,
-                  xsum: np.ndarray, out: np.ndarray) -> None:
+    def matmul_q8(matrices: tuple[np.ndarray, ...], xq: np.ndarray, xd: np.ndarray, xs: np.ndarray,
+                  xsum: np.ndarray, outs: tuple[np.ndarray, ...]) -> None:
         # Python, not a compiled wrapper: a compiled closure that calls other compiled functions
         # cannot be cached, and recompiling it cost every new process ~1.3 s.
-        (matvec if xq.shape[1] == 1 else matmul_tiles)(rows, xq, xd, xs, xsum, out)
+        (matvec if xq.shape[1] == 1 else matmul_tiles)(matrices, xq, xd, xs, xsum, outs)
     return matmul_q8
 
 
-# out = x @ W.T with llama.cpp's numerics, one kernel per format: MATMUL_Q8[qtype](rows, xq, xd,
-# xs, xsum, out) with rows uint8 (n_rows, row_bytes), read-only; the activations from
-# quantize_activations(x, qtype in SUPER_BLOCK_TYPES), x float32 (T, n); out float32 (T, n_rows).
+# outs[m] = x @ W_m.T with llama.cpp's numerics, one kernel per format: MATMUL_Q8[qtype](matrices,
+# xq, xd, xs, xsum, outs) with matrices a tuple of W_m's rows, uint8 (n_rows_m, row_bytes), all
+# read-only; the activations from quantize_activations(x, qtype in SUPER_BLOCK_TYPES), x float32
+# (T, n); outs a tuple as long, float32 (T, n_rows_m).
 MATMUL_Q8 = {t: _matmul_q8_kernel(int(t)) for t in BLOCK_DOT}
 
 
@@ -395,5 +429,5 @@ def matmul_q8(rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
     goes through kernels.dispatch, which shares one quantized x between matrices."""
     activations = quantize_activations(x, qtype in SUPER_BLOCK_TYPES)
     out = np.empty((x.shape[0], rows.shape[0]), F32)
-    MATMUL_Q8[qtype](rows, *activations, out)
+    MATMUL_Q8[qtype]((rows,), *activations, (out,))
     return out
