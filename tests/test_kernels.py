@@ -79,7 +79,9 @@ def test_matmul_rejects_mismatched_shapes():
 def test_rmsnorm():
     x = rng.standard_normal((5, 96)).astype(np.float32) * 3
     w = rng.standard_normal(96).astype(np.float32)
-    np.testing.assert_allclose(kernels.rmsnorm(x, w, 1e-5), ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    got = kernels.rmsnorm(x, w, 1e-5)
+    np.testing.assert_allclose(got, ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(kernels.rmsnorm(x[3:4], w, 1e-5), got[3:4])  # one token: the serial path
 
 
 def test_rope_rotates_pairs_and_keeps_the_rest():
@@ -91,11 +93,14 @@ def test_rope_rotates_pairs_and_keeps_the_rest():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.array_equal(got[..., 12:], x[..., 12:])
     assert np.array_equal(got[0], x[0])  # position 0: no rotation
+    assert np.array_equal(kernels.rope(x[3:4], positions[3:4], inv_freq), got[3:4])  # one token
 
 
 def test_swiglu():
     gate, up = rng.standard_normal((2, 2, 64)).astype(np.float32) * 4
-    np.testing.assert_allclose(kernels.swiglu(gate, up), ref.swiglu(gate, up), rtol=1e-5, atol=1e-6)
+    got = kernels.swiglu(gate, up)
+    np.testing.assert_allclose(got, ref.swiglu(gate, up), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(kernels.swiglu(gate[1:], up[1:]), got[1:])  # one token: the serial path
 
 
 @settings(max_examples=60, deadline=None)

@@ -14,18 +14,41 @@ from numba.extending import intrinsic
 from . import FASTMATH
 
 F32 = np.float32
+# SERIAL: a one-token call (decode) runs on the calling thread. A parallel loop of one iteration
+# still starts and joins the OpenMP team (~5 us), and a decode step of SmolLM2 makes 150 of these
+# calls (rmsnorm, rope, swiglu).
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def _rmsnorm_row(x, weight, eps, out):
+    ss = 0.0  # float64 sum, as ggml does
+    for i in range(x.size):
+        ss += np.float64(x[i]) * x[i]
+    scale = F32(1.0 / math.sqrt(ss / x.size + eps))
+    for i in range(x.size):
+        out[i] = x[i] * scale * weight[i]
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight. x, out: float32 (T, dim)."""
-    for t in prange(x.shape[0]):
-        ss = 0.0  # float64 sum, as ggml does
-        for i in range(x.shape[1]):
-            ss += np.float64(x[t, i]) * x[t, i]
-        scale = F32(1.0 / math.sqrt(ss / x.shape[1] + eps))
-        for i in range(x.shape[1]):
-            out[t, i] = x[t, i] * scale * weight[i]
+    if x.shape[0] == 1:  # decode: starting the threads costs more than one row (see SERIAL)
+        _rmsnorm_row(x[0], weight, eps, out[0])
+    else:
+        for t in prange(x.shape[0]):
+            _rmsnorm_row(x[t], weight, eps, out[t])
+
+
+@numba.njit(inline="always", cache=True)
+def _rope_token(x, position, inv_freq, out):
+    out[:] = x
+    for i in range(inv_freq.size):
+        angle = position * inv_freq[i]
+        c, s = F32(math.cos(angle)), F32(math.sin(angle))
+        for h in range(x.shape[0]):
+            a, b = x[h, 2 * i], x[h, 2 * i + 1]
+            out[h, 2 * i] = a * c - b * s
+            out[h, 2 * i + 1] = a * s + b * c
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -37,15 +60,11 @@ def rope(x, positions, inv_freq, out):
     Pairs past rope_dim are copied unchanged. Angles are computed in float64 so long positions
     stay exact.
     """
-    for t in prange(x.shape[0]):
-        out[t] = x[t]
-        for i in range(inv_freq.size):
-            angle = positions[t] * inv_freq[i]
-            c, s = F32(math.cos(angle)), F32(math.sin(angle))
-            for h in range(x.shape[1]):
-                a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
-                out[t, h, 2 * i] = a * c - b * s
-                out[t, h, 2 * i + 1] = a * s + b * c
+    if x.shape[0] == 1:  # decode: see SERIAL
+        _rope_token(x[0], positions[0], inv_freq, out[0])
+    else:
+        for t in prange(x.shape[0]):
+            _rope_token(x[t], positions[t], inv_freq, out[t])
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
@@ -148,10 +167,18 @@ def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc)
         acc[i] /= total
 
 
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def _swiglu_row(gate, up, out):
+    for i in range(gate.size):
+        g = gate[i]
+        out[i] = g / (F32(1) + math.exp(-g)) * up[i]
+
+
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise. All float32 (T, ffn_dim)."""
-    for t in prange(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            g = gate[t, i]
-            out[t, i] = g / (F32(1) + math.exp(-g)) * up[t, i]
+    if gate.shape[0] == 1:  # decode: see SERIAL
+        _swiglu_row(gate[0], up[0], out[0])
+    else:
+        for t in prange(gate.shape[0]):
+            _swiglu_row(gate[t], up[t], out[t])
