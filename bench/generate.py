@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-MACHINE_READ_GBS = 49.0  # measured read bandwidth of the 2-core Zen 4 machine (BRIEF.md)
+from bandwidth import read_gbs  # bench/, this script's folder
+
 THREAD_ENV = ("NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
               "RAYON_NUM_THREADS")  # Numba, numpy's OpenBLAS, llama.cpp's OpenMP, mistralrs's rayon
 ENGINES = ("ours", "llama.cpp", "mistralrs")
@@ -141,13 +142,14 @@ MODULES = {"ours": "numba", "llama.cpp": "llama_cpp", "mistralrs": "mistralrs"}
 
 
 def activations_option(args) -> dict:
-    """{"activations": ...} when the flag was given; an error if the model cannot take it yet."""
-    if args.activations is None:
-        return {}
+    """{"activations": ..., "load": ...} for the flags given; an error if the model cannot take
+    them yet (the script also measures older checkouts)."""
     from mistral_ref.model import Model
-    if "activations" not in inspect.signature(Model.from_gguf).parameters:
-        sys.exit("--activations: this mistral_ref's Model.from_gguf has no activations= option yet")
-    return {"activations": args.activations}
+    options = {name: getattr(args, name) for name in ("activations", "load") if getattr(args, name)}
+    for name in options:
+        if name not in inspect.signature(Model.from_gguf).parameters:
+            sys.exit(f"--{name}: this mistral_ref's Model.from_gguf has no {name}= option yet")
+    return options
 
 
 def worker(args) -> None:
@@ -163,6 +165,8 @@ def spawn(args, engine: str, text: str, runs: int, env: dict[str, str]) -> dict:
                "--threads", str(args.threads), "--runs", str(runs)]
     if args.activations:
         command += ["--activations", args.activations]
+    if args.load:
+        command += ["--load", args.load]
     proc = subprocess.run(command, input=text, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -180,13 +184,15 @@ def summarize(args, engine: str, result: dict, cold: dict | None, tensor_bytes: 
                 prefill=result["prompt_tokens"] / first,
                 decode=(args.gen_tokens - 1) / decode if args.gen_tokens > 1 else float("nan"),
                 cold=(cold or result)["runs"][0][0], warm=first, load=result["load_s"],
-                rss=result["peak_rss_mb"], gbs=tensor_bytes / per_token / 1e9)
+                rss=result["peak_rss_mb"], gbs=tensor_bytes / per_token / 1e9,
+                of_read=100 * tensor_bytes / per_token / 1e9 / args.read_gbs)
 
 
 COLUMNS = [("prompt", "prompt", "{:.0f}"), ("prefill", "prefill tok/s", "{:.1f}"),
            ("decode", "decode tok/s", "{:.2f}"), ("cold", "1st tok cold s", "{:.3f}"),
            ("warm", "1st tok warm s", "{:.3f}"), ("load", "load s", "{:.2f}"),
-           ("rss", "peak RSS MB", "{:.0f}"), ("gbs", "weights GB/s", "{:.2f}")]
+           ("rss", "peak RSS MB", "{:.0f}"), ("gbs", "weights GB/s", "{:.2f}"),
+           ("of_read", "% of read GB/s", "{:.0f}")]
 
 
 def print_table(rows: list[dict]) -> None:
@@ -241,10 +247,12 @@ def bench(args) -> None:
     tensor_bytes = sum(t.data.nbytes for t in load_gguf(args.model).tensors.values())
     text = prompt_text(args.model, args.prompt_tokens)
     env = {**os.environ, **{name: str(args.threads) for name in THREAD_ENV}}
+    args.read_gbs = read_gbs(args.threads)
     print(f"# {args.model.name}: {tensor_bytes / 1e9:.3f} GB of tensors; {args.prompt_tokens} prompt "
           f"+ {args.gen_tokens} generated tokens, {args.threads} threads, median of "
-          f"{args.repeat} warm runs; activations {args.activations or 'default'}; "
-          f"machine read bandwidth ~{MACHINE_READ_GBS:g} GB/s; load average at start "
+          f"{args.repeat} warm runs; activations {args.activations or 'default'}, load "
+          f"{args.load or 'default'}; this machine reads {args.read_gbs:.1f} GB/s with "
+          f"{args.threads} threads (bench/bandwidth.py); load average at start "
           f"{os.getloadavg()[0]:.1f}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="numba-cold-") as numba_cache:
@@ -282,7 +290,8 @@ def profile(args) -> None:
     # nothing else), and inside kernels.matmul and kernels.attention the compiled kernels they wrap
     # (indented labels: already counted in their caller).
     dev = model.device
-    operations = ("embed", "matmul", "matmuls", "rmsnorm", "rope", "attention", "kv_write_", "add_", "swiglu")
+    operations = ("embed", "matmul", "matmuls", "rmsnorm", "rope", "attention", "decode_attention_",
+                  "kv_write_", "add_", "swiglu")
     points = [(dev, name, f"device.{name}") for name in operations if hasattr(dev, name)]
     points.append((kernels.dispatch.cpu_ops, "attention", "  numba attention kernel"))
     kernel_maps = [(kernels.dispatch.CPU_MATVEC, "  numba matvec kernels (f32 activations)"),
@@ -352,6 +361,8 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="also llama-cpp-python, mistralrs")
     parser.add_argument("--activations", choices=("f32", "q8"),
                         help="our matmul input precision (passed to Model.from_gguf when given)")
+    parser.add_argument("--load", choices=("mmap", "copy"),
+                        help="how we hold the weights (passed to Model.from_gguf when given)")
     parser.add_argument("--profile", action="store_true", help="time one decode step by kernel")
     parser.add_argument("--plot", type=Path,
                         help="where to save the plot (default: docs/figures/generate-MODEL-ACT.png)")

@@ -25,12 +25,12 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
 
+from bandwidth import read_gbs  # bench/, this script's folder
 from mistral_ref_kernels.cpu.matvec import MATVEC
 from mistral_ref_kernels.cpu.vec_dot import MATMUL_Q8, matmul_q8
 from mistral_ref_kernels.formats import FORMATS
 from mistral_ref_kernels.reference.vec_dot import matvec_q8 as reference_matvec_q8
 
-MACHINE_READ_GBS = 49  # Numba prange sum of int64 with 2 threads (shared/notes/cpu-kernel-facts.md)
 
 
 def random_rows(qtype: QType, n_rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -129,9 +129,9 @@ def main() -> None:
         llama = None
 
     rng = np.random.default_rng(0)
-    print(f"machine read bandwidth: ~{MACHINE_READ_GBS} GB/s with 2 threads "
-          f"(shared/notes/cpu-kernel-facts.md); figures: GB/s of quantized weights, best of "
-          f"{args.repeats}")
+    print("this machine reads " + ", ".join(f"{read_gbs(t):.1f} GB/s with {t} thread{'s' * (t > 1)}"
+                                          for t in args.threads)
+          + f" (bench/bandwidth.py); figures: GB/s of quantized weights, best of {args.repeats}")
     print(f"{'type':6} {'shape':>11} {'thr':>3} {'f32 kernel':>10} {'q8 kernel':>10} "
           f"{'reference':>10} {'llama.cpp':>10}")
     for shape in args.shapes:
