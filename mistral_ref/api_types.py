@@ -118,10 +118,18 @@ class _SamplingFields:
             raise InvalidRequestError("top_logprobs", "needs logprobs enabled")
 
 
-def _stop_from_openai(stop: Any) -> list[str] | None:
+def _stop_from_openai(stop: Any) -> dict[str, list]:
+    """OpenAI's `stop` (a string or a list of them; mistral.rs also takes token ids: an int or a
+    list of them) as request fields: {"stop_seqs": [...]} or {"stop_token_ids": [...]}."""
     if stop is None:
-        return None
-    return [stop] if isinstance(stop, str) else stop
+        return {}
+    stops = stop if isinstance(stop, list) else [stop]
+    if stops and all(_is_int(s) for s in stops):
+        return {"stop_token_ids": stops}
+    if all(isinstance(s, str) for s in stops):
+        return {"stop_seqs": stops}
+    raise InvalidRequestError("stop", f"must be a string, a list of strings, a token id or a list of "
+                                      f"token ids, got {stop!r}")
 
 
 # OpenAI's default when an HTTP body has no temperature (or null): sampling, as its clients
@@ -189,11 +197,7 @@ class ChatCompletionRequest(_SamplingFields):
             args["n_choices"] = body["n"]
         if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
             args["max_tokens"] = body["max_completion_tokens"]
-        stop = _stop_from_openai(body.get("stop"))
-        if stop and all(_is_int(s) for s in stop):  # mistral.rs accepts stop token ids here too
-            args["stop_token_ids"] = stop
-        elif stop is not None:
-            args["stop_seqs"] = stop
+        args.update(_stop_from_openai(body.get("stop")))
         return cls(**args)
 
 
@@ -264,9 +268,7 @@ class CompletionRequest(_SamplingFields):
         args.setdefault("temperature", OPENAI_TEMPERATURE)
         if "best_of" not in args and "n_choices" in args:
             args["best_of"] = args["n_choices"]
-        stop = _stop_from_openai(body.get("stop"))
-        if stop is not None:
-            args["stop_seqs"] = stop
+        args.update(_stop_from_openai(body.get("stop")))
         return cls(**args)
 
 

@@ -106,7 +106,10 @@ def _compile(source: str) -> jinja2.Template:
 def message_dicts(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Messages as the dicts templates index (`message['role']`), from `Message` objects or dicts.
 
-    Raises ChatTemplateError for an unknown role, a missing role or content, or non-str content.
+    A dict's content may be OpenAI's list of parts: its {"type": "text", "text": ...} parts are
+    joined with newlines (as vLLM does); an assistant turn that carries `tool_calls` may have
+    content None (its text is then ""). Raises ChatTemplateError for an unknown role, a missing
+    role or content, a part that is not text, or content of another type.
     """
     out = []
     for i, m in enumerate(messages):
@@ -116,8 +119,22 @@ def message_dicts(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise ChatTemplateError(f"message #{i} must be a Message or a dict with 'role' and "
                                     f"'content', got {m!r}")
-        out.append({**m, **Message(m["role"], m["content"]).to_dict()})
+        content = m["content"]
+        if content is None and m.get("tool_calls"):
+            content = ""
+        elif isinstance(content, list):
+            content = "\n".join(_text_part(part, i) for part in content)
+        out.append({**m, **Message(m["role"], content).to_dict()})
     return out
+
+
+def _text_part(part: Any, message: int) -> str:
+    """The text of one OpenAI content part; the models served here read text only."""
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind != "text" or not isinstance(part.get("text"), str):
+        raise ChatTemplateError(f"message #{message}: content part {kind or part!r} is not supported "
+                                f"(only {{'type': 'text', 'text': ...}} parts: the model reads text)")
+    return part["text"]
 
 
 def render_chat_template(source: str, messages: Sequence[Message | Mapping[str, Any]],

@@ -109,7 +109,7 @@ class _Sequence:
             elif len(self.context) >= self.cache.max_tokens:  # max_tokens, or the model's context
                 self.finish_reason = "length"
         if self.finish_reason is not None and not self.stops.stopped:
-            text += self.stops.add(self.detokenizer.flush())
+            text += self.stops.add(self.detokenizer.flush(drop_unfinished=True))
             text += self.stops.flush()
         logprob = None
         if self.job.logprobs:

@@ -100,8 +100,9 @@ class Job:
     _DONE last.
     """
 
-    def __init__(self, submit: Callable[[], Submission], stream: bool, loop: asyncio.AbstractEventLoop):
-        self.submit, self.stream, self.loop = submit, stream, loop
+    def __init__(self, submit: Callable[[], Submission], stream: bool, loop: asyncio.AbstractEventLoop,
+                 to_json: Callable[[Any], dict] = lambda response: response.to_dict()):
+        self.submit, self.stream, self.loop, self.to_json = submit, stream, loop, to_json
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()  # set by the client side: stop generating for it
         self.submission: Submission | None = None
@@ -238,9 +239,9 @@ class Engine:
             if submission.stream:
                 for chunk in submission.chunks():
                     self.n_chunks += 1
-                    job.send("chunk", chunk.to_dict())
+                    job.send("chunk", job.to_json(chunk))
             elif submission.done:
-                job.send("result", submission.response().to_dict())
+                job.send("result", job.to_json(submission.response()))
         except Exception as e:
             return self._finish(job, e)
         if submission.done:
@@ -357,14 +358,12 @@ def _check_api_key(state: StateDep, request: Request) -> None:
                        code="invalid_api_key")
 
 
-def _check_model(body: Any, served_id: str) -> None:
-    """A request may name the served model, "" or "default" (mistral.rs's examples); else 404."""
+def _check_model(body: Any) -> None:
+    """One model is served, whatever name a request gives it ("", "default", "mistral", the
+    served id: mistral.rs's examples use all of these); the response names the served id."""
     model = body.get("model", "") if isinstance(body, dict) else ""
     if not isinstance(model, str):
         raise APIError(400, f"model must be a string, got {model!r}", param="model")
-    if model not in ("", "default", served_id):
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {served_id!r}",
-                       param="model", code="model_not_found")
 
 
 def _include_usage(body: Any) -> bool:
@@ -381,14 +380,15 @@ def _include_usage(body: Any) -> bool:
 async def _handle(request: Request, state: ServerState, body: Any, build: Callable[[dict], Any]) -> Response:
     """Run a generation request on the engine: its JSON once done, or its SSE once the engine has
     checked it (so a bad value is still a 400, not an error event)."""
-    _check_model(body, state.served_id)
+    _check_model(body)
     include_usage = _include_usage(body)
     if isinstance(body, dict):
-        body = dict(body)
-        if body.get("model") in ("", "default"):
-            body["model"] = state.served_id
+        body = {**body, "model": state.served_id}
     req = build(body)  # raises InvalidRequestError: 400
-    job = Job(lambda: state.runner.submit(req), req.stream, asyncio.get_running_loop())
+    completions = isinstance(req, CompletionRequest)
+    shape = _OpenAILogprobs(state.runner.tokenizer, completions, len(req.prompt) if completions else 0)
+    job = Job(lambda: state.runner.submit(req), req.stream, asyncio.get_running_loop(),
+              lambda response: shape(response.to_dict()))
     state.engine.submit(job)
     if not req.stream:
         return await _wait_result(request, job)
@@ -398,6 +398,44 @@ async def _handle(request: Request, state: ServerState, body: Any, build: Callab
             503, "the server is shutting down", type="server_error", code="shutting_down")
     return StreamingResponse(_stream(job, include_usage, state.keep_alive), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _OpenAILogprobs:
+    """Logprobs in OpenAI's HTTP types (the Python API keeps the seed's): a chat alternative's
+    `token` is its text and `bytes` its UTF-8 bytes, with the token id kept as `id`; completions
+    get the legacy object {tokens, token_logprobs, top_logprobs (text -> logprob), text_offset},
+    offsets counted in characters from the start of the prompt, across a stream's chunks."""
+
+    def __init__(self, tokenizer: Any, completions: bool, prompt_chars: int):
+        self.tokenizer, self.completions, self.prompt_chars = tokenizer, completions, prompt_chars
+        self.next_offset: dict[int, int] = {}  # choice index -> its next token's text_offset
+
+    def __call__(self, data: dict) -> dict:
+        for choice in data.get("choices", []):
+            if choice.get("logprobs") is None:
+                continue
+            content = choice["logprobs"]["content"] or []
+            if self.completions:
+                choice["logprobs"] = self._legacy(choice["index"], content)
+                continue
+            for entry in content:
+                entry["top_logprobs"] = [
+                    {"token": top["bytes"], "logprob": top["logprob"],
+                     "bytes": list(self.tokenizer.token_bytes(top["token"])), "id": top["token"]}
+                    for top in entry["top_logprobs"]]
+        return data
+
+    def _legacy(self, index: int, content: list[dict]) -> dict:
+        offsets, at = [], self.next_offset.get(index, self.prompt_chars)
+        for entry in content:
+            offsets.append(at)
+            at += len(entry["token"])
+        self.next_offset[index] = at
+        return {"tokens": [entry["token"] for entry in content],
+                "token_logprobs": [entry["logprob"] for entry in content],
+                "top_logprobs": [{top["bytes"]: top["logprob"] for top in entry["top_logprobs"]}
+                                 for entry in content],
+                "text_offset": offsets}
 
 
 # /docs: request bodies by example (the fields are the seed's ChatCompletionRequest, spelled as
@@ -469,8 +507,11 @@ async def models(state: StateDep) -> dict[str, Any]:
 
 @_v1.get("/models/{model}")
 async def model(model: str, state: StateDep) -> dict[str, Any]:
-    """Returns one running model."""
-    _check_model({"model": model}, state.served_id)
+    """Returns one running model (the list's one entry: requests may name it anything, but a
+    lookup by id finds only its id)."""
+    if model not in ("", "default", state.served_id):
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.served_id!r}",
+                       param="model", code="model_not_found")
     return _model_card(state)
 
 

@@ -467,8 +467,13 @@ class IncrementalDetokenizer:
             self._at_start = False
         return self._utf8.decode(data)
 
-    def flush(self) -> str:
-        """End of stream: each byte of an unfinished character comes out as U+FFFD."""
+    def flush(self, drop_unfinished: bool = False) -> str:
+        """End of stream: each byte of an unfinished character comes out as U+FFFD (as `decode`
+        and other tokenizers give it), or with `drop_unfinished` not at all (generated text cut
+        by max_tokens inside a character: no part of a character is ever emitted)."""
+        if drop_unfinished:
+            self._utf8.reset()
+            return ""
         return self._utf8.decode(b"", final=True)
 
 

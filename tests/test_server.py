@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -207,16 +208,59 @@ def test_completions(client, runner):
 
 
 def test_logprobs(client, runner):
-    got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=5, temperature=0,
-                                         logprobs=True, top_logprobs=3)
-    content = got.choices[0].logprobs.content
+    """OpenAI's types on HTTP (the openai client validates them: any warning fails the test);
+    the values are the Runner's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = client.chat.completions.create(model="tiny.gguf", messages=CHAT, max_tokens=5, temperature=0,
+                                             logprobs=True, top_logprobs=3)
+        content = got.choices[0].logprobs.content
+        got.model_dump_json(warnings="error")
     expected = reference_chat(runner, max_tokens=5, logprobs=True, top_logprobs=3)
     assert len(content) == 5
     for token, ref in zip(content, expected["choices"][0]["logprobs"]["content"]):
         assert token.token == ref["token"] and token.logprob == pytest.approx(ref["logprob"], abs=1e-9)
-        assert len(token.top_logprobs) == 3
+        assert [(top.token, top.model_extra["id"]) for top in token.top_logprobs] == [
+            (top["bytes"], top["token"]) for top in ref["top_logprobs"]]
+        assert all(bytes(top.bytes) == runner.tokenizer.token_bytes(top.model_extra["id"])
+                   for top in token.top_logprobs)
         # greedy: the chosen token is the most likely one
         assert token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-12)
+
+
+def test_content_parts(client, server):
+    """OpenAI's list-of-parts content: text parts joined with newlines; any other part is a 400
+    naming its type; an assistant turn with tool_calls may have content null."""
+    parts = [{"role": "system", "content": [{"type": "text", "text": "You are"}, {"type": "text", "text": "terse."}]},
+             CHAT[1]]
+    joined = [{"role": "system", "content": "You are\nterse."}, CHAT[1]]
+    got, want = (client.chat.completions.create(model="tiny.gguf", messages=m, max_tokens=5, temperature=0)
+                 for m in (parts, joined))
+    assert got.choices[0].message.content == want.choices[0].message.content
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    error = error_of(post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [image]}]}), 400)
+    assert "image_url" in error["message"] and error["param"] == "messages"
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    assert post(server, "/v1/chat/completions", {"messages": [*CHAT, call], "max_tokens": 2}).status_code == 200
+
+
+def test_completion_logprobs_are_the_legacy_object(client, runner):
+    expected = runner.send_completion_request(CompletionRequest(
+        prompt="The sky is", max_tokens=4, temperature=0, logprobs=2)).to_dict()["choices"][0]
+    for stream in (False, True):
+        got = client.completions.create(model="tiny.gguf", prompt="The sky is", max_tokens=4,
+                                        temperature=0, logprobs=2, stream=stream)
+        choices = [c.choices[0] for c in got] if stream else got.choices
+        tokens = [t for c in choices for t in c.logprobs.tokens]
+        assert tokens == [e["token"] for e in expected["logprobs"]["content"]]
+        assert [lp for c in choices for lp in c.logprobs.token_logprobs] == pytest.approx(
+            [e["logprob"] for e in expected["logprobs"]["content"]], abs=1e-9)
+        tops = [t for c in choices for t in c.logprobs.top_logprobs]
+        assert all(len(t) <= 2 and max(t.values()) == pytest.approx(lp, abs=1e-12)
+                   for t, lp in zip(tops, [e["logprob"] for e in expected["logprobs"]["content"]]))
+        offsets = [o for c in choices for o in c.logprobs.text_offset]
+        assert offsets == [len("The sky is") + len("".join(tokens[:i])) for i in range(len(tokens))]
 
 
 def test_n_choices_and_seed(client):
@@ -265,7 +309,8 @@ def test_bad_requests(server, client):
     assert error_of(post(server, chat, {**ok, "stream_options": 3}), 400)["param"] == "stream_options"
     assert error_of(post(server, chat, {**ok, "stream": True, "stop": [2**40]}), 400)["param"] == "stop_token_ids"
     assert error_of(post(server, "/v1/completions", {"prompt": ""}), 400)["param"] == "prompt"
-    assert error_of(post(server, chat, {**ok, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    assert error_of(post(server, chat, {**ok, "model": 7}), 400)["param"] == "model"
+    assert error_of(post(server, chat, {**ok, "stop": {"a": 1}}), 400)["param"] == "stop"
     assert error_of(post(server, chat, ok, key=None), 401)["code"] == "invalid_api_key"
     assert error_of(post(server, chat, ok, key="wrong"), 401)["code"] == "invalid_api_key"
     assert error_of(httpx.get(server.url + "/v1/models"), 401)["code"] == "invalid_api_key"
@@ -273,8 +318,14 @@ def test_bad_requests(server, client):
     error_of(httpx.get(server.url + "/nothing"), 404)
     error_of(httpx.get(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"}), 405)
     error_of(post(server, chat, b"[" + b" " * (5 << 20) + b"]"), 413)
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="nope", messages=CHAT)
+    # one model is served under any name (the seed's completions example asks for "mistral")
+    for name in ("mistral", "gpt-4", "", "default"):
+        response = post(server, chat, {**ok, "model": name})
+        assert response.status_code == 200 and response.json()["model"] == "tiny.gguf"
+    # stop as a token id or a list of them (mistral.rs), as a string or a list of strings (OpenAI)
+    for stop in (2, [2, 3], "x", ["x", "y"]):
+        assert post(server, chat, {**ok, "stop": stop}).status_code == 200, stop
+        assert post(server, "/v1/completions", {"prompt": "a", "max_tokens": 2, "stop": stop}).status_code == 200
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny.gguf", messages=CHAT, temperature=-1)
     # unknown fields are ignored, as OpenAI does

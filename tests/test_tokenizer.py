@@ -226,6 +226,11 @@ def test_stream_never_splits_a_character(spm_tok, sp):
     assert sum(sp.is_byte(i) for i in ids) == 4
     detok = IncrementalDetokenizer(spm_tok)
     assert [detok.add(i) for i in ids][-4:] == ["", "", "", "🧋"] and detok.flush() == ""
+    # cut after 2 of its 4 bytes: decode shows U+FFFD per byte (as SentencePiece does); generated
+    # text (flush(drop_unfinished=True)) shows nothing of the character
+    for drop, tail in ((False, "\ufffd\ufffd"), (True, "")):
+        detok = IncrementalDetokenizer(spm_tok)
+        assert "".join(detok.add(i) for i in ids[:-2]) + detok.flush(drop) == tail
 
 
 # --- bad input -----------------------------------------------------------------------------------
