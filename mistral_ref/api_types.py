@@ -9,6 +9,7 @@ the same way from Python and from JSON. The server builds requests from OpenAI J
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,6 +133,38 @@ def _stop_from_openai(stop: Any) -> dict[str, list]:
                                       f"token ids, got {stop!r}")
 
 
+def _grammar_from_openai(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The request's grammar fields from an HTTP body: mistral.rs's object form `{"grammar":
+    {"type": "regex" | "json_schema" | "lark" | "llguidance", "value": ...}}` (a JSON value is
+    sent as its JSON text), or OpenAI's `response_format`: "text" (none), "json_object" (any JSON
+    object) or "json_schema" (its `schema`); the string form `grammar` + `grammar_type` passes
+    through to the request's own checks."""
+    grammar, response_format = body.get("grammar"), body.get("response_format")
+    if grammar is not None and response_format not in (None, {"type": "text"}):
+        raise InvalidRequestError("response_format", "cannot be combined with grammar")
+    if isinstance(grammar, Mapping):
+        if set(grammar) != {"type", "value"}:
+            raise InvalidRequestError("grammar", f'must be {{"type": ..., "value": ...}} or a string, got {grammar!r}')
+        value = grammar["value"]
+        return {"grammar": value if isinstance(value, str) else json.dumps(value), "grammar_type": grammar["type"]}
+    if response_format is None:
+        return {}
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"grammar": json.dumps({"type": "object"}), "grammar_type": "json_schema"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+            raise InvalidRequestError("response_format", 'json_schema needs {"json_schema": {"name": ..., '
+                                                         f'"schema": {{...}}}}}}, got {response_format!r}')
+        return {"grammar": json.dumps(spec.get("schema", {})), "grammar_type": "json_schema"}
+    raise InvalidRequestError("response_format", f"unknown type {kind!r} (known: text, json_object, "
+                                                 f"json_schema)" if kind else
+                              f'must be {{"type": "text" | "json_object" | "json_schema"}}, got {response_format!r}')
+
+
 # OpenAI's default when an HTTP body has no temperature (or null): sampling, as its clients
 # expect. The Python API keeps mistral.rs's None (greedy). Without it the seed's curl chat
 # example, which sets neither temperature nor max_tokens, could decode greedily into a loop
@@ -198,6 +231,7 @@ class ChatCompletionRequest(_SamplingFields):
         if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
             args["max_tokens"] = body["max_completion_tokens"]
         args.update(_stop_from_openai(body.get("stop")))
+        args.update(_grammar_from_openai(body))
         return cls(**args)
 
 
@@ -269,6 +303,7 @@ class CompletionRequest(_SamplingFields):
         if "best_of" not in args and "n_choices" in args:
             args["best_of"] = args["n_choices"]
         args.update(_stop_from_openai(body.get("stop")))
+        args.update(_grammar_from_openai(body))
         return cls(**args)
 
 

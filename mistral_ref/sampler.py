@@ -29,7 +29,7 @@ import numpy as np
 from mistral_ref.errors import GrammarError, InputError
 from mistral_ref.tokenizer import TOKEN_CONTROL, Tokenizer
 
-GRAMMAR_TYPES = ("regex", "json_schema", "lark")
+GRAMMAR_TYPES = ("regex", "json_schema", "lark", "llguidance")
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,8 @@ def _ll_tokenizer(tokenizer: Tokenizer):
 
 
 def compile_grammar(grammar: str, grammar_type: str) -> str:
-    """llguidance's grammar text for `grammar` of `grammar_type` ("regex", "json_schema", "lark").
+    """llguidance's grammar text for `grammar` of `grammar_type` ("regex", "json_schema", "lark",
+    or "llguidance": llguidance's own grammar, JSON or Lark, passed through as mistral.rs does).
     Raises GrammarError for an unknown type or a JSON schema that is not JSON, ImportError
     naming the `grammar` extra when llguidance is not installed."""
     if grammar_type not in GRAMMAR_TYPES:
@@ -277,6 +278,8 @@ def compile_grammar(grammar: str, grammar_type: str) -> str:
         return llguidance.LLMatcher.grammar_from_regex(grammar)
     if grammar_type == "lark":
         return llguidance.LLMatcher.grammar_from_lark(grammar)
+    if grammar_type == "llguidance":
+        return grammar
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(json.loads(grammar))
     except ValueError as e:

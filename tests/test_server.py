@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -243,6 +244,45 @@ def test_content_parts(client, server):
     call = {"role": "assistant", "content": None,
             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
     assert post(server, "/v1/chat/completions", {"messages": [*CHAT, call], "max_tokens": 2}).status_code == 200
+
+
+SCHEMA = {"type": "object", "x-guidance": {"whitespace_flexible": False},
+          "properties": {"colour": {"enum": ["red", "green"]}, "n": {"type": "integer", "maximum": 9}},
+          "required": ["colour", "n"], "additionalProperties": False}
+
+
+def test_response_format_and_grammar_object(client, server):
+    """response_format json_schema (the openai client's `response_format`) and mistral.rs's
+    grammar object form constrain the output; json_object becomes the schema {"type": "object"};
+    unknown types are 400s naming them."""
+    got = client.chat.completions.create(
+        model="tiny.gguf", messages=CHAT, max_tokens=40, temperature=1.0, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA, "strict": True}})
+    value = json.loads(got.choices[0].message.content)
+    assert value["colour"] in ("red", "green") and 0 <= value["n"] <= 9 and set(value) == {"colour", "n"}
+    for grammar in ({"type": "json_schema", "value": SCHEMA}, {"type": "regex", "value": "[0-9]{3}-[a-z]{2}"},
+                    {"type": "llguidance", "value": {"grammars": [{"lark_grammar": 'start: "ab" /[0-9]/'}]}}):
+        body = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 40, "seed": 1, "grammar": grammar})
+        text = body.json()["choices"][0]["text"]
+        if grammar["type"] == "json_schema":
+            assert set(json.loads(text)) == {"colour", "n"}
+        else:
+            assert re.fullmatch("[0-9]{3}-[a-z]{2}" if grammar["type"] == "regex" else "ab[0-9]", text), text
+    chat = "/v1/chat/completions"
+    assert error_of(post(server, chat, {"messages": CHAT, "response_format": {"type": "xml"}}), 400)["param"] == "response_format"
+    assert "xml" in error_of(post(server, chat, {"messages": CHAT, "response_format": {"type": "xml"}}), 400)["message"]
+    assert error_of(post(server, chat, {"messages": CHAT, "grammar": {"type": "ebnf", "value": "x"}}), 400)["param"] == "grammar_type"
+    assert error_of(post(server, chat, {"messages": CHAT, "grammar": {"kind": "regex"}}), 400)["param"] == "grammar"
+
+
+def test_openai_body_to_grammar_fields():
+    from mistral_ref.api_types import ChatCompletionRequest as Chat
+    assert (Chat.from_openai({"messages": CHAT, "response_format": {"type": "json_object"}}).grammar_type,
+            json.loads(Chat.from_openai({"messages": CHAT, "response_format": {"type": "json_object"}}).grammar)) == (
+        "json_schema", {"type": "object"})
+    assert Chat.from_openai({"messages": CHAT, "response_format": {"type": "text"}}).grammar is None
+    plain = Chat.from_openai({"messages": CHAT, "grammar": "a+", "grammar_type": "regex"})
+    assert (plain.grammar, plain.grammar_type) == ("a+", "regex")
 
 
 def test_completion_logprobs_are_the_legacy_object(client, runner):
