@@ -160,16 +160,29 @@ class Runner:
         return self.model.config.context_length
 
     # -- the engine: what a server drives -------------------------------------------------------
-    def submit(self, request: ChatCompletionRequest | CompletionRequest) -> Submission:
+    def submit(self, request: ChatCompletionRequest | CompletionRequest,
+               strict_context: bool = False) -> Submission:
         """Check `request` (raises InvalidRequestError naming the field) and make it a Submission,
-        which `start()` puts in the scheduler; `step()` then advances every started one."""
+        which `start()` puts in the scheduler; `step()` then advances every started one.
+
+        A max_tokens that does not fit the context after the prompt ends generation at the
+        context ("length"); with `strict_context` (the HTTP server: OpenAI's behaviour) it is an
+        error instead."""
         request.__post_init__()  # fields may have been changed since construction
         if isinstance(request, ChatCompletionRequest):
-            return self._chat_submission(request)
-        if isinstance(request, CompletionRequest):
-            return self._completion_submission(request)
-        raise InvalidRequestError("request", f"expected a ChatCompletionRequest or CompletionRequest, "
-                                             f"got {type(request).__name__}")
+            submission = self._chat_submission(request)
+        elif isinstance(request, CompletionRequest):
+            submission = self._completion_submission(request)
+        else:
+            raise InvalidRequestError("request", f"expected a ChatCompletionRequest or CompletionRequest, "
+                                                 f"got {type(request).__name__}")
+        n_prompt, context = len(submission.job.prompt_ids), self.model.config.context_length
+        if strict_context and request.max_tokens is not None and n_prompt + request.max_tokens > context:
+            raise InvalidRequestError("max_tokens", (
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{n_prompt + request.max_tokens} tokens ({n_prompt} in the prompt, {request.max_tokens} "
+                f"in the completion). Please reduce the length of the prompt or completion."))
+        return submission
 
     def step(self) -> None:
         """One forward pass over every started submission (see mistral_ref.scheduler)."""

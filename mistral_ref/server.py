@@ -387,7 +387,7 @@ async def _handle(request: Request, state: ServerState, body: Any, build: Callab
     req = build(body)  # raises InvalidRequestError: 400
     completions = isinstance(req, CompletionRequest)
     shape = _OpenAILogprobs(state.runner.tokenizer, completions, len(req.prompt) if completions else 0)
-    job = Job(lambda: state.runner.submit(req), req.stream, asyncio.get_running_loop(),
+    job = Job(lambda: state.runner.submit(req, strict_context=True), req.stream, asyncio.get_running_loop(),
               lambda response: shape(response.to_dict()))
     state.engine.submit(job)
     if not req.stream:

@@ -370,10 +370,14 @@ def test_bad_requests(server, client):
         client.chat.completions.create(model="tiny.gguf", messages=CHAT, temperature=-1)
     # unknown fields are ignored, as OpenAI does
     assert post(server, chat, {**ok, "user": "me", "tools_choice_whatever": [1]}).status_code == 200
-    # a max_tokens past the context is cut at the context: the prompt nearly fills its 512 tokens
+    # max_tokens past the context after the prompt: a 400 in OpenAI's words (the Python API cuts
+    # generation at the context instead); the prompt nearly fills the tiny model's 512 tokens
     prompt = "one two three " * 166
-    body = post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 10**30, "temperature": 0}).json()
-    assert body["choices"][0]["finish_reason"] == "length"
+    for max_tokens in (10**30, 20):
+        error = error_of(post(server, "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens}), 400)
+        assert error["param"] == "max_tokens" and "maximum context length is 512 tokens" in error["message"]
+    body = post(server, "/v1/completions", {"prompt": prompt, "temperature": 0}).json()
+    assert body["choices"][0]["finish_reason"] == "length"  # no max_tokens: up to the context
     assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 512
     assert server.health()["status"] == "ok"
     assert post(server, chat, ok).json()["usage"]["completion_tokens"] == 2  # still serving
