@@ -63,6 +63,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
           log_level=args.log_level, prefix_cache_n=args.prefix_cache_n)
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Chat with a model in the terminal (streaming replies, history, /reset, /system, /exit)."""
+    from mistral_ref.chat import HELP, chat_loop
+    from mistral_ref.models import default_model_path
+    from mistral_ref.runner import Runner, Which
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    runner = Runner(which=Which.GGUF(str(args.model or default_model_path())),
+                    chat_template=args.chat_template, seed=args.seed)
+    print(f"{runner.model_id}: {HELP}")
+    chat_loop(runner, input, sys.stdout, system=args.system, max_tokens=args.max_tokens,
+              temperature=args.temperature)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mistral-ref", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="seconds in-flight requests get to finish after SIGINT/SIGTERM")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
+    chat = sub.add_parser("chat", help=cmd_chat.__doc__)
+    chat.add_argument("--model", help="GGUF file (default: the default model)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--chat-template", help="Jinja chat template (text or file) replacing the GGUF's")
+    chat.set_defaults(func=cmd_chat)
     args = parser.parse_args(argv)
     try:
         args.func(args)
