@@ -241,7 +241,7 @@ class CompletionRequest(_SamplingFields):
     `logprobs` (an int: how many alternatives to report per token, OpenAI's completions meaning;
     None: no logprobs), `stream`, `seed`, `stop_token_ids`. Raises InvalidRequestError."""
 
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (an extension, as OpenAI's HTTP API takes)
     model: str = ""
     best_of: int = 1
     echo_prompt: bool = False
@@ -270,8 +270,9 @@ class CompletionRequest(_SamplingFields):
         return self.logprobs
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str) or not self.prompt:
-            raise InvalidRequestError("prompt", "must be a non-empty string")
+        token_ids = isinstance(self.prompt, list) and all(_is_int(i) for i in self.prompt)
+        if not (isinstance(self.prompt, str) or token_ids) or not self.prompt:
+            raise InvalidRequestError("prompt", "must be a non-empty string or list of token ids")
         _check_bool("echo_prompt", self.echo_prompt)
         if self.suffix is not None and not isinstance(self.suffix, str):
             raise InvalidRequestError("suffix", f"must be a string, got {self.suffix!r}")
@@ -316,6 +317,17 @@ class _Json:
 
     def model_dump(self) -> dict[str, Any]:
         return self.to_dict()
+
+
+def completion_requests(body: Mapping[str, Any]) -> list[CompletionRequest]:
+    """OpenAI's /v1/completions `prompt`, which may be a string, a list of token ids, or a list of
+    either: one CompletionRequest per prompt (raises InvalidRequestError)."""
+    prompt = body.get("prompt") if isinstance(body, Mapping) else None
+    several = isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt)
+    if several and len(prompt) > MAX_CHOICES:
+        raise InvalidRequestError("prompt", f"at most {MAX_CHOICES} prompts in one request, got {len(prompt)}")
+    return [CompletionRequest.from_openai({**body, "prompt": p}) for p in prompt] if several else [
+        CompletionRequest.from_openai(body)]
 
 
 @dataclass

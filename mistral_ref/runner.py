@@ -235,13 +235,21 @@ class Runner:
         return Submission(self, job, timing, request.stream, chunk, response)
 
     def _completion_submission(self, request: CompletionRequest) -> Submission:
-        prompt_ids = self.tokenizer.encode(request.prompt, add_special_tokens=True)
+        text = request.prompt if isinstance(request.prompt, str) else None
+        prompt_ids = (self.tokenizer.encode(text, add_special_tokens=True) if text is not None
+                      else list(request.prompt))
+        bad = [i for i in prompt_ids if not 0 <= i < self.tokenizer.vocab_size]
+        if bad:
+            raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the vocabulary "
+                                                f"(0..{self.tokenizer.vocab_size - 1})")
+        if text is None:
+            text = self.tokenizer.decode(prompt_ids)
         job = self._job(request, prompt_ids, "prompt", request.best_of,
                         request.logprobs is not None, request.logprobs or 0)
         head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
                     model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT,
                     object="text_completion")
-        prefix = request.prompt if request.echo_prompt else ""
+        prefix = text if request.echo_prompt else ""
         suffix = request.suffix or ""
         timing = Timing(prompt_tokens=len(prompt_ids))
         started = set()

@@ -18,6 +18,7 @@ Runner, the engine, the served model's name, the API key) is one `ServerState` p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -42,7 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path  # Swagger UI 5's files (swagger-ui-bundle-v2 on PyPI)
 
 from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRequest,
-                                   ChatCompletionResponse, CompletionRequest, CompletionResponse)
+                                   ChatCompletionResponse, CompletionRequest, CompletionResponse, Usage,
+                                   completion_requests)
 from mistral_ref.errors import InvalidRequestError, MistralRefError
 from mistral_ref.prefix_cache import DEFAULT_ENTRIES
 from mistral_ref.runner import Runner, Submission
@@ -384,11 +386,16 @@ async def _handle(request: Request, state: ServerState, body: Any, build: Callab
     include_usage = _include_usage(body)
     if isinstance(body, dict):
         body = {**body, "model": state.served_id}
-    req = build(body)  # raises InvalidRequestError: 400
+    reqs = build(body)  # raises InvalidRequestError: 400
+    req = reqs[0]
     completions = isinstance(req, CompletionRequest)
-    shape = _OpenAILogprobs(state.runner.tokenizer, completions, len(req.prompt) if completions else 0)
-    job = Job(lambda: state.runner.submit(req, strict_context=True), req.stream, asyncio.get_running_loop(),
-              lambda response: shape(response.to_dict()))
+    shape = _OpenAILogprobs(state.runner.tokenizer, completions, len(req.prompt) if completions
+                            and isinstance(req.prompt, str) else 0)
+
+    def submit() -> Any:
+        parts = [state.runner.submit(r, strict_context=True) for r in reqs]
+        return parts[0] if len(parts) == 1 else _Prompts(parts, req.n_choices)
+    job = Job(submit, req.stream, asyncio.get_running_loop(), lambda response: shape(response.to_dict()))
     state.engine.submit(job)
     if not req.stream:
         return await _wait_result(request, job)
@@ -398,6 +405,62 @@ async def _handle(request: Request, state: ServerState, body: Any, build: Callab
             503, "the server is shutting down", type="server_error", code="shutting_down")
     return StreamingResponse(_stream(job, include_usage, state.keep_alive), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _Prompts:
+    """The submissions of one completions request's prompts (OpenAI's `prompt` list) as one:
+    prompt i's choices get indexes i * n .. i * n + n - 1, and the usage, summed over the
+    prompts, comes with the last chunk or the response."""
+
+    def __init__(self, parts: list[Submission], n: int):
+        self.parts, self.n, self.stream = parts, n, parts[0].stream
+        self.usages: list[Usage | None] = [None] * len(parts)
+
+    @property
+    def done(self) -> bool:
+        return all(part.done for part in self.parts)
+
+    def start(self) -> None:
+        for part in self.parts:
+            part.start()
+
+    def cancel(self) -> None:
+        for part in self.parts:
+            part.cancel()
+
+    def chunks(self) -> Iterator[CompletionResponse]:
+        ready = []
+        for i, part in enumerate(self.parts):
+            for chunk in part.chunks():
+                self._renumber(i, chunk)
+                self.usages[i], chunk.usage = chunk.usage or self.usages[i], None
+                ready.append(chunk)
+        if ready and self.done:
+            ready[-1].usage = _sum_usage(self.usages)
+        yield from ready
+
+    def response(self) -> CompletionResponse:
+        responses = [part.response() for part in self.parts]
+        for i, response in enumerate(responses):
+            self._renumber(i, response)
+        return dataclasses.replace(responses[0], choices=[c for r in responses for c in r.choices],
+                                   usage=_sum_usage([r.usage for r in responses]))
+
+    def _renumber(self, i: int, response: CompletionResponse) -> None:
+        for choice in response.choices:
+            choice.index += i * self.n
+
+
+def _sum_usage(usages: list[Usage | None]) -> Usage:
+    """The usage of prompts generated side by side: counts add up, times overlap (the longest)."""
+    counts = {name: sum(getattr(u, name) for u in usages if u is not None)
+              for name in ("completion_tokens", "prompt_tokens", "total_tokens")}
+    times = {name: max((getattr(u, name) for u in usages if u is not None), default=0.0)
+             for name in ("total_time_sec", "total_prompt_time_sec", "total_completion_time_sec")}
+    rate = lambda n, t: n / t if t else 0.0  # noqa: E731
+    return Usage(**counts, **times, avg_tok_per_sec=rate(counts["total_tokens"], times["total_time_sec"]),
+                 avg_prompt_tok_per_sec=rate(counts["prompt_tokens"], times["total_prompt_time_sec"]),
+                 avg_compl_tok_per_sec=rate(counts["completion_tokens"], times["total_completion_time_sec"]))
 
 
 class _OpenAILogprobs:
@@ -483,7 +546,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
     """Process an OpenAI compatible chat request; with `"stream": true`, Server-Sent Events
     of chat.completion.chunk objects ending with `data: [DONE]`."""
     body = await _read_json(request, state.max_body_bytes)
-    return await _handle(request, state, body, ChatCompletionRequest.from_openai)
+    return await _handle(request, state, body, lambda b: [ChatCompletionRequest.from_openai(b)])
 
 
 @_v1.post("/completions", openapi_extra=_example_body(
@@ -492,7 +555,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
 async def completions(request: Request, state: StateDep) -> Response:
     """Process an OpenAI compatible text completion request (streaming supported)."""
     body = await _read_json(request, state.max_body_bytes)
-    return await _handle(request, state, body, CompletionRequest.from_openai)
+    return await _handle(request, state, body, completion_requests)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:

@@ -285,6 +285,33 @@ def test_openai_body_to_grammar_fields():
     assert (plain.grammar, plain.grammar_type) == ("a+", "regex")
 
 
+def test_completion_prompt_lists(client, runner):
+    """`prompt` as a list of strings, token ids, or lists of ids (langchain's OpenAI sends a list):
+    prompt i's n choices are indexes i * n.., each the Runner's answer to that prompt alone."""
+    prompts = ["The sky is", "Once upon"]
+    alone = [runner.send_completion_request(CompletionRequest(prompt=p, max_tokens=4, temperature=0))
+             for p in prompts]
+    ids = [runner.tokenizer.encode(p, add_special_tokens=True) for p in prompts]
+    for prompt in (prompts, ids, ids[0]):
+        got = client.completions.create(model="x", prompt=prompt, max_tokens=4, temperature=0, n=2)
+        n_prompts = 1 if prompt is ids[0] else 2
+        assert [c.index for c in got.choices] == list(range(2 * n_prompts))
+        assert [c.text for c in got.choices] == [a.choices[0].text for a in alone[:n_prompts] for _ in range(2)]
+        assert got.usage.completion_tokens == 8 * n_prompts
+        assert got.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone[:n_prompts])
+    streamed = list(client.completions.create(model="x", prompt=prompts, max_tokens=4, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    texts = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {i: a.choices[0].text for i, a in enumerate(alone)}
+    assert [c.usage.completion_tokens for c in streamed if c.usage] == [8]
+    bad = client.with_options(max_retries=0).completions
+    with pytest.raises(openai.BadRequestError):
+        bad.create(model="x", prompt=[[1, 10**9]], max_tokens=2)
+
+
 def test_completion_logprobs_are_the_legacy_object(client, runner):
     expected = runner.send_completion_request(CompletionRequest(
         prompt="The sky is", max_tokens=4, temperature=0, logprobs=2)).to_dict()["choices"][0]
