@@ -501,15 +501,77 @@ class _OpenAILogprobs:
                 "text_offset": offsets}
 
 
-# /docs: request bodies by example (the fields are the seed's ChatCompletionRequest, spelled as
-# OpenAI's JSON); responses by the schema pydantic derives from the response dataclasses.
+# /docs: request bodies field by field (the seed's ChatCompletionRequest, spelled as OpenAI's
+# JSON, with the seed's comments as descriptions) and by example; responses by the schema
+# pydantic derives from the response dataclasses.
 _SCHEMAS: dict[str, Any] = {}  # the response schemas' shared definitions, for `_openapi`
+_NULLABLE_NUMBER, _NULLABLE_INT = {"type": ["number", "null"]}, {"type": ["integer", "null"]}
+_STOP = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, {"type": "integer"},
+                   {"type": "array", "items": {"type": "integer"}}, {"type": "null"}]}
+_SAMPLING_FIELDS: dict[str, tuple[dict, Any, str]] = {  # name: (schema, default, description)
+    "model": ({"type": "string"}, "", "Any name: the one loaded model is served."),
+    "max_tokens": ({**_NULLABLE_INT, "minimum": 0}, None,
+                   "Most tokens to generate (None: up to the context); prompt + max_tokens must fit "
+                   "the context. Also `max_completion_tokens`."),
+    "n": ({"type": "integer", "minimum": 1}, 1, "Default 1. Choices to generate."),
+    "temperature": ({**_NULLABLE_NUMBER, "minimum": 0}, 1, "Default 1. 0: greedy."),
+    "top_p": ({**_NULLABLE_NUMBER, "exclusiveMinimum": 0, "maximum": 1}, 1, "Default 1."),
+    "top_k": ({**_NULLABLE_INT, "minimum": -1}, -1, "Default -1 to consider all."),
+    "min_p": ({**_NULLABLE_NUMBER, "minimum": 0, "exclusiveMaximum": 1}, None, "Minimum probability "
+              "relative to the most likely token."),
+    "presence_penalty": ({**_NULLABLE_NUMBER, "minimum": -2, "maximum": 2}, None, "OpenAI's."),
+    "frequency_penalty": ({**_NULLABLE_NUMBER, "minimum": -2, "maximum": 2}, None, "OpenAI's."),
+    "repetition_penalty": ({**_NULLABLE_NUMBER, "exclusiveMinimum": 0}, None, "llama.cpp's, over "
+                           "the last 64 tokens."),
+    "logit_bias": ({"type": ["object", "null"], "additionalProperties": {"type": "number"}}, None,
+                   "Token id (as a string) -> bias added to its logit."),
+    "stop": (_STOP, None, "Strings, or token ids, that end the output."),
+    "seed": ({**_NULLABLE_INT, "minimum": 0}, None, "Makes sampling reproducible."),
+    "stream": ({"type": "boolean"}, False, "Server-Sent Events, ending with `data: [DONE]`."),
+    "stream_options": ({"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+                       None, "`include_usage`: the usage in a last chunk of its own."),
+    "grammar": ({"anyOf": [{"type": "string"}, {"type": "object", "properties": {
+        "type": {"enum": ["regex", "json_schema", "lark", "llguidance"]}, "value": {}}}, {"type": "null"}]},
+        None, "A grammar the output must match: a string with `grammar_type`, or mistral.rs's "
+              "{type, value}."),
+    "grammar_type": ({"enum": ["regex", "json_schema", "lark", "llguidance", None]}, None,
+                     "The string grammar's type."),
+    "response_format": ({"type": ["object", "null"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]}, "json_schema": {"type": "object"}}},
+        None, "OpenAI's: text, json_object (any JSON object), json_schema (its `schema`)."),
+}
+_CHAT_FIELDS = {
+    "messages": ({"anyOf": [{"type": "array", "items": {"type": "object", "required": ["role", "content"],
+                                                       "properties": {"role": {"type": "string"}, "content": {}}}},
+                            {"type": "string"}]}, None,
+                 "The conversation ({role, content}; content a string or text parts), or an "
+                 "already templated prompt."),
+    **_SAMPLING_FIELDS,
+    "logprobs": ({"type": "boolean"}, False, "Default false."),
+    "top_logprobs": ({**_NULLABLE_INT, "minimum": 0, "maximum": 20}, None, "Alternatives per token."),
+}
+_COMPLETION_FIELDS = {
+    "prompt": ({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}},
+                          {"type": "array", "items": {"anyOf": [{"type": "string"},
+                                                                {"type": "array", "items": {"type": "integer"}}]}}]},
+               None, "Text or token ids, or a list of them (one set of choices each)."),
+    **_SAMPLING_FIELDS,
+    "best_of": ({"type": "integer", "minimum": 1}, 1, "Candidates generated; the n best are returned."),
+    "echo": ({"type": "boolean"}, False, "Prefix the prompt to the text."),
+    "suffix": ({"type": ["string", "null"]}, None, "Appended to the text."),
+    "logprobs": ({**_NULLABLE_INT, "minimum": 0, "maximum": 20}, None, "Alternatives per token."),
+}
 
 
-def _example_body(example: dict[str, Any]) -> dict[str, Any]:
-    """An operation's JSON body shown by example: the routes read it themselves, not via pydantic."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object"}, "example": example}}}}
+def _request_body(fields: dict[str, tuple[dict, Any, str]], required: str,
+                  example: dict[str, Any]) -> dict[str, Any]:
+    """An operation's JSON body for /docs: every field's schema, default and description, and an
+    example. The routes parse the body themselves (`from_openai`): this only documents it."""
+    properties = {name: {**schema, "default": default, "description": text}
+                  for name, (schema, default, text) in fields.items()}
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object", "required": [required], "properties": properties},
+        "example": example}}}}
 
 
 def _responses(*classes: type) -> dict[int, Any]:
@@ -538,7 +600,7 @@ _v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 _root = APIRouter()
 
 
-@_v1.post("/chat/completions", openapi_extra=_example_body(
+@_v1.post("/chat/completions", openapi_extra=_request_body(_CHAT_FIELDS, "messages",
     {"model": "", "messages": [{"role": "system", "content": "You are Mistral.rs, an AI assistant."},
                                {"role": "user", "content": "Write a story about Rust error handling."}],
      "max_tokens": 32}), responses=_responses(ChatCompletionResponse, ChatCompletionChunkResponse))
@@ -549,7 +611,7 @@ async def chat_completions(request: Request, state: StateDep) -> Response:
     return await _handle(request, state, body, lambda b: [ChatCompletionRequest.from_openai(b)])
 
 
-@_v1.post("/completions", openapi_extra=_example_body(
+@_v1.post("/completions", openapi_extra=_request_body(_COMPLETION_FIELDS, "prompt",
     {"model": "", "prompt": "What is Rust?", "max_tokens": 32, "temperature": 0}),
     responses=_responses(CompletionResponse, CompletionResponse))
 async def completions(request: Request, state: StateDep) -> Response:

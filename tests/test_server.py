@@ -162,6 +162,10 @@ def test_openapi_examples_and_response_schemas(server):
         assert content["application/json"]["schema"]["title"] == response
         assert content["text/event-stream"]["schema"]["title"] == chunk
         assert "choices" in content["application/json"]["schema"]["properties"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        assert {"model", "max_tokens", "temperature", "stop", "stream", "response_format"} <= set(body["properties"])
+        assert body["properties"]["temperature"]["default"] == 1 and body["properties"]["top_k"]["default"] == -1
+        assert all(field["description"] for field in body["properties"].values())
         # the example is a request the server answers
         assert post(server, path, {**example, "max_tokens": 2}).json()["usage"]["completion_tokens"] == 2
     assert {"Choice", "ChunkChoice", "CompletionChoice", "Usage"} <= set(schemas)
