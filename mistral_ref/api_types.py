@@ -18,6 +18,7 @@ from typing import Any
 from mistral_ref.chat_template import message_dicts
 from mistral_ref.errors import ChatTemplateError, InvalidRequestError
 from mistral_ref.messages import Message
+from mistral_ref.tools import check_tools
 from mistral_ref.sampler import GRAMMAR_TYPES
 
 
@@ -199,8 +200,14 @@ class ChatCompletionRequest(_SamplingFields):
     grammar_type: str | None = None
     min_p: float | None = None
     seed: int | None = None
+    tool_schemas: list[dict[str, Any]] | None = None  # OpenAI's `tools` (mistral_ref.tools)
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto" (default), "required", a function
 
     def __post_init__(self) -> None:
+        tools = check_tools(self.tool_schemas, self.tool_choice)
+        if tools is not None and tools.forced and self.grammar is not None:
+            raise InvalidRequestError("tool_choice", f"{self.tool_choice!r} constrains the output to a "
+                                                     f"call: it cannot be combined with a grammar")
         if isinstance(self.messages, str):
             if not self.messages:
                 raise InvalidRequestError("messages", "the prompt is empty")
@@ -230,6 +237,8 @@ class ChatCompletionRequest(_SamplingFields):
             args["n_choices"] = body["n"]
         if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
             args["max_tokens"] = body["max_completion_tokens"]
+        if body.get("tools") is not None:
+            args["tool_schemas"] = body["tools"]
         args.update(_stop_from_openai(body.get("stop")))
         args.update(_grammar_from_openai(body))
         return cls(**args)
@@ -365,8 +374,9 @@ class Logprobs(_Json):
 
 @dataclass
 class ResponseMessage(_Json):
-    content: str
+    content: str | None  # None: the reply is only tool calls
     role: str = "assistant"
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI's {id, type, function: {name, arguments}}
 
 
 @dataclass
@@ -390,8 +400,9 @@ class ChatCompletionResponse(_Json):
 
 @dataclass
 class Delta(_Json):
-    content: str
+    content: str | None
     role: str = "assistant"
+    tool_calls: list[dict[str, Any]] | None = None  # as ResponseMessage's, each with its `index`
 
 
 @dataclass

@@ -108,7 +108,7 @@ def message_dicts(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[
 
     A dict's content may be OpenAI's list of parts: its {"type": "text", "text": ...} parts are
     joined with newlines (as vLLM does); an assistant turn that carries `tool_calls` may have
-    content None (its text is then ""). Raises ChatTemplateError for an unknown role, a missing
+    content None or none at all (its text is then ""). Raises ChatTemplateError for an unknown role, a missing
     role or content, a part that is not text, or content of another type.
     """
     out = []
@@ -116,10 +116,10 @@ def message_dicts(messages: Sequence[Message | Mapping[str, Any]]) -> list[dict[
         if isinstance(m, Message):
             out.append(m.to_dict())
             continue
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+        if not isinstance(m, Mapping) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise ChatTemplateError(f"message #{i} must be a Message or a dict with 'role' and "
                                     f"'content', got {m!r}")
-        content = m["content"]
+        content = m.get("content")
         if content is None and m.get("tool_calls"):
             content = ""
         elif isinstance(content, list):

@@ -24,13 +24,15 @@ from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRe
                                    ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
                                    CompletionRequest, CompletionResponse, Delta, Logprobs,
                                    ResponseLogprob, ResponseMessage)
-from mistral_ref.chat_template import apply_chat_template
+from mistral_ref.chat_template import apply_chat_template, load_chat_template, message_dicts
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
 from mistral_ref.model import Model
 from mistral_ref.prefix_cache import DEFAULT_ENTRIES, PrefixCache
 from mistral_ref.sampler import GrammarConstraint, SamplingParams, compile_grammar
 from mistral_ref.scheduler import Event, Generation, Job, Scheduler, Timing
 from mistral_ref.tokenizer import Tokenizer
+from mistral_ref.tools import (ToolSet, call_grammar, check_tools, may_be_call, parse_tool_calls,
+                               with_tools)
 
 SYSTEM_FINGERPRINT = "local"
 
@@ -214,23 +216,44 @@ class Runner:
             submission.cancel()
 
     def _chat_submission(self, request: ChatCompletionRequest) -> Submission:
-        prompt_ids = self._chat_prompt(request.messages)
+        tools = check_tools(request.tool_schemas, request.tool_choice)
+        calling = tools is not None and tools.choice != "none"  # the output may be tool calls
+        prompt_ids = self._chat_prompt(request.messages, tools if calling else None)
         job = self._job(request, prompt_ids, "messages", request.n_choices,
-                        request.logprobs, request.top_logprobs or 0)
+                        request.logprobs, request.top_logprobs or 0,
+                        (call_grammar(tools), "json_schema") if calling and tools.forced else None)
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                     model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT)
         timing = Timing(prompt_tokens=len(prompt_ids))
+        held: list[str | None] = [""] * job.n_sequences  # with tools: text held back; None once streaming
 
-        def chunk(e: Event) -> ChatCompletionChunkResponse:
+        def message(text: str, finish_reason: str) -> tuple[str | None, list | None, str]:
+            content, calls = parse_tool_calls(text, tools) if calling else (text, [])
+            return (content, calls, "tool_calls") if calls else (text, None, finish_reason)
+
+        def chunk(e: Event) -> ChatCompletionChunkResponse | None:
+            delta, finish_reason = Delta(e.text), e.finish_reason
+            if calling and held[e.index] is not None:
+                text = held[e.index] + e.text
+                if not may_be_call(text):  # an ordinary reply: out with it, and stream the rest
+                    delta, held[e.index] = Delta(text), None
+                elif e.finish_reason is None:
+                    held[e.index] = text
+                    return None
+                else:
+                    content, calls, finish_reason = message(text, e.finish_reason)
+                    delta = Delta(content, tool_calls=calls and [{"index": k, **c} for k, c in enumerate(calls)])
             return ChatCompletionChunkResponse(
                 **head, object="chat.completion.chunk",
-                choices=[ChunkChoice(e.finish_reason, e.index, Delta(e.text), _logprobs(e, job))],
+                choices=[ChunkChoice(finish_reason, e.index, delta, _logprobs(e, job))],
                 usage=timing.usage() if e.last else None)
 
         def response(events: list[Event]) -> ChatCompletionResponse:
             texts, logprobs, finish, _ = _collect(events, job.n_sequences)
-            choices = [Choice(finish[i], i, ResponseMessage(texts[i]),
-                              Logprobs(logprobs[i]) if job.logprobs else None) for i in range(job.n_sequences)]
+            replies = [message(texts[i], finish[i]) for i in range(job.n_sequences)]
+            choices = [Choice(finish_reason, i, ResponseMessage(content, tool_calls=calls),
+                              Logprobs(logprobs[i]) if job.logprobs else None)
+                       for i, (content, calls, finish_reason) in enumerate(replies)]
             return ChatCompletionResponse(**head, object="chat.completion", choices=choices, usage=timing.usage())
         return Submission(self, job, timing, request.stream, chunk, response)
 
@@ -275,18 +298,25 @@ class Runner:
         return Submission(self, job, timing, request.stream, chunk, response)
 
     # -- checks --------------------------------------------------------------------------------
-    def _chat_prompt(self, messages: list | str) -> list[int]:
+    def _chat_prompt(self, messages: list | str, tools: ToolSet | None = None) -> list[int]:
         if isinstance(messages, str):  # an already templated prompt
             ids = self.tokenizer.encode(messages, add_special_tokens=False, parse_special=True)
             tok = self.tokenizer
             if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
                 ids.insert(0, tok.bos_id)
             return ids
-        return apply_chat_template(self.tokenizer, messages, self.chat_template)
+        dicts = message_dicts(messages)
+        if tools is None and not any(m.get("tool_calls") or m["role"] == "tool" for m in dicts):
+            return apply_chat_template(self.tokenizer, dicts, self.chat_template)
+        source = load_chat_template(self.chat_template, self.tokenizer)
+        return apply_chat_template(self.tokenizer, with_tools(dicts, tools, source), source,
+                                   tools=tools.tools if tools else None)
 
     def _job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
-             prompt_field: str, n_sequences: int, logprobs: bool, top_logprobs: int) -> Job:
-        """Checks that need the model (vocabulary, context), then the job. Raises InvalidRequestError."""
+             prompt_field: str, n_sequences: int, logprobs: bool, top_logprobs: int,
+             grammar_of_tools: tuple[str, str] | None = None) -> Job:
+        """Checks that need the model (vocabulary, context), then the job. Raises InvalidRequestError.
+        grammar_of_tools: (grammar, type) constraining the output to a tool call (tool_choice)."""
         vocab, context = self.tokenizer.vocab_size, self.model.config.context_length
         if not prompt_ids:
             raise InvalidRequestError(prompt_field, "the prompt has no tokens")
@@ -306,8 +336,9 @@ class Runner:
             logit_bias=dict(request.logit_bias or {}), top_logprobs=top_logprobs if logprobs else 0,
             logprob=logprobs or n_sequences > request.n_choices)  # reported, or ranks best_of
         grammar = None
-        if request.grammar is not None:  # compiled once; errors surface now, before any compute
-            grammar = compile_grammar(request.grammar, request.grammar_type)
+        source = grammar_of_tools or (request.grammar, request.grammar_type)
+        if source[0] is not None:  # compiled once; errors surface now, before any compute
+            grammar = compile_grammar(*source)
             GrammarConstraint(self.tokenizer, grammar)
         return Job(prompt_ids, params, request.max_tokens, n_sequences,
                     self.tokenizer.stop_ids | set(request.stop_token_ids or ()),
@@ -343,7 +374,9 @@ class Submission:
         even while this iterator was paused (the caller checks `done` before, not after)."""
         events = self.generation.events if self.generation is not None else deque()
         while events:
-            yield self._chunk(events.popleft())
+            chunk = self._chunk(events.popleft())
+            if chunk is not None:  # None: held back (a reply that may be a tool call)
+                yield chunk
         self._raise_error()
 
     def response(self):

@@ -316,6 +316,31 @@ def test_completion_prompt_lists(client, runner):
         bad.create(model="x", prompt=[[1, 10**9]], max_tokens=2)
 
 
+def test_tool_calls(client):
+    """Tools with the official client: a required call, a streamed one, and the next turn with
+    the call (content null) and its result in the history."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+                                              "required": ["city"], "additionalProperties": False}}}
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    got = client.chat.completions.create(model="x", messages=ask, tools=[weather], tool_choice="required",
+                                         max_tokens=120, seed=1)
+    call = got.choices[0].message.tool_calls[0]
+    assert got.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments)["city"] in ("Paris", "Oslo") and call.id.startswith("call_")
+    streamed = list(client.chat.completions.create(model="x", messages=ask, tools=[weather], stream=True,
+                                                   tool_choice="required", max_tokens=120, seed=1))
+    deltas = [t for c in streamed for t in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["get_weather"] and deltas[0].index == 0
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    history = [*ask, got.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    after = client.chat.completions.create(model="x", messages=history, tools=[weather], max_tokens=4)
+    assert after.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="x", messages=ask, tool_choice="required", max_tokens=4)
+
+
 def test_completion_logprobs_are_the_legacy_object(client, runner):
     expected = runner.send_completion_request(CompletionRequest(
         prompt="The sky is", max_tokens=4, temperature=0, logprobs=2)).to_dict()["choices"][0]
