@@ -134,6 +134,13 @@ def _stop_from_openai(stop: Any) -> dict[str, list]:
                                       f"token ids, got {stop!r}")
 
 
+def _compact(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """A response_format schema as OpenAI's structured outputs produce it: JSON without
+    whitespace between tokens (llguidance's whitespace_flexible off, unless the schema says), so
+    a model cannot pad the output with blank lines until max_tokens."""
+    return {"x-guidance": {"whitespace_flexible": False}, **schema}
+
+
 def _grammar_from_openai(body: Mapping[str, Any]) -> dict[str, Any]:
     """The request's grammar fields from an HTTP body: mistral.rs's object form `{"grammar":
     {"type": "regex" | "json_schema" | "lark" | "llguidance", "value": ...}}` (a JSON value is
@@ -154,13 +161,13 @@ def _grammar_from_openai(body: Mapping[str, Any]) -> dict[str, Any]:
     if kind == "text":
         return {}
     if kind == "json_object":
-        return {"grammar": json.dumps({"type": "object"}), "grammar_type": "json_schema"}
+        return {"grammar": json.dumps(_compact({"type": "object"})), "grammar_type": "json_schema"}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
             raise InvalidRequestError("response_format", 'json_schema needs {"json_schema": {"name": ..., '
                                                          f'"schema": {{...}}}}}}, got {response_format!r}')
-        return {"grammar": json.dumps(spec.get("schema", {})), "grammar_type": "json_schema"}
+        return {"grammar": json.dumps(_compact(spec.get("schema", {}))), "grammar_type": "json_schema"}
     raise InvalidRequestError("response_format", f"unknown type {kind!r} (known: text, json_object, "
                                                  f"json_schema)" if kind else
                               f'must be {{"type": "text" | "json_object" | "json_schema"}}, got {response_format!r}')

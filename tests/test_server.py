@@ -34,6 +34,9 @@ API_KEY = "sk-test"
 # uvicorn shuts down gracefully, then re-raises the signal so the exit status says what ended it
 GRACEFUL = (0, -signal.SIGTERM)
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+# The openai client validates responses with pydantic, which warns (UserWarning) about a field of
+# the wrong type: any such warning on our responses fails the test.
+pytestmark = pytest.mark.filterwarnings("error::UserWarning")
 
 
 def free_port() -> int:
@@ -283,7 +286,7 @@ def test_openai_body_to_grammar_fields():
     from mistral_ref.api_types import ChatCompletionRequest as Chat
     assert (Chat.from_openai({"messages": CHAT, "response_format": {"type": "json_object"}}).grammar_type,
             json.loads(Chat.from_openai({"messages": CHAT, "response_format": {"type": "json_object"}}).grammar)) == (
-        "json_schema", {"type": "object"})
+        "json_schema", {"type": "object", "x-guidance": {"whitespace_flexible": False}})
     assert Chat.from_openai({"messages": CHAT, "response_format": {"type": "text"}}).grammar is None
     plain = Chat.from_openai({"messages": CHAT, "grammar": "a+", "grammar_type": "regex"})
     assert (plain.grammar, plain.grammar_type) == ("a+", "regex")
@@ -339,6 +342,54 @@ def test_tool_calls(client):
     assert after.choices[0].finish_reason in ("length", "stop", "tool_calls")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="x", messages=ask, tool_choice="required", max_tokens=4)
+
+
+def test_structured_output_clients(server, client):
+    """What users of instructor and langchain-openai run, unchanged, against this server:
+    structured output through response_format json_schema and through a forced tool call, and
+    langchain's completions model (it sends `prompt` as a list). Skips without those packages."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Pick(BaseModel):
+        # extra="forbid": additionalProperties false, so a random-weight model cannot wander off
+        # into keys of its own until max_tokens (a trained model stops by itself)
+        model_config = ConfigDict(extra="forbid")
+        colour: Literal["red", "green"]
+        n: int = Field(ge=0, le=9)
+
+    instructor = pytest.importorskip("instructor")
+    for mode in (instructor.Mode.JSON_SCHEMA, instructor.Mode.TOOLS):
+        got = instructor.from_openai(client, mode=mode).chat.completions.create(
+            model="x", messages=CHAT, response_model=Pick, max_tokens=60, max_retries=0)
+        assert isinstance(got, Pick), mode
+    langchain_openai = pytest.importorskip("langchain_openai")
+    chat = langchain_openai.ChatOpenAI(base_url=server.url + "/v1", api_key=API_KEY, model="x",
+                                       max_tokens=60, max_retries=0)
+    for method in ("json_schema", "function_calling"):
+        assert isinstance(chat.with_structured_output(Pick, method=method).invoke("Pick one."), Pick), method
+    llm = langchain_openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, model="x", max_tokens=4,
+                                  max_retries=0)
+    assert isinstance(llm.invoke("The sky is"), str)
+
+
+def test_async_client(server, runner):
+    """The official AsyncOpenAI client: concurrent requests, streamed and not, as the Runner answers."""
+    import asyncio
+    expected = reference_chat(runner, max_tokens=6)["choices"][0]["message"]["content"]
+
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        async def streamed() -> str:
+            stream = await client.chat.completions.create(model="x", messages=CHAT, max_tokens=6, temperature=0,
+                                                          stream=True, logprobs=True, top_logprobs=2)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        async def whole() -> str:
+            reply = await client.chat.completions.create(model="x", messages=CHAT, max_tokens=6, temperature=0)
+            return reply.choices[0].message.content
+        return await asyncio.gather(streamed(), whole(), streamed(), whole())
+    assert asyncio.run(main()) == [expected] * 4
 
 
 def test_completion_logprobs_are_the_legacy_object(client, runner):
@@ -531,7 +582,8 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_hangs_up(model):
     s = ServerProcess(model)
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(s.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 500}, timeout=0.5)
+            # n=4: four sequences a step make the request take seconds, not a moment
+            httpx.post(s.url + "/v1/completions", json={"prompt": "Once", "max_tokens": 500, "n": 4}, timeout=0.5)
         deadline = time.monotonic() + 20
         while s.health()["running"] and time.monotonic() < deadline:
             time.sleep(0.05)
