@@ -180,11 +180,11 @@ def test_numba_matmul_columns_equal_decode(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_columns", [1, 3, 9])
 def test_numba_matmul_fused_equals_each_alone(qtype, n_columns):
-    """Several matrices sharing one input in one call (q, k, v; gate, up): each output is bit for
-    bit its matrix's call alone, with row counts that split tiles and row steps across matrices;
-    and it computes the reference's values."""
+    """Several matrices sharing one input in one call (q, k, v; gate, up; four: a group of FUSED
+    and a padded one): each output is bit for bit its matrix's call alone, with row counts that
+    split tiles and row steps across matrices; and it computes the reference's values."""
     n = 512
-    matrices = tuple(random_rows(qtype, n_rows, n, seed=n_rows) for n_rows in (5, 18, 33))
+    matrices = tuple(random_rows(qtype, n_rows, n, seed=n_rows) for n_rows in (5, 18, 33, 7))
     x = np.stack([activations(t, n) for t in range(n_columns)])
     acts = cpu.quantize_activations(x, qtype in cpu.SUPER_BLOCK_TYPES)
     outs = tuple(np.full((n_columns, m.shape[0]), np.nan, np.float32) for m in matrices)

@@ -328,6 +328,9 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
 
 # ------------------------------------------------------------------ the kernels
 
+# Matrices one kernel call takes (q, k and v): a smaller group is padded with empty ones, so each
+# format compiles one specialization, not one per group size (a tuple's length is part of its type).
+FUSED = 3
 ROW_TILE = 16    # rows per task: their weights stay in L1/L2 while every column tile runs
 COLUMN_TILE = 8  # columns per pass over a row (measured: 4 -> 8 is 1.2-1.4x, 16 no better)
 HALF_TILE = COLUMN_TILE // 2
@@ -412,12 +415,17 @@ def _matmul_q8_kernel(qtype: int):
                   xsum: np.ndarray, outs: tuple[np.ndarray, ...]) -> None:
         # Python, not a compiled wrapper: a compiled closure that calls other compiled functions
         # cannot be cached, and recompiling it cost every new process ~1.3 s.
-        (matvec if xq.shape[1] == 1 else matmul_tiles)(matrices, xq, xd, xs, xsum, outs)
+        kernel = matvec if xq.shape[1] == 1 else matmul_tiles
+        for at in range(0, len(matrices), FUSED):
+            group, group_outs = tuple(matrices[at:at + FUSED]), tuple(outs[at:at + FUSED])
+            pad = FUSED - len(group)
+            kernel(group + (group[0][:0],) * pad, xq, xd, xs, xsum,
+                   group_outs + (group_outs[0][:, :0],) * pad)
     return matmul_q8
 
 
 # outs[m] = x @ W_m.T with llama.cpp's numerics, one kernel per format: MATMUL_Q8[qtype](matrices,
-# xq, xd, xs, xsum, outs) with matrices a tuple of W_m's rows, uint8 (n_rows_m, row_bytes), all
+# xq, xd, xs, xsum, outs) with matrices a tuple (any length; FUSED a call) of W_m's rows, uint8 (n_rows_m, row_bytes), all
 # read-only; the activations from quantize_activations(x, qtype in SUPER_BLOCK_TYPES), x float32
 # (T, n); outs a tuple as long, float32 (T, n_rows_m).
 MATMUL_Q8 = {t: _matmul_q8_kernel(int(t)) for t in BLOCK_DOT}
