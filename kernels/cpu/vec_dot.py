@@ -343,6 +343,27 @@ HALF_TILE = COLUMN_TILE // 2
 ROWS_PER_STEP = {QK: 4, QK_K: 1}
 
 
+@numba.njit(cache=True)
+def n_units(matrices, rows_per_unit):
+    """Whole `rows_per_unit`-row work units of all the matrices (a tuple of 2-D arrays)."""
+    total = 0
+    for m in range(len(matrices)):
+        total += matrices[m].shape[0] // rows_per_unit
+    return total
+
+
+@numba.njit(cache=True)
+def unit(matrices, rows_per_unit, i):
+    """(matrix, its unit) of work unit i, the units counted matrix by matrix. A function of its
+    own, not inlined (parfors reject an inlined body that reassigns the loop index) and no
+    arrays (an allocation here compiled np.empty's implementation anew in every process)."""
+    m, i = 0, np.int64(i)  # a parallel loop's index may be unsigned: int64 - uint64 is a float
+    while i >= matrices[m].shape[0] // rows_per_unit:
+        i -= matrices[m].shape[0] // rows_per_unit
+        m += 1
+    return m, i
+
+
 def _matmul_q8_kernel(qtype: int):
     """The q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
     matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
@@ -354,55 +375,36 @@ def _matmul_q8_kernel(qtype: int):
     tile shape gives each (row, column) the same result (dot_tile)."""
     step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
 
-    @numba.njit(inline="always", cache=True)
-    def unit_ends(matrices, rows_per_unit):
-        """Cumulative count of `rows_per_unit`-row work units, matrix by matrix (whole units)."""
-        ends = np.empty(len(matrices), np.int64)
-        total = 0
-        for m in range(len(matrices)):
-            total += matrices[m].shape[0] // rows_per_unit
-            ends[m] = total
-        return ends
-
-    @numba.njit(inline="always", cache=True)
-    def unit(ends, i):
-        """(matrix, its unit) of work unit i."""
-        m = 0
-        while i >= ends[m]:
-            m += 1
-        return m, i - (ends[m - 1] if m else 0)
-
     @numba.njit(parallel=True, nogil=True, cache=True)
     def matmul_tiles(matrices, xq, xd, xs, xsum, outs):
         n_columns = xq.shape[1]
         tiled = n_columns - n_columns % COLUMN_TILE
         half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
         pair = half + 2 if n_columns - half >= 2 else half
-        ends = unit_ends(matrices, 1)  # a unit a row, ROW_TILE rows a task
-        for tile in prange((ends[-1] + ROW_TILE - 1) // ROW_TILE):
-            first, last = tile * ROW_TILE, min(ends[-1], (tile + 1) * ROW_TILE)
+        n_rows = n_units(matrices, 1)  # a unit a row, ROW_TILE rows a task
+        for tile in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
+            first, last = tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)
             for t in range(0, tiled, COLUMN_TILE):
                 for i in range(first, last):
-                    m, r = unit(ends, i)
+                    m, r = unit(matrices, 1, i)
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, COLUMN_TILE, outs[m])
             for t in range(tiled, half, HALF_TILE):
                 for i in range(first, last):
-                    m, r = unit(ends, i)
+                    m, r = unit(matrices, 1, i)
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, HALF_TILE, outs[m])
             for t in range(half, pair, 2):  # small decode batches: each row unpacked once for two
                 for i in range(first, last):
-                    m, r = unit(ends, i)
+                    m, r = unit(matrices, 1, i)
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 2, outs[m])
             for t in range(pair, n_columns):
                 for i in range(first, last):
-                    m, r = unit(ends, i)
+                    m, r = unit(matrices, 1, i)
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m])
 
     @numba.njit(parallel=True, nogil=True, cache=True)
     def matvec(matrices, xq, xd, xs, xsum, outs):
-        ends = unit_ends(matrices, step)
-        for i in prange(ends[-1]):
-            m, u = unit(ends, i)
+        for i in prange(n_units(matrices, step)):
+            m, u = unit(matrices, step, i)
             rows, r = matrices[m], u * step
             for ahead in range(r + step, r + 2 * step):
                 lanes.prefetch_row(rows, ahead)
