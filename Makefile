@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e '.[test,server,grammar,bench,oracle,clients]'
+	$(PYTHON) -m pip install -q -e '.[test,server,grammar,bench,oracle,clients,ray]'
 	touch $(STAMP)
 
 run: $(STAMP)

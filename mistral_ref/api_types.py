@@ -18,7 +18,7 @@ from typing import Any
 from mistral_ref.chat_template import message_dicts
 from mistral_ref.errors import ChatTemplateError, InvalidRequestError
 from mistral_ref.messages import Message
-from mistral_ref.tools import check_tools
+from mistral_ref.tools import ToolChoice, check_tools, search_tool
 from mistral_ref.sampler import GRAMMAR_TYPES
 
 
@@ -69,6 +69,8 @@ def _check_optional_str_list(name: str, v: Any) -> None:
 class _SamplingFields:
     """Checks shared by both requests; each class declares the fields (positional order differs)."""
 
+    _NOT_RUN: tuple[str, ...] = ("adapter",)  # mistral.rs fields refused when set
+
     def _validate_sampling(self) -> None:
         _check_optional_int("max_tokens", self.max_tokens, 0, ">= 0")
         _check_optional_int("n_choices", self.n_choices, 1, ">= 1")
@@ -110,6 +112,17 @@ class _SamplingFields:
         if self.grammar_type is not None and self.grammar_type not in GRAMMAR_TYPES:
             raise InvalidRequestError("grammar_type", f"unknown grammar type {self.grammar_type!r} "
                                                       f"(known: {', '.join(GRAMMAR_TYPES)})")
+        _check_optional_number("dry_multiplier", self.dry_multiplier, 0.0, rule=">= 0")
+        _check_optional_number("dry_base", self.dry_base, 1.0, rule=">= 1")
+        _check_optional_int("dry_allowed_length", self.dry_allowed_length, 0, ">= 0")
+        _check_optional_str_list("dry_sequence_breakers", self.dry_sequence_breakers)
+        _check_bool("ignore_eos", self.ignore_eos)
+        _check_bool("truncate_sequence", self.truncate_sequence)
+        for name in self._NOT_RUN:
+            if getattr(self, name) not in (None, False):
+                raise InvalidRequestError(name, "is not supported by mistral-ref (it runs no code "
+                                                "execution, shell, file, session, adapter or "
+                                                "dispatch tools)")
 
     def _validate_logprobs(self, enabled: bool) -> None:
         _check_optional_int("top_logprobs", self.top_logprobs, 0, ">= 0")
@@ -173,6 +186,35 @@ def _grammar_from_openai(body: Mapping[str, Any]) -> dict[str, Any]:
                               f'must be {{"type": "text" | "json_object" | "json_schema"}}, got {response_format!r}')
 
 
+@dataclass
+class WebSearchOptions:
+    """mistral.rs's web_search_options: with `Runner(enable_search=True, search_callback=...)`
+    the model is offered a search tool (mistral_ref.agentic), described by search_description."""
+
+    search_context_size: Any = None
+    user_location: Any = None
+    search_description: str | None = None
+    extract_description: str | None = None
+
+
+REASONING_EFFORTS = ("off", "low", "medium", "high", "xhigh")
+
+
+def _reasoning_effort(value: Any, enable_thinking: Any) -> str | None:
+    """mistral.rs's reasoning_effort, trimmed and lower-cased ("none" is "off"); contradicting
+    enable_thinking is an error."""
+    if value is None:
+        return None
+    effort = value.strip().lower() if isinstance(value, str) else value
+    effort = "off" if effort == "none" else effort
+    if effort not in REASONING_EFFORTS:
+        raise InvalidRequestError("reasoning_effort", f"must be one of off, none, "
+                                                      f"{', '.join(REASONING_EFFORTS[1:])}, got {value!r}")
+    if enable_thinking is not None and enable_thinking != (effort != "off"):
+        raise InvalidRequestError("reasoning_effort", f"{value!r} contradicts enable_thinking={enable_thinking}")
+    return effort
+
+
 # OpenAI's default when an HTTP body has no temperature (or null): sampling, as its clients
 # expect. The Python API keeps mistral.rs's None (greedy). Without it the seed's curl chat
 # example, which sets neither temperature nor max_tokens, could decode greedily into a loop
@@ -207,11 +249,42 @@ class ChatCompletionRequest(_SamplingFields):
     grammar_type: str | None = None
     min_p: float | None = None
     seed: int | None = None
-    tool_schemas: list[dict[str, Any]] | None = None  # OpenAI's `tools` (mistral_ref.tools)
-    tool_choice: str | dict[str, Any] | None = None  # "none", "auto" (default), "required", a function
+    tool_schemas: list[dict[str, Any] | str] | None = None  # OpenAI's `tools`, or their JSON texts
+    tool_choice: str | dict[str, Any] | ToolChoice | None = None  # "none", "auto" (default), "required", a function
+    dry_multiplier: float | None = None  # DRY repetition penalty (mistral_ref.sampler)
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    web_search_options: WebSearchOptions | None = None  # needs Runner(enable_search=True, search_callback=...)
+    enable_thinking: bool | None = None  # passed to the chat template
+    truncate_sequence: bool = False  # cut the prompt from the left to fit the context
+    reasoning_effort: str | None = None  # passed to the chat template
+    max_tool_rounds: int | None = None  # rounds of Runner(tool_callbacks=...) (default 256)
+    ignore_eos: bool = False  # do not stop at the model's end-of-generation tokens
+    # mistral.rs's agent fields, refused when set (InvalidRequestError)
+    tool_dispatch_url: str | None = None
+    enable_code_execution: bool = False
+    enable_shell: bool = False
+    shell_skills: list[Any] | None = None
+    agent_permission: Any = None
+    agent_approval_callback: Any = None
+    code_execution_permission: Any = None
+    session_id: str | None = None
+    files: list[Any] | None = None
+    input_files: list[Any] | None = None
+    adapter: Any = None
+
+    _NOT_RUN = ("tool_dispatch_url", "enable_code_execution", "enable_shell", "shell_skills",
+                "agent_permission", "agent_approval_callback", "code_execution_permission",
+                "session_id", "files", "input_files", "adapter")
 
     def __post_init__(self) -> None:
-        tools = check_tools(self.tool_schemas, self.tool_choice)
+        if self.enable_thinking is not None:
+            _check_bool("enable_thinking", self.enable_thinking)
+        self.reasoning_effort = _reasoning_effort(self.reasoning_effort, self.enable_thinking)
+        _check_optional_int("max_tool_rounds", self.max_tool_rounds, 0, ">= 0")
+        searching = [search_tool()] if self.web_search_options is not None else []
+        tools = check_tools(self.tool_schemas or searching or None, self.tool_choice)
         if tools is not None and tools.forced and self.grammar is not None:
             raise InvalidRequestError("tool_choice", f"{self.tool_choice!r} constrains the output to a "
                                                      f"call: it cannot be combined with a grammar")
@@ -280,6 +353,17 @@ class CompletionRequest(_SamplingFields):
     stop_token_ids: list[int] | None = None
     logprobs: int | None = None
     stream: bool = False
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    truncate_sequence: bool = False
+    ignore_eos: bool = False
+    tool_schemas: list[Any] | None = None  # refused: tool calling is a chat feature here
+    tool_choice: Any = None
+    adapter: Any = None
+
+    _NOT_RUN = ("tool_schemas", "tool_choice", "adapter")
 
     @property
     def top_logprobs(self) -> int | None:
@@ -357,6 +441,21 @@ class Usage(_Json):
     total_time_sec: float
     total_prompt_time_sec: float
     total_completion_time_sec: float
+
+
+def sum_usage(usages: list[Usage | None], sequential: bool = False) -> Usage:
+    """The usage of several generations: counts add up; times add up when they ran one after
+    another (`sequential`: the rounds of a tool-calling request), else they overlap (prompts
+    generated side by side) and the longest counts."""
+    combine = sum if sequential else (lambda values: max(values, default=0.0))
+    counts = {name: sum(getattr(u, name) for u in usages if u is not None)
+              for name in ("completion_tokens", "prompt_tokens", "total_tokens")}
+    times = {name: combine([getattr(u, name) for u in usages if u is not None])
+             for name in ("total_time_sec", "total_prompt_time_sec", "total_completion_time_sec")}
+    rate = lambda n, t: n / t if t else 0.0  # noqa: E731
+    return Usage(**counts, **times, avg_tok_per_sec=rate(counts["total_tokens"], times["total_time_sec"]),
+                 avg_prompt_tok_per_sec=rate(counts["prompt_tokens"], times["total_prompt_time_sec"]),
+                 avg_compl_tok_per_sec=rate(counts["completion_tokens"], times["total_completion_time_sec"]))
 
 
 @dataclass
@@ -453,5 +552,6 @@ class CompletionResponse(_Json):
 __all__ = [
     "ChatCompletionChunkResponse", "ChatCompletionRequest", "ChatCompletionResponse", "Choice",
     "ChunkChoice", "CompletionChoice", "CompletionRequest", "CompletionResponse", "Delta",
-    "Logprobs", "ResponseLogprob", "ResponseMessage", "TopLogprob", "Usage",
+    "Logprobs", "ResponseLogprob", "ResponseMessage", "TopLogprob", "ToolChoice", "Usage",
+    "WebSearchOptions",
 ]

@@ -88,3 +88,8 @@ class GrammarError(InvalidRequestError):
 
 class ModelSourceError(MistralRefError, ValueError):
     """A `Which` that names no local file: mistral-ref reads local GGUF files and never a hub."""
+
+
+class CheckpointError(MistralRefError, ValueError):
+    """A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files) that cannot
+    be loaded; the message names the file and the problem."""

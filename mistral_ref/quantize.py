@@ -1,4 +1,5 @@
-"""Requantize a GGUF file to a llama.cpp file type (Q4_K_M, Q4_K_S, Q5_K_M, Q6_K, Q8_0, Q4_0).
+"""Requantize a GGUF file to a llama.cpp file type (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K_S,
+Q4_K_M, Q5_K_M, Q6_K).
 
 The same file `llama-quantize --allow-requantize IN OUT TYPE` writes without an importance matrix:
 tensors in llama.cpp's order, each given the tensor type llama.cpp's rules pick (`tensor_types`,
@@ -28,7 +29,12 @@ from mistral_ref.gguf import load_gguf
 
 # file type -> (general.file_type value, the tensor type most tensors get)
 FILE_TYPES: dict[str, tuple[LlamaFileType, QType]] = {
+    "F32": (LlamaFileType.ALL_F32, QType.F32),
+    "F16": (LlamaFileType.MOSTLY_F16, QType.F16),
     "Q4_0": (LlamaFileType.MOSTLY_Q4_0, QType.Q4_0),
+    "Q4_1": (LlamaFileType.MOSTLY_Q4_1, QType.Q4_1),
+    "Q5_0": (LlamaFileType.MOSTLY_Q5_0, QType.Q5_0),
+    "Q5_1": (LlamaFileType.MOSTLY_Q5_1, QType.Q5_1),
     "Q8_0": (LlamaFileType.MOSTLY_Q8_0, QType.Q8_0),
     "Q4_K_S": (LlamaFileType.MOSTLY_Q4_K_S, QType.Q4_K),
     "Q4_K_M": (LlamaFileType.MOSTLY_Q4_K_M, QType.Q4_K),
@@ -96,7 +102,9 @@ def tensor_types(tensors: list[TensorSpec], file_type: str, n_layers: int,
             continue
         n_cols = t.shape[-1]
         new = default
-        if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
+        if default in (QType.F32, QType.F16):  # llama.cpp applies its rules to quantized types only
+            pass
+        elif name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
             if n_cols % block_format(new).block_size:
                 new = QType.Q8_0
             elif new != QType.Q8_0:

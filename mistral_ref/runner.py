@@ -8,14 +8,13 @@ share one forward pass per token.
 """
 from __future__ import annotations
 
-import os
+import re
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping
+from enum import Enum
 from typing import Any
 
 import numpy as np
@@ -24,108 +23,87 @@ from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRe
                                    ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
                                    CompletionRequest, CompletionResponse, Delta, Logprobs,
                                    ResponseLogprob, ResponseMessage)
+from mistral_ref.agentic import ToolCallback, ToolRounds, search_callback_tool
 from mistral_ref.chat_template import apply_chat_template, load_chat_template, message_dicts
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
 from mistral_ref.model import Model
 from mistral_ref.prefix_cache import DEFAULT_ENTRIES, PrefixCache
-from mistral_ref.sampler import GrammarConstraint, SamplingParams, compile_grammar
+from mistral_ref.sampler import DRY_SEQUENCE_BREAKERS, GrammarConstraint, SamplingParams, compile_grammar
 from mistral_ref.scheduler import Event, Generation, Job, Scheduler, Timing
 from mistral_ref.tokenizer import Tokenizer
-from mistral_ref.tools import (ToolSet, call_grammar, check_tools, may_be_call, parse_tool_calls,
+from mistral_ref.tools import (SEARCH_TOOL, ToolSet, call_grammar, search_tool, check_tools, may_be_call, parse_tool_calls,
                                with_tools)
+from mistral_ref.which import ModelDType, Which, resolve_which  # noqa: F401  (Which: mistralrs's import path)
 
 SYSTEM_FINGERPRINT = "local"
+TOKEN_SOURCE = re.compile(r"cache|none|(literal|env|path):.*", re.DOTALL)  # mistral.rs's forms
 
 
-class Which:
-    """Which model to load. Every variant names local files: a directory (`quantized_model_id`)
-    holding `quantized_filename`, or the GGUF file itself; `tok_model_id` None (the GGUF's own
-    tokenizer) or a local directory with a tokenizer.json; `tokenizer_json` a tokenizer.json file
-    overriding the GGUF's vocabulary. A hub model id fails with ModelSourceError."""
+class PagedCacheType(Enum):
+    """mistral.rs's PagedAttention KV cache type (Runner(pa_cache_type=...))."""
 
-    @dataclass(frozen=True)
-    class GGUF:
-        quantized_model_id: str
-        quantized_filename: str | None = None
-        tok_model_id: str | None = None
-        tokenizer_json: str | None = None
-        repeat_last_n: int = 64
-
-    @dataclass(frozen=True)
-    class MistralGGUF:
-        tok_model_id: str | None
-        quantized_model_id: str
-        quantized_filename: str | None = None
-        tokenizer_json: str | None = None
-        repeat_last_n: int = 64
-
-    class LlamaGGUF(MistralGGUF):
-        """Same fields as MistralGGUF: both architectures load through one code path."""
-
-
-def _local(what: str, value: str | os.PathLike) -> Path:
-    path = Path(value).expanduser()
-    if not path.exists():
-        raise ModelSourceError(
-            f"{what} {str(value)!r} is not a local file or directory; mistral-ref loads local "
-            "files only and never downloads from a model hub (see `mistral-ref fetch` for the "
-            "default model)")
-    return path
-
-
-def resolve_which(which: Which.GGUF | Which.MistralGGUF) -> tuple[Path, Path | None]:
-    """The GGUF file and the optional tokenizer.json a `Which` names. Raises ModelSourceError."""
-    if not isinstance(which, (Which.GGUF, Which.MistralGGUF)):
-        raise ModelSourceError(f"unsupported model selection {which!r} (supported: Which.GGUF, "
-                               "Which.MistralGGUF, Which.LlamaGGUF)")
-    gguf = _local("quantized_model_id", which.quantized_model_id)
-    if gguf.is_dir():
-        if not which.quantized_filename:
-            raise ModelSourceError(f"quantized_filename is needed: {gguf} is a directory")
-        gguf = _local("quantized_filename", gguf / which.quantized_filename)
-    elif which.quantized_filename and Path(which.quantized_filename).name != gguf.name:
-        raise ModelSourceError(f"quantized_model_id is the file {gguf}, but quantized_filename "
-                               f"names {which.quantized_filename!r}")
-    tokenizer_json = None
-    if which.tokenizer_json is not None:
-        tokenizer_json = _local("tokenizer_json", which.tokenizer_json)
-    elif which.tok_model_id is not None:
-        tok_dir = _local("tok_model_id", which.tok_model_id)
-        tokenizer_json = _local("tok_model_id's tokenizer.json", tok_dir / "tokenizer.json")
-    return gguf, tokenizer_json
+    Auto = 0
+    F8E4M3 = 1
 
 
 class Runner:
     """Loads a model and serves completion requests, as `mistralrs.Runner`.
 
-    which: the model (see `Which`). chat_template: a Jinja template or a file holding one,
-    overriding the GGUF's. seed: default random seed of requests that give none (None: fresh
-    entropy). device: "cpu", "cuda" or "reference" (kernels.device). activations: "q8" (default on the CPU: activations
-    quantized to 8 bits before each quantized matmul, llama.cpp's and mistral.rs's numerics, and
-    twice the decode speed) or "f32" (exact float32 arithmetic; the cuda device's only mode).
-    token_source: accepted for mistral.rs compatibility; nothing is fetched, so it is not used.
-    prefix_cache_n: how many sequences' KV caches the prefix cache keeps (mistral.rs's name and
-    default; 0 turns it off): a prompt starting with a cached sequence reuses its keys and values.
+    The positional order is mistralrs 0.9.5's; every argument has a meaning on this engine or is
+    refused with an error naming it (docs/api.md has the table). In short:
+    which: the model (mistral_ref.which.Which). max_seqs: sequences generating at once (more
+    wait). prefix_cache_n: sequences whose KV caches the prefix cache keeps (0: off).
+    token_source: checked, never used (nothing is downloaded). chat_template / jinja_explicit: a
+    Jinja template or a file holding one (jinja_explicit wins). num_device_layers: "ORD:NUM" or
+    "NUM" for device 0 only: the one device. in_situ_quant: an ISQ type (mistral_ref.isq).
+    memory_goal, pa_*: PagedAttention settings, which mistral.rs uses only on CUDA and Metal:
+    accepted on the cpu device, where they change nothing. seed: the seed of requests that give
+    none (None: fresh entropy). enable_search + search_callback: a search tool answered by the
+    callback; tool_callbacks: tool name -> callback(name, arguments) answered by the engine
+    (mistral_ref.agentic). Refused: no_kv_cache=True, mtp_model, anymoe_config,
+    paged_attn=True, F8E4M3 caches, enable_search without a search_callback, MCP, code execution
+    and shell configs. Keyword-only extensions: device ("cpu", "cuda", "reference"),
+    activations ("q8", the cpu default: llama.cpp's and mistral.rs's numerics; "f32": exact),
+    load ("mmap" or "copy", GGUF files: mistral_ref.gguf).
     """
 
-    def __init__(self, which: Which.GGUF | Which.MistralGGUF, chat_template: str | None = None,
-                 seed: int | None = None, device: str = "cpu", activations: str | None = None,
-                 token_source: str = "cache", prefix_cache_n: int = DEFAULT_ENTRIES):
-        gguf, tokenizer_json = resolve_which(which)
+    def __init__(self, which: Any, max_seqs: int = 32, no_kv_cache: bool = False,
+                 prefix_cache_n: int = DEFAULT_ENTRIES, token_source: str = "cache",
+                 mtp_model: str | None = None, mtp_n_predict: int | None = None,
+                 chat_template: str | None = None, jinja_explicit: str | None = None,
+                 num_device_layers: list[str] | None = None, in_situ_quant: str | None = None,
+                 anymoe_config: Any = None, memory_goal: str | float | None = None,
+                 pa_blk_size: int | None = None, pa_cache_type: PagedCacheType | None = None,
+                 no_paged_attn: bool = False, paged_attn: bool = False, seed: int | None = None,
+                 enable_search: bool = False, search_embedding_model: str | None = None,
+                 search_callback: Callable[[str], list[dict[str, str]]] | None = None,
+                 tool_callbacks: Mapping[str, ToolCallback] | None = None,
+                 mcp_client_config: Any = None, code_execution_config: Any = None,
+                 shell_config: Any = None, *, pa_gpu_mem: int | None = None,
+                 pa_gpu_mem_usage: float | None = None, pa_ctxt_len: int | None = None,
+                 device: str = "cpu", activations: str | None = None, load: str = "mmap"):
+        _check_options(dict(locals()))
+        files = resolve_which(which)
         activations = activations or ("q8" if device == "cpu" else "f32")
-        self.model = Model.from_gguf(gguf, device=device, activations=activations)
-        metadata = self.model.file.metadata
-        self.tokenizer = (Tokenizer.from_tokenizer_json(tokenizer_json, metadata) if tokenizer_json
-                          else Tokenizer.from_metadata(metadata))
+        if files.is_checkpoint:
+            self.model = Model.from_checkpoint(files.path, device, activations, in_situ_quant)
+        else:
+            self.model = Model.from_gguf(files.path, device, activations, load, in_situ_quant)
+        _check_dtype(getattr(which, "dtype", ModelDType.Auto), self.model)
+        _check_device_layers(num_device_layers, device, self.model.config.n_layers)
+        self.tokenizer = Tokenizer.of_model(self.model.file, files.tokenizer_json)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ModelSourceError(f"the tokenizer has {self.tokenizer.vocab_size} tokens, more than "
                                    f"the model's {self.model.config.vocab_size}")
-        self.chat_template = chat_template
+        self.chat_template = jinja_explicit or chat_template
         self.repeat_last_n = which.repeat_last_n
-        self.model_id = gguf.name
+        self.model_id = files.model_id
+        self.max_seqs = max_seqs
+        self.tool_callbacks = dict(tool_callbacks or {})
+        self.search_callback = search_callback if enable_search else None
         self._seeds = np.random.SeedSequence(seed)
         self.prefix_cache = PrefixCache(self.model, prefix_cache_n) if prefix_cache_n else None
-        self.scheduler = Scheduler(self.model, self.tokenizer, self.prefix_cache)
+        self.scheduler = Scheduler(self.model, self.tokenizer, self.prefix_cache, max_seqs=max_seqs)
         self._lock = threading.Lock()  # threads calling send_* share the scheduler: their steps batch
 
     # -- the documented API ---------------------------------------------------------------------
@@ -133,20 +111,53 @@ class Runner:
                                      ) -> ChatCompletionResponse | Iterator[ChatCompletionChunkResponse]:
         """Generate a chat reply: a ChatCompletionResponse, or with `request.stream` an iterator of
         ChatCompletionChunkResponse (usage on the last chunk). Raises InvalidRequestError (a
-        ValueError) naming the bad field before any compute. model_id: accepted for mistralrs
-        compatibility; a Runner holds one model."""
+        ValueError) naming the bad field before any compute. model_id: None, "default" or
+        this Runner's model id (`list_models()`). Tool calls the Runner has callbacks for are
+        answered by the engine (mistral_ref.agentic)."""
+        self._check_model_id(model_id)
         if not isinstance(request, ChatCompletionRequest):
             raise InvalidRequestError("request", f"expected a ChatCompletionRequest, got {type(request).__name__}")
-        return self._run(self.submit(request))
+        request.__post_init__()
+        callbacks, extra_tools = dict(self.tool_callbacks), []
+        if request.web_search_options is not None:
+            if self.search_callback is None:
+                raise InvalidRequestError("web_search_options", "needs Runner(enable_search=True, "
+                                                                "search_callback=...): mistral-ref does not search the web itself")
+            callbacks[SEARCH_TOOL] = search_callback_tool(self.search_callback)
+            extra_tools.append(search_tool(getattr(request.web_search_options, "search_description", None)))
+        if not callbacks:
+            return self._run(self.submit(request))
+        rounds = ToolRounds(lambda r: self._run(self.submit(r)), callbacks, request, extra_tools)
+        return rounds.chunks() if request.stream else rounds.response()
 
     def send_completion_request(self, request: CompletionRequest, model_id: str | None = None
                                 ) -> CompletionResponse | Iterator[CompletionResponse]:
         """Complete a text prompt: a CompletionResponse; with `request.stream` (an extension) an
         iterator of CompletionResponse chunks. best_of > n_choices samples best_of sequences and
         returns the n_choices with the highest mean token logprob."""
+        self._check_model_id(model_id)
         if not isinstance(request, CompletionRequest):
             raise InvalidRequestError("request", f"expected a CompletionRequest, got {type(request).__name__}")
         return self._run(self.submit(request))
+
+    def list_models(self) -> list[str]:
+        """The model ids this Runner serves: its one model's."""
+        return [self.model_id]
+
+    def get_default_model_id(self) -> str:
+        return self.model_id
+
+    def set_default_model_id(self, model_id: str) -> None:
+        """Only this Runner's model can be the default (raises ValueError for another)."""
+        self._check_model_id(model_id)
+
+    def is_model_loaded(self, model_id: str) -> bool:
+        return model_id == self.model_id
+
+    def _check_model_id(self, model_id: str | None) -> None:
+        if model_id not in (None, "default", self.model_id):
+            raise InvalidRequestError("model_id", f"{model_id!r} is not loaded (this Runner serves "
+                                                  f"{self.model_id!r})")
 
     def tokenize_text(self, text: str, add_special_tokens: bool, enable_thinking: bool | None = None,
                       model_id: str | None = None) -> list[int]:
@@ -218,13 +229,15 @@ class Runner:
     def _chat_submission(self, request: ChatCompletionRequest) -> Submission:
         tools = check_tools(request.tool_schemas, request.tool_choice)
         calling = tools is not None and tools.choice != "none"  # the output may be tool calls
-        prompt_ids = self._chat_prompt(request.messages, tools if calling else None)
+        thinking = {name: value for name in ("enable_thinking", "reasoning_effort")
+                    if (value := getattr(request, name)) is not None}  # templates test `is defined`
+        prompt_ids = self._chat_prompt(request.messages, tools if calling else None, **thinking)
         job = self._job(request, prompt_ids, "messages", request.n_choices,
                         request.logprobs, request.top_logprobs or 0,
                         (call_grammar(tools), "json_schema") if calling and tools.forced else None)
         head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                     model=request.model or self.model_id, system_fingerprint=SYSTEM_FINGERPRINT)
-        timing = Timing(prompt_tokens=len(prompt_ids))
+        timing = Timing(prompt_tokens=len(job.prompt_ids))
         held: list[str | None] = [""] * job.n_sequences  # with tools: text held back; None once streaming
 
         def message(text: str, finish_reason: str) -> tuple[str | None, list | None, str]:
@@ -274,7 +287,7 @@ class Runner:
                     object="text_completion")
         prefix = text if request.echo_prompt else ""
         suffix = request.suffix or ""
-        timing = Timing(prompt_tokens=len(prompt_ids))
+        timing = Timing(prompt_tokens=len(job.prompt_ids))
         started = set()
 
         def chunk(e: Event) -> CompletionResponse:
@@ -298,7 +311,10 @@ class Runner:
         return Submission(self, job, timing, request.stream, chunk, response)
 
     # -- checks --------------------------------------------------------------------------------
-    def _chat_prompt(self, messages: list | str, tools: ToolSet | None = None) -> list[int]:
+    def _chat_prompt(self, messages: list | str, tools: ToolSet | None = None,
+                     **variables: Any) -> list[int]:
+        """Prompt ids of a chat: messages through the chat template (which also sees the tools and
+        `variables`, such as enable_thinking), or a str taken as an already templated prompt."""
         if isinstance(messages, str):  # an already templated prompt
             ids = self.tokenizer.encode(messages, add_special_tokens=False, parse_special=True)
             tok = self.tokenizer
@@ -307,10 +323,17 @@ class Runner:
             return ids
         dicts = message_dicts(messages)
         if tools is None and not any(m.get("tool_calls") or m["role"] == "tool" for m in dicts):
-            return apply_chat_template(self.tokenizer, dicts, self.chat_template)
+            return apply_chat_template(self.tokenizer, dicts, self.chat_template, **variables)
         source = load_chat_template(self.chat_template, self.tokenizer)
         return apply_chat_template(self.tokenizer, with_tools(dicts, tools, source), source,
-                                   tools=tools.tools if tools else None)
+                                   tools=tools.tools if tools else None, **variables)
+
+    def _dry_breakers(self, breakers: list[str] | None) -> frozenset[int]:
+        """Token ids of DRY sequence breakers (default mistral.rs's "\\n", ":", '"', "*"): the last
+        token of "a" + breaker, as mistral.rs and koboldcpp take them."""
+        texts = DRY_SEQUENCE_BREAKERS if breakers is None else breakers
+        ids = (self.tokenizer.encode("a" + text, add_special_tokens=False) for text in texts)
+        return frozenset(i[-1] for i in ids if i)
 
     def _job(self, request: ChatCompletionRequest | CompletionRequest, prompt_ids: list[int],
              prompt_field: str, n_sequences: int, logprobs: bool, top_logprobs: int,
@@ -320,6 +343,8 @@ class Runner:
         vocab, context = self.tokenizer.vocab_size, self.model.config.context_length
         if not prompt_ids:
             raise InvalidRequestError(prompt_field, "the prompt has no tokens")
+        if request.truncate_sequence and len(prompt_ids) >= context:  # keep the end, as mistral.rs
+            prompt_ids = prompt_ids[-(context - min(request.max_tokens or 1, context - 1)):]
         if len(prompt_ids) >= context:
             raise InvalidRequestError(prompt_field, f"the prompt has {len(prompt_ids)} tokens; the "
                                                     f"model's context is {context} tokens")
@@ -334,14 +359,18 @@ class Runner:
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty, repeat_last_n=self.repeat_last_n,
             logit_bias=dict(request.logit_bias or {}), top_logprobs=top_logprobs if logprobs else 0,
-            logprob=logprobs or n_sequences > request.n_choices)  # reported, or ranks best_of
+            logprob=logprobs or n_sequences > request.n_choices,  # reported, or ranks best_of
+            dry_multiplier=request.dry_multiplier,
+            dry_base=1.75 if request.dry_base is None else request.dry_base,
+            dry_allowed_length=2 if request.dry_allowed_length is None else request.dry_allowed_length,
+            dry_breakers=self._dry_breakers(request.dry_sequence_breakers) if request.dry_multiplier else frozenset())
         grammar = None
         source = grammar_of_tools or (request.grammar, request.grammar_type)
         if source[0] is not None:  # compiled once; errors surface now, before any compute
             grammar = compile_grammar(*source)
             GrammarConstraint(self.tokenizer, grammar)
         return Job(prompt_ids, params, request.max_tokens, n_sequences,
-                    self.tokenizer.stop_ids | set(request.stop_token_ids or ()),
+                    (frozenset() if request.ignore_eos else self.tokenizer.stop_ids) | set(request.stop_token_ids or ()),
                     list(request.stop_seqs or ()), grammar, request.seed, logprobs)
 
 
@@ -422,3 +451,77 @@ def _collect(events: Iterator[Event], n: int
         if e.finish_reason is not None:
             finish[e.index] = e.finish_reason
     return texts, logprobs, finish, [s / max(1, c) for s, c in zip(sums, counts)]
+
+
+# -- Runner arguments ---------------------------------------------------------------------------
+_REFUSED = {  # argument -> why this engine cannot honour it when set
+    "mtp_model": "multi-token-prediction assistants are not implemented",
+    "mtp_n_predict": "multi-token-prediction assistants are not implemented",
+    "anymoe_config": "AnyMoE is not implemented",
+    "mcp_client_config": "MCP clients are not implemented",
+    "code_execution_config": "the code execution tool is not implemented",
+    "shell_config": "the shell tool is not implemented",
+    "search_embedding_model": "search results are not reranked (the search_callback's order is kept)",
+}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Refuse Runner arguments this engine cannot honour, naming them (ValueError)."""
+    for name, why in _REFUSED.items():
+        if options[name] is not None:
+            raise InvalidRequestError(name, why)
+    max_seqs = options["max_seqs"]
+    if not isinstance(max_seqs, int) or isinstance(max_seqs, bool) or max_seqs < 1:
+        raise InvalidRequestError("max_seqs", f"must be an integer >= 1, got {max_seqs!r}")
+    if options["no_kv_cache"]:
+        raise InvalidRequestError("no_kv_cache", "this engine always keeps a KV cache (outputs are the same)")
+    source = options["token_source"]
+    if not isinstance(source, str) or not TOKEN_SOURCE.fullmatch(source.strip()):
+        raise InvalidRequestError("token_source", f'must be "cache", "none", "literal:<token>", "env:<var>" '
+                                                  f'or "path:<file>", got {source!r}')
+    if options["paged_attn"] and options["no_paged_attn"]:
+        raise InvalidRequestError("paged_attn", "paged_attn and no_paged_attn are mutually exclusive")
+    if options["paged_attn"]:
+        raise InvalidRequestError("paged_attn", "PagedAttention is not implemented (each sequence has a "
+                                                "preallocated KV cache)")
+    if options["pa_cache_type"] not in (None, PagedCacheType.Auto):
+        raise InvalidRequestError("pa_cache_type", f"{options['pa_cache_type']} KV caches are not "
+                                                   "implemented (float32 only)")
+    if options["enable_search"] and options["search_callback"] is None:
+        raise InvalidRequestError("enable_search", "needs a search_callback: mistral-ref does not search "
+                                                   "the web itself")
+    callbacks = options["tool_callbacks"]
+    if callbacks is not None and not (isinstance(callbacks, Mapping)
+                                      and all(isinstance(k, str) and callable(f) for k, f in callbacks.items())):
+        raise InvalidRequestError("tool_callbacks", "must map tool names to callables(name, arguments) -> str")
+
+
+def _check_device_layers(layers: list[str] | None, device: str, n_layers: int) -> None:
+    """num_device_layers: ["NUM"] or ["ORD:NUM"] entries; the engine runs one device (ordinal 0).
+    On the cpu device every layer is on the CPU, which is what any count amounts to without a
+    GPU; on cuda every layer must be on it."""
+    if layers is None:
+        return
+    on_device = 0
+    for entry in layers if isinstance(layers, list) else [layers]:
+        m = re.fullmatch(r"(?:(\d+):)?(\d+)", str(entry).strip())
+        if not m:
+            raise InvalidRequestError("num_device_layers", f'entries are "NUM" or "ORD:NUM", got {entry!r}')
+        if int(m.group(1) or 0) != 0:
+            raise InvalidRequestError("num_device_layers", f"{entry!r}: mistral-ref runs one device (ordinal 0)")
+        on_device += int(m.group(2))
+    if device == "cuda" and on_device < n_layers:
+        raise InvalidRequestError("num_device_layers", f"{on_device} of {n_layers} layers on the GPU: "
+                                                       "mistral-ref does not split a model between devices")
+
+
+def _check_dtype(dtype: Any, model: Model) -> None:
+    """ModelDType.Auto keeps the weights as stored; another dtype must be the stored one."""
+    value = getattr(dtype, "value", dtype)
+    if value in ("auto", None):
+        return
+    stored = {t.qtype.name.lower() for t in model.file.tensors.values() if t.qtype.name in ("F32", "F16", "BF16")}
+    if stored - {value}:
+        raise InvalidRequestError("dtype", f"the weights are {', '.join(sorted(stored))}; converting them to "
+                                           f"{value} is not implemented (ModelDType.Auto keeps them; "
+                                           "in_situ_quant quantizes them)")

@@ -1,5 +1,8 @@
 """Choosing the next token from logits, with mistral.rs's semantics:
 
+  0. DRY ("don't repeat yourself", mistral.rs's and koboldcpp's): a token that would extend a
+     repeat of the context's ending by n >= allowed_length tokens loses
+     multiplier * base^(n - allowed_length) (`dry_penalties`).
   1. frequency and presence penalties over the generated tokens (OpenAI):
        logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty
      repetition penalty (CTRL/HF) over the last `repeat_last_n` tokens of prompt + output:
@@ -46,6 +49,10 @@ class SamplingParams:
     repeat_last_n: int = 64  # how far back the repetition penalty looks
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     top_logprobs: int = 0  # alternatives to report for each token
+    dry_multiplier: float | None = None  # None or 0: DRY off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_breakers: frozenset[int] = frozenset()  # token ids no repeat extends across
     logprob: bool = True  # compute the chosen token's logprob (greedy: a pass of exp over the vocabulary)
 
     @property
@@ -69,14 +76,49 @@ class Sample:
     top_logprobs: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
+DRY_SEQUENCE_BREAKERS = ("\n", ":", '"', "*")  # mistral.rs's default
+DRY_MAX_MATCH = 50  # mistral.rs's bound on a repeat's length: the cost stays linear in the context
+
+
+def dry_penalties(context: Sequence[int], params: SamplingParams) -> dict[int, float]:
+    """Step 0: token id -> DRY penalty. Each earlier occurrence at i of the context's last token
+    proposes its successor context[i + 1] (unless that is a breaker), with the length of the match
+    between the tokens ending at i and the context's ending: compared backwards from i and the last
+    token, stopping at a difference, a breaker in the ending (the last token itself is not
+    checked), the start, or DRY_MAX_MATCH. A token's match is its longest proposal."""
+    ids = np.asarray(context, dtype=np.int64)
+    n = len(ids)
+    if not params.dry_multiplier or n < 2:
+        return {}
+    breakers = params.dry_breakers
+    longest: dict[int, int] = {}
+    for i in np.flatnonzero(ids[:-1] == ids[-1]):
+        successor = int(ids[i + 1])
+        if successor in breakers:
+            continue
+        length = 1
+        while length < DRY_MAX_MATCH and length <= i:
+            ending = int(ids[n - 1 - length])
+            if ids[i - length] != ending or ending in breakers:
+                break
+            length += 1
+        longest[successor] = max(length, longest.get(successor, 0))
+    allowed = params.dry_allowed_length
+    return {token: params.dry_multiplier * params.dry_base ** (length - allowed)
+            for token, length in longest.items() if length >= allowed}
+
+
 def apply_penalties(logits: np.ndarray, context: Sequence[int], prompt_len: int,
                     params: SamplingParams) -> np.ndarray:
-    """Steps 1 and 2 without the grammar: float (vocab,) logits -> a new float64 (vocab,) array.
+    """Steps 0 to 2 without the grammar: float (vocab,) logits -> a new float64 (vocab,) array.
 
     context: prompt + generated ids, the first `prompt_len` of them the prompt.
     """
     out = np.array(logits, dtype=np.float64)
     vocab = len(out)
+    for token, penalty in dry_penalties(context, params).items():
+        if token < vocab:
+            out[token] -= penalty
     generated = np.asarray(context[prompt_len:], dtype=np.int64)
     if (params.frequency_penalty or params.presence_penalty) and generated.size:
         counts = np.bincount(generated, minlength=vocab)[:vocab]

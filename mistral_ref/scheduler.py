@@ -145,14 +145,16 @@ class Scheduler:
 
     step_tokens: the most tokens one step runs (decode tokens first, prompt chunks in the rest);
     a long prompt is read over several steps. prefix_cache: None to recompute every prompt.
+    max_seqs: the most sequences (choices) a step runs: generations are admitted in submission
+    order while they fit (the first always runs), the rest wait.
     """
 
     def __init__(self, model: Model, tokenizer: Tokenizer, prefix_cache: PrefixCache | None = None,
-                 step_tokens: int = PREFILL_CHUNK):
+                 step_tokens: int = PREFILL_CHUNK, max_seqs: int | None = None):
         if step_tokens < 1:
             raise ValueError(f"step_tokens must be >= 1, got {step_tokens}")
         self.model, self.tokenizer, self.prefix_cache = model, tokenizer, prefix_cache
-        self.step_tokens = step_tokens
+        self.step_tokens, self.max_seqs = step_tokens, max_seqs
         self.generations: list[Generation] = []  # submitted and not done
         self.n_steps = 0
 
@@ -177,11 +179,12 @@ class Scheduler:
         """One forward pass over every running sequence and the next prompt chunks; the events it
         produces are appended to their generations."""
         work: list[tuple[list[int], KVCache, Callable[[np.ndarray], None]]] = []
-        for gen in self.generations:
+        running = self._admitted()
+        for gen in running:
             for seq in gen.decoding():
                 work.append((seq.context[-1:], seq.cache, lambda logits, g=gen, s=seq: self._advance(g, [s], logits)))
         budget = max(1, self.step_tokens - len(work))
-        for gen in self.generations:
+        for gen in running:
             if gen.prefilling and budget > 0:
                 start = gen.cache.length
                 chunk = gen.job.prompt_ids[start:start + budget]
@@ -198,6 +201,15 @@ class Scheduler:
             return
         for (_, _, then), logits in zip(work, all_logits):
             then(logits)
+
+    def _admitted(self) -> list[Generation]:
+        running, n_seqs = [], 0
+        for gen in self.generations:
+            if running and self.max_seqs is not None and n_seqs + gen.job.n_sequences > self.max_seqs:
+                break
+            running.append(gen)
+            n_seqs += gen.job.n_sequences
+        return running
 
     # -- after the forward pass ---------------------------------------------------------------
     def _prompt_read(self, gen: Generation, logits: np.ndarray) -> None:

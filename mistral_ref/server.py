@@ -44,7 +44,7 @@ from swagger_ui_bundle import swagger_ui_path  # Swagger UI 5's files (swagger-u
 
 from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRequest,
                                    ChatCompletionResponse, CompletionRequest, CompletionResponse, Usage,
-                                   completion_requests)
+                                   completion_requests, sum_usage)
 from mistral_ref.errors import InvalidRequestError, MistralRefError
 from mistral_ref.prefix_cache import DEFAULT_ENTRIES
 from mistral_ref.runner import Runner, Submission
@@ -436,7 +436,7 @@ class _Prompts:
                 self.usages[i], chunk.usage = chunk.usage or self.usages[i], None
                 ready.append(chunk)
         if ready and self.done:
-            ready[-1].usage = _sum_usage(self.usages)
+            ready[-1].usage = sum_usage(self.usages)
         yield from ready
 
     def response(self) -> CompletionResponse:
@@ -444,23 +444,11 @@ class _Prompts:
         for i, response in enumerate(responses):
             self._renumber(i, response)
         return dataclasses.replace(responses[0], choices=[c for r in responses for c in r.choices],
-                                   usage=_sum_usage([r.usage for r in responses]))
+                                   usage=sum_usage([r.usage for r in responses]))
 
     def _renumber(self, i: int, response: CompletionResponse) -> None:
         for choice in response.choices:
             choice.index += i * self.n
-
-
-def _sum_usage(usages: list[Usage | None]) -> Usage:
-    """The usage of prompts generated side by side: counts add up, times overlap (the longest)."""
-    counts = {name: sum(getattr(u, name) for u in usages if u is not None)
-              for name in ("completion_tokens", "prompt_tokens", "total_tokens")}
-    times = {name: max((getattr(u, name) for u in usages if u is not None), default=0.0)
-             for name in ("total_time_sec", "total_prompt_time_sec", "total_completion_time_sec")}
-    rate = lambda n, t: n / t if t else 0.0  # noqa: E731
-    return Usage(**counts, **times, avg_tok_per_sec=rate(counts["total_tokens"], times["total_time_sec"]),
-                 avg_prompt_tok_per_sec=rate(counts["prompt_tokens"], times["total_prompt_time_sec"]),
-                 avg_compl_tok_per_sec=rate(counts["completion_tokens"], times["total_completion_time_sec"]))
 
 
 class _OpenAILogprobs:

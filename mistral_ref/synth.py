@@ -130,7 +130,7 @@ def synth_model(dst: str | os.PathLike, preset: str = "tiny", file_type: str = "
         writer.add_file_type(int(FILE_TYPES[file_type][0]))
         writer.add_quantization_version(GGML_QUANT_VERSION)
         for key, value in sentencepiece_gguf_metadata(mistral_v1_tokenizer_path(progress)).items():
-            _add_value(writer, key, value)
+            add_metadata_value(writer, key, value)
         writer.add_chat_template(MISTRAL_INSTRUCT_TEMPLATE)
 
     def tensor_bytes(name: str) -> np.ndarray:
@@ -157,7 +157,7 @@ def _add_llama_hparams(writer: GGUFWriter, p: Preset, window: int | None) -> Non
         writer.add_sliding_window(window)
 
 
-def _add_value(writer: GGUFWriter, key: str, value) -> None:
+def add_metadata_value(writer: GGUFWriter, key: str, value) -> None:
     """Add a tokenizer metadata value with the GGUF type llama.cpp's converter gives it."""
     if isinstance(value, bool):
         writer.add_bool(key, value)

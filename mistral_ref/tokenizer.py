@@ -362,6 +362,20 @@ class Tokenizer:
                    add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
                    add_space_prefix=add_space_prefix, chat_template=md.get("tokenizer.chat_template"))
 
+    @classmethod
+    def of_model(cls, source: Any, tokenizer_json: str | os.PathLike | None = None) -> Tokenizer:
+        """The tokenizer of a loaded model file (a GGUFFile or Checkpoint: `model.file`): its
+        tokenizer.json when it has one (a checkpoint's) or `tokenizer_json` is given, read with the
+        file's metadata (BOS, EOS, chat template); else its GGUF tokenizer metadata."""
+        tokenizer_json = tokenizer_json or getattr(source, "tokenizer_json", None)
+        return (cls.from_tokenizer_json(tokenizer_json, source.metadata) if tokenizer_json
+                else cls.from_metadata(source.metadata))
+
+    def to_json(self) -> str:
+        """The vocabulary, merges, pre-tokenizer and added tokens as a HF tokenizer.json (what
+        `from_tokenizer_json` reads back); BOS/EOS and the chat template are not part of it."""
+        return self._parsing_backend.to_str(pretty=True)
+
     # -- encoding ---------------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -17,6 +17,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from mistral_ref.errors import InvalidRequestError
@@ -29,6 +30,25 @@ SYSTEM_PROMPT = (
     "<args-json-object>}}\n</tool_call>")
 _TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _MISTRAL = "[TOOL_CALLS]"
+
+
+SEARCH_TOOL = "search_the_web"  # offered with a request's web_search_options (mistral_ref.agentic)
+SEARCH_DESCRIPTION = "Search the web for current information; returns results with their content."
+
+
+def search_tool(description: str | None = None) -> dict[str, Any]:
+    """The web-search tool offered to the model when a request has web_search_options."""
+    return {"type": "function", "function": {
+        "name": SEARCH_TOOL, "description": description or SEARCH_DESCRIPTION,
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}},
+                       "required": ["query"]}}}
+
+
+class ToolChoice(Enum):
+    """mistral.rs's `ToolChoice` (the strings and objects of OpenAI's tool_choice work too)."""
+
+    NoTools = "None"
+    Auto = "Auto"
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,8 @@ class ToolSet:
 def check_tools(tools: Any, tool_choice: Any) -> ToolSet | None:
     """OpenAI's `tools` (mistral.rs: tool_schemas) and `tool_choice` as a ToolSet; None when no
     tools are given. Raises InvalidRequestError naming the field."""
+    if isinstance(tool_choice, ToolChoice):
+        tool_choice = tool_choice.value.lower()
     if tools is None:
         if tool_choice not in (None, "none"):
             raise InvalidRequestError("tool_choice", "needs tools")
@@ -56,6 +78,7 @@ def check_tools(tools: Any, tool_choice: Any) -> ToolSet | None:
     if not isinstance(tools, list) or not tools:
         raise InvalidRequestError("tools", f"must be a non-empty list of tools, got {tools!r}")
     functions: dict[str, dict[str, Any]] = {}
+    tools = [_parsed(tool) for tool in tools]
     for tool in tools:
         function = tool.get("function") if isinstance(tool, Mapping) and tool.get("type") == "function" else None
         name = function.get("name") if isinstance(function, Mapping) else None
@@ -77,6 +100,16 @@ def check_tools(tools: Any, tool_choice: Any) -> ToolSet | None:
         raise InvalidRequestError("tool_choice", f'must be "none", "auto", "required" or '
                                                  f'{{"type": "function", "function": {{"name": ...}}}}, got {tool_choice!r}')
     return ToolSet([dict(t) for t in tools], functions, choice)
+
+
+def _parsed(tool: Any) -> Any:
+    """A tool, or mistral.rs's form of one: its JSON text."""
+    if not isinstance(tool, str):
+        return tool
+    try:
+        return json.loads(tool)
+    except json.JSONDecodeError as e:
+        raise InvalidRequestError("tool_schemas", f"a tool schema is not valid JSON ({e}): {tool[:80]!r}") from None
 
 
 def with_tools(messages: Sequence[Mapping[str, Any]], tools: ToolSet | None,

@@ -53,7 +53,7 @@ def test_matmuls_of_mixed_formats_equal_matmul_each(activations, n_tokens):
 
 def test_matvec_covers_decode_types():
     assert set(MATVEC) >= {QType.Q4_K, QType.Q6_K, QType.Q5_K, QType.Q5_0, QType.Q5_1,
-                                 QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.F16, QType.F32}
+                                 QType.Q4_0, QType.Q4_1, QType.Q8_0, QType.F16, QType.BF16, QType.F32}
 
 
 @pytest.mark.parametrize("pool", [False, True])

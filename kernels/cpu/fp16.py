@@ -27,6 +27,19 @@ def half_to_float(typingctx, bits):
     return types.float32(bits), codegen
 
 
+@intrinsic
+def bfloat16_to_float(typingctx, bits):
+    """float32 value of the bfloat16 with bits `bits` (an integer; its low 16 bits): the float32
+    whose high half they are (a shift and a bitcast, which LLVM vectorizes). Exact."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.zext(builder.trunc(args[0], ir.IntType(16)), ir.IntType(32))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+    return types.float32(bits), codegen
+
+
 @numba.njit(inline="always", cache=True)
 def fp16_at(raw: np.ndarray, i: int) -> np.float32:
     """The little-endian fp16 stored at byte `i` of `raw` (uint8), as float32."""

@@ -22,7 +22,7 @@ from numba.extending import intrinsic, models, overload, register_model
 
 from . import FASTMATH, format_kernel, lanes
 from .dequant import q5_high_bits
-from .fp16 import fp16_at, half_to_float
+from .fp16 import bfloat16_to_float, fp16_at, half_to_float
 from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
@@ -276,6 +276,14 @@ def f16_row_dot(row, x, x_sums):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def bf16_row_dot(row, x, x_sums):
+    halves, s = row.view(np.uint16), F32(0)
+    for j in range(x.size):
+        s += bfloat16_to_float(halves[j]) * x[j]
+    return s
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def f32_row_dot(row, x, x_sums):
     values = row.view(np.float32)
     s = F32(0)
@@ -284,7 +292,7 @@ def f32_row_dot(row, x, x_sums):
     return s
 
 
-ROW_DOT = {QType.F32: f32_row_dot, QType.F16: f16_row_dot, QType.Q4_0: q4_0_row_dot,
+ROW_DOT = {QType.F32: f32_row_dot, QType.F16: f16_row_dot, QType.BF16: bf16_row_dot, QType.Q4_0: q4_0_row_dot,
            QType.Q4_1: q4_1_row_dot, QType.Q5_0: q5_0_row_dot, QType.Q5_1: q5_1_row_dot,
            QType.Q8_0: q8_0_row_dot, QType.Q4_K: q4_k_row_dot, QType.Q5_K: q5_k_row_dot,
            QType.Q6_K: q6_k_row_dot}
