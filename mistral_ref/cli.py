@@ -72,21 +72,22 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model or default_model_path(), host=args.host, port=args.port, api_key=args.api_key,
           model_id=args.model_id, max_queue=args.max_queue, max_running=args.max_running,
           chat_template=args.chat_template, seed=args.seed, shutdown_timeout=args.shutdown_timeout,
-          log_level=args.log_level, prefix_cache_n=args.prefix_cache_n)
+          log_level=args.log_level, prefix_cache_n=args.prefix_cache_n, in_situ_quant=args.isq)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """Chat with a model in the terminal (streaming replies, history, /reset, /system, /exit)."""
     from mistral_ref.chat import HELP, chat_loop
     from mistral_ref.models import default_model_path
-    from mistral_ref.runner import Runner, Which
+    from mistral_ref.runner import Runner
+    from mistral_ref.which import which_of_path
 
     try:
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
-    runner = Runner(which=Which.GGUF(str(args.model or default_model_path())),
-                    chat_template=args.chat_template, seed=args.seed)
+    runner = Runner(which=which_of_path(args.model or default_model_path()),
+                    chat_template=args.chat_template, seed=args.seed, in_situ_quant=args.isq)
     print(f"{runner.model_id}: {HELP}")
     chat_loop(runner, input, sys.stdout, system=args.system, max_tokens=args.max_tokens,
               temperature=args.temperature)
@@ -213,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
     serve = sub.add_parser("serve", help=cmd_serve.__doc__)
-    serve.add_argument("--model", help="GGUF file (default: the default model)")
+    serve.add_argument("--model", help="GGUF file or checkpoint directory (default: the default model)")
+    serve.add_argument("--isq", help="quantize the weights while loading (mistral.rs's ISQ names: Q4K, Q8_0, ...)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
     chat = sub.add_parser("chat", help=cmd_chat.__doc__)
-    chat.add_argument("--model", help="GGUF file (default: the default model)")
+    chat.add_argument("--model", help="GGUF file or checkpoint directory (default: the default model)")
+    chat.add_argument("--isq", help="quantize the weights while loading (Q4K, Q8_0, ...)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
     chat.add_argument("--temperature", type=float, default=0.7, help="0: greedy")

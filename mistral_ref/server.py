@@ -725,16 +725,16 @@ def serve(model_path: str | os.PathLike, host: str = "127.0.0.1", port: int = 80
           api_key: str | None = None, model_id: str | None = None, max_queue: int = 32,
           max_running: int = 8, chat_template: str | None = None, seed: int | None = None,
           shutdown_timeout: float = 10.0, log_level: str = "info",
-          prefix_cache_n: int = DEFAULT_ENTRIES) -> None:
-    """Load the model and serve it until SIGINT/SIGTERM. In-flight requests then get up to
-    `shutdown_timeout` s to finish; what is left is cancelled. prefix_cache_n: sequences the
-    prefix cache keeps (0: off)."""
+          prefix_cache_n: int = DEFAULT_ENTRIES, in_situ_quant: str | None = None) -> None:
+    """Load the model (a GGUF file or a checkpoint directory) and serve it until SIGINT/SIGTERM.
+    In-flight requests then get up to `shutdown_timeout` s to finish; what is left is cancelled.
+    prefix_cache_n: sequences the prefix cache keeps (0: off); in_situ_quant: an ISQ type."""
     import uvicorn
 
-    from mistral_ref.runner import Which
+    from mistral_ref.which import which_of_path
 
-    runner = Runner(which=Which.GGUF(str(model_path)), chat_template=chat_template, seed=seed,
-                    prefix_cache_n=prefix_cache_n)
+    runner = Runner(which=which_of_path(model_path), chat_template=chat_template, seed=seed,
+                    prefix_cache_n=prefix_cache_n, in_situ_quant=in_situ_quant)
     app = create_app(runner, model_id=model_id, api_key=api_key, max_queue=max_queue,
                      max_running=max_running)
     engine = app.state.server.engine

@@ -208,6 +208,11 @@ class Which:
 GGUF_VARIANTS = (Which.GGUF, Which.MistralGGUF)
 
 
+def which_of_path(path: str | os.PathLike) -> Which.GGUF | Which.Plain:
+    """The `Which` of a local model path: a checkpoint directory or a GGUF file (the CLI's MODEL)."""
+    return Which.Plain(str(path)) if Path(path).is_dir() else Which.GGUF(str(path))
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """What a `Which` resolves to: a GGUF file or a checkpoint directory, and the tokenizer.json

@@ -326,3 +326,11 @@ def test_isq_of_an_f16_gguf_runs_and_matches_kernels_quantize(tmp_path, weights)
     np.testing.assert_array_equal(t.data, want.reshape(-1))
     out = runner.send_chat_completion_request(ChatCompletionRequest([{"role": "user", "content": "hi"}], max_tokens=3))
     assert out.usage.completion_tokens == 3
+
+
+def test_export_hf_cli(tmp_path, f32_gguf, capsys):
+    from mistral_ref.cli import main
+    assert main(["export-hf", str(tmp_path / "out"), "--model", str(f32_gguf), "--dtype", "BF16"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    c = load_checkpoint(tmp_path / "out")
+    assert c.tensors["blk.0.ffn_up.weight"].qtype == QType.BF16 and c.config.sliding_window == 16

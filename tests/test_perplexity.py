@@ -206,3 +206,24 @@ def test_compare_cli_against_llama_cpp(tiny, tmp_path, capsys):
     assert summary["positions"] > 10 and summary["top1_agreement"] >= 0.9 and summary["mean_kld"] < 1e-2
     assert report.with_suffix(".png").stat().st_size > 1000
     assert len(json.loads(report.read_text())["prompts"]) == 2
+
+
+@pytest.mark.oracle
+def test_compare_against_transformers_on_a_checkpoint(tiny, tmp_path):
+    pytest.importorskip("transformers")
+    from mistral_ref.checkpoint import save_checkpoint
+    from mistral_ref.compare import Comparer
+    checkpoint = save_checkpoint(tiny, tmp_path / "hf", "F32", progress=False)
+    result = Comparer(checkpoint, "transformers").compare("the miller counted his sacks of grain")
+    assert len(result["kld"]) == len(result["token_ids"]) > 5
+    assert max(result["max_abs_logit_diff"]) < 1e-3 and all(result["top1_agree"])
+
+
+@pytest.mark.oracle
+def test_compare_against_mistralrs(default_model):
+    pytest.importorskip("mistralrs")
+    from mistral_ref.compare import Comparer
+    result = Comparer(default_model, "mistralrs", activations="q8").compare("The quick brown fox jumps")
+    scored = [v for v in result["kld"] if v is not None]
+    assert len(scored) >= len(result["token_ids"]) - 1 and max(scored) < 0.1
+    assert np.mean([a for a in result["top1_agree"] if a is not None]) >= 0.8

@@ -151,3 +151,26 @@ def test_file_bytes_equal_llama_cpp(source, default_model, tiny_q8, tmp_path):
     for name in b.tensors:
         assert np.array_equal(a.tensors[name].data, b.tensors[name].data), name
     assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_float_and_legacy_file_types_follow_llama_cpp(tmp_path, tiny_q8):
+    """llama.cpp applies its per-tensor rules only to quantized file types: F32 and F16 files are
+    all F32 / F16; the legacy types keep their type except the output matrix (Q6_K, or Q8_0 when
+    its rows are no whole number of super-blocks)."""
+    TensorSpec, tensor_types = q.TensorSpec, q.tensor_types
+    f = load_gguf(tiny_q8)
+    specs = [TensorSpec(t.name, t.shape, t.qtype) for t in f.tensors.values()]
+    for file_type, qtype in (("F32", QType.F32), ("F16", QType.F16)):
+        types = tensor_types(specs, file_type, f.config.n_layers)
+        assert {types[s.name] for s in specs if len(s.shape) == 2} == {qtype}
+    types = tensor_types(specs, "Q5_1", f.config.n_layers)
+    assert types["blk.0.attn_v.weight"] == types["blk.1.ffn_down.weight"] == QType.Q5_1
+    assert types.get("output.weight", types["token_embd.weight"]) in (QType.Q6_K, QType.Q8_0)
+    out = tmp_path / "f32.gguf"
+    q.quantize_file(tiny_q8, out, "F32", progress=False)
+    g = load_gguf(out)
+    assert g.metadata["general.file_type"] == 0
+    t = f.tensors["blk.0.attn_q.weight"]
+    np.testing.assert_array_equal(
+        g.tensors["blk.0.attn_q.weight"].data.view(np.float32),
+        kernels.dequantize(t.data, t.qtype, t.shape).reshape(-1))
