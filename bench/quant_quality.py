@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--ray", nargs="?", const="", default=None)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--from-json", type=Path, help="only plot these saved results")
     args = parser.parse_args()
+    if args.from_json:
+        return plot(json.loads(args.from_json.read_text()), args)
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "smollm2-f32.gguf"
         quantize_file(default_model_path(), f32, "F32", progress=False)
@@ -71,20 +74,26 @@ def main() -> None:
 
 
 def plot(results: dict, args: argparse.Namespace) -> None:
+    """Perplexity and KL divergence against bits per weight, one colour per file type; the F32
+    file as a line (its 32 bits would squash the axis)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in results.items():
-        left.errorbar(r["bpw"], r["ppl"], yerr=r["ppl_stderr"], fmt="o")
-        left.annotate(name, (r["bpw"], r["ppl"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-        if name != "F32":
-            right.errorbar(r["bpw"], r["kld"], yerr=r["kld_stderr"], fmt="o")
-            right.annotate(name, (r["bpw"], r["kld"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    left.set(xlabel="bits per weight (whole file)", ylabel="perplexity",
-             title=f"SmolLM2-135M-Instruct, Pride and Prejudice, {args.chunks} x {args.ctx} tokens")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    f32 = results["F32"]
+    left.axhline(f32["ppl"], color="grey", linestyle="--", label=f"F32: {f32['ppl']:.2f}")
+    for (name, r), colour in zip([(n, r) for n, r in results.items() if n != "F32"], colours):
+        left.errorbar(r["bpw"], r["ppl"], yerr=r["ppl_stderr"], fmt="o", color=colour, capsize=3)
+        left.annotate(name, (r["bpw"], r["ppl"]), fontsize=8, xytext=(5, 2), textcoords="offset points")
+        if r["kld"] > 1e-6:  # Q4_1 is the original's own format: its KLD is 0 within the file's rounding
+            right.errorbar(r["bpw"], r["kld"], yerr=r["kld_stderr"], fmt="o", color=colour, capsize=3)
+            right.annotate(name, (r["bpw"], r["kld"]), fontsize=8, xytext=(5, 2), textcoords="offset points")
+    left.set(xlabel="bits per weight (whole file)", ylabel="perplexity (± standard error)",
+             title=f"SmolLM2-135M-Instruct on Pride and Prejudice, {args.chunks} x {args.ctx} tokens")
     right.set(xlabel="bits per weight (whole file)", ylabel="mean KL divergence from F32", yscale="log",
-              title="KL divergence (llama.cpp's method)")
+              title="KL divergence from the F32 file (llama.cpp's method)")
+    left.legend(fontsize=8)
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -177,32 +177,15 @@ class Which:
         def __init__(self, *args: Any, **kwargs: Any):
             self.args, self.kwargs = args, kwargs
 
-    class MultimodalPlain(_Refused):
-        kind = "multimodal (vision / audio) models"
-
-    class Embedding(_Refused):
-        kind = "embedding models"
-
-    class DiffusionPlain(_Refused):
-        kind = "diffusion (image generation) models"
-
-    class Speech(_Refused):
-        kind = "speech models"
-
-    class Lora(_Refused):
-        kind = "LoRA adapters"
-
-    class XLora(_Refused):
-        kind = "X-LoRA adapters"
-
-    class LoraGGUF(_Refused):
-        kind = "LoRA adapters"
-
-    class XLoraGGUF(_Refused):
-        kind = "X-LoRA adapters"
-
-    class GGML(_Refused):
-        kind = "GGML (pre-GGUF) files"
+    MultimodalPlain = type("MultimodalPlain", (_Refused,), {"kind": "multimodal (vision / audio) models"})
+    Embedding = type("Embedding", (_Refused,), {"kind": "embedding models"})
+    DiffusionPlain = type("DiffusionPlain", (_Refused,), {"kind": "diffusion (image generation) models"})
+    Speech = type("Speech", (_Refused,), {"kind": "speech models"})
+    Lora = type("Lora", (_Refused,), {"kind": "LoRA adapters"})
+    XLora = type("XLora", (_Refused,), {"kind": "X-LoRA adapters"})
+    LoraGGUF = type("LoraGGUF", (_Refused,), {"kind": "LoRA adapters"})
+    XLoraGGUF = type("XLoraGGUF", (_Refused,), {"kind": "X-LoRA adapters"})
+    GGML = type("GGML", (_Refused,), {"kind": "GGML (pre-GGUF) files"})
 
 
 GGUF_VARIANTS = (Which.GGUF, Which.MistralGGUF)

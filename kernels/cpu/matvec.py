@@ -268,19 +268,22 @@ def q6_k_row_dot(row, x, x_sums):
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
-def f16_row_dot(row, x, x_sums):
+def _half_row_dot(row, x, bfloat16):
+    """row . x for a row of 16-bit floats: IEEE halves, or with `bfloat16` bfloat16s."""
     halves, s = row.view(np.uint16), F32(0)
     for j in range(x.size):
-        s += half_to_float(halves[j]) * x[j]
+        s += (bfloat16_to_float(halves[j]) if bfloat16 else half_to_float(halves[j])) * x[j]
     return s
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+def f16_row_dot(row, x, x_sums):
+    return _half_row_dot(row, x, False)
+
+
+@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
 def bf16_row_dot(row, x, x_sums):
-    halves, s = row.view(np.uint16), F32(0)
-    for j in range(x.size):
-        s += bfloat16_to_float(halves[j]) * x[j]
-    return s
+    return _half_row_dot(row, x, True)
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
