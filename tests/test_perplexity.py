@@ -227,3 +227,17 @@ def test_compare_against_mistralrs(default_model):
     scored = [v for v in result["kld"] if v is not None]
     assert len(scored) >= len(result["token_ids"]) - 1 and max(scored) < 0.1
     assert np.mean([a for a in result["top1_agree"] if a is not None]) >= 0.8
+
+
+@pytest.mark.oracle
+def test_compare_on_ray_equals_local(tiny):
+    pytest.importorskip("ray")
+    pytest.importorskip("llama_cpp")
+    from mistral_ref.compare import Comparer
+    calls = [("the river ran past the mill",), ("snow came down from the hills",)]
+    local = list(ordered_results(Comparer, (str(tiny), "llama_cpp", "q8"), "compare", calls))
+    remote = list(ordered_results(Comparer, (str(tiny), "llama_cpp", "q8"), "compare", calls, "", 2))
+    for a, b in zip(local, remote):
+        assert a["token_ids"] == b["token_ids"]
+        np.testing.assert_allclose(a["kld"], b["kld"], rtol=1e-6, atol=1e-9)
+        assert a["top1_agree"] == b["top1_agree"]

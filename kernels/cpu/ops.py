@@ -76,15 +76,13 @@ def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
     the positions before `start_pos` that the chunk can see. The query at position p sees keys at
     positions max(0, p - window + 1) .. p (window = 0: all of them). Keys of the chunk come from
     k_new; earlier ones from the cache, so the cache may be written after this call.
-    out: float32 (T, H, D). One online-softmax pass over the keys per (token, KV head), for all
-    the query heads sharing that KV head at once: each key and value is read once per group.
+    out: float32 (T, H, D). One online-softmax pass over the keys per (token, head).
     """
     n_tokens, n_heads, head_dim = q.shape
-    n_kv = k_new.shape[1]
-    group = n_heads // n_kv
-    for tk in prange(n_tokens * n_kv):
-        t, kv = tk // n_kv, tk % n_kv
-        _attend_group(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, kv, out[t, kv * group:(kv + 1) * group])
+    group = n_heads // k_new.shape[1]
+    for th in prange(n_tokens * n_heads):
+        t, h = th // n_heads, th % n_heads
+        _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, h // group, out[t, h])
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
@@ -96,18 +94,18 @@ def decode_attention(q, k_new, v_new, k_addresses, v_addresses, slots, layer, st
     (n_layers, KV, S_b, D) arrays given by their data addresses (int64 (B,) each; a list of arrays
     would be a Numba typed list, whose constructor compiles in every new process) and slot counts
     S_b (int64 (B,)); `layer` is used. starts: int64 (B,), each sequence's position.
-    out: float32 (B, H, D). Each query's arithmetic is `attention`'s (the same `_attend_group`),
-    so a sequence gets the same bits either way.
+    out: float32 (B, H, D). Each query's arithmetic is `attention`'s (the same `_attend`), so a
+    sequence gets the same bits either way.
     """
     n_seqs, n_heads, head_dim = q.shape
     n_kv = k_new.shape[1]
     group = n_heads // n_kv
-    for bk in prange(n_seqs * n_kv):
-        b, kv = bk // n_kv, bk % n_kv
+    for bh in prange(n_seqs * n_heads):
+        b, h = bh // n_heads, bh % n_heads
         k_cache = _layer_view(k_addresses[b], layer, n_kv, slots[b], head_dim)
         v_cache = _layer_view(v_addresses[b], layer, n_kv, slots[b], head_dim)
-        _attend_group(q[b:b + 1], k_new[b:b + 1], v_new[b:b + 1], k_cache, v_cache, starts[b], window, 0, kv,
-                      out[b, kv * group:(kv + 1) * group])
+        _attend(q[b:b + 1], k_new[b:b + 1], v_new[b:b + 1], k_cache, v_cache, starts[b], window, 0, h,
+                h // group, out[b, h])
     _write_slots(k_new, k_addresses, slots, layer, starts)  # after every read: a query may read
     _write_slots(v_new, v_addresses, slots, layer, starts)  # the slot a write reuses
 
@@ -137,42 +135,36 @@ def _float32_pointer(typingctx, address):
 
 
 @numba.njit(fastmath=FASTMATH, inline="always")
-def _attend_group(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, kv, acc):
-    """acc (G, D) = the attention of token t's G query heads that share KV head `kv` (heads
-    kv * G ..), at position start_pos + t, over their visible keys (see `attention`): one
-    online-softmax pass per head, each key and value read once for the G of them (decode reads
-    the cache, not the queries: G times fewer bytes)."""
-    group, head_dim, n_slots = acc.shape[0], q.shape[2], k_cache.shape[1]
+def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc):
+    """acc (D,) = the attention of query (t, h), at position start_pos + t, over its visible keys
+    (see `attention`): one online-softmax pass."""
+    head_dim, n_slots = q.shape[2], k_cache.shape[1]
     scale = F32(1.0 / math.sqrt(head_dim))
     pos = start_pos + t
     first = max(0, pos - window + 1) if window > 0 else 0
-    h0 = kv * group
     acc[:] = 0
-    best = np.full(group, -np.inf)  # float64, so exp(best - score) is taken in float64
-    total = np.zeros(group, np.float32)
+    best, total = -np.inf, F32(0)
     for p in range(first, pos + 1):
         if p >= start_pos:
             key, value = k_new[p - start_pos, kv], v_new[p - start_pos, kv]
         else:
             key, value = k_cache[kv, p % n_slots], v_cache[kv, p % n_slots]
-        for g in range(group):
-            score = F32(0)
-            for i in range(head_dim):
-                score += q[t, h0 + g, i] * key[i]
-            score *= scale
-            if score > best[g]:  # rescale what was accumulated under the old maximum
-                correction = F32(math.exp(best[g] - score))
-                total[g] *= correction
-                for i in range(head_dim):
-                    acc[g, i] *= correction
-                best[g] = score
-            weight = F32(math.exp(score - best[g]))
-            total[g] += weight
-            for i in range(head_dim):
-                acc[g, i] += weight * value[i]
-    for g in range(group):
+        score = F32(0)
         for i in range(head_dim):
-            acc[g, i] /= total[g]
+            score += q[t, h, i] * key[i]
+        score *= scale
+        if score > best:  # rescale what was accumulated under the old maximum
+            correction = F32(math.exp(best - score))
+            total *= correction
+            for i in range(head_dim):
+                acc[i] *= correction
+            best = score
+        weight = F32(math.exp(score - best))
+        total += weight
+        for i in range(head_dim):
+            acc[i] += weight * value[i]
+    for i in range(head_dim):
+        acc[i] /= total
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
