@@ -527,6 +527,15 @@ _SAMPLING_FIELDS: dict[str, tuple[dict, Any, str]] = {  # name: (schema, default
     "response_format": ({"type": ["object", "null"], "properties": {
         "type": {"enum": ["text", "json_object", "json_schema"]}, "json_schema": {"type": "object"}}},
         None, "OpenAI's: text, json_object (any JSON object), json_schema (its `schema`)."),
+    "dry_multiplier": ({**_NULLABLE_NUMBER, "minimum": 0}, None, "DRY repetition penalty (mistral.rs's); "
+                       "off when null or 0."),
+    "dry_base": ({**_NULLABLE_NUMBER, "minimum": 1}, None, "DRY base, default 1.75."),
+    "dry_allowed_length": ({**_NULLABLE_INT, "minimum": 0}, None, "Repeats DRY lets pass, default 2."),
+    "dry_sequence_breakers": ({"type": ["array", "null"], "items": {"type": "string"}}, None,
+                              "Strings that end a DRY repeat (default newline, colon, quote, star)."),
+    "ignore_eos": ({"type": "boolean"}, False, "Do not stop at the model's end-of-generation tokens."),
+    "truncate_sequence": ({"type": "boolean"}, False, "Cut a prompt that does not fit the context "
+                          "from its start instead of refusing it."),
 }
 _CHAT_FIELDS = {
     "messages": ({"anyOf": [{"type": "array", "items": {"type": "object", "required": ["role", "content"],
@@ -537,6 +546,9 @@ _CHAT_FIELDS = {
     **_SAMPLING_FIELDS,
     "logprobs": ({"type": "boolean"}, False, "Default false."),
     "top_logprobs": ({**_NULLABLE_INT, "minimum": 0, "maximum": 20}, None, "Alternatives per token."),
+    "enable_thinking": ({"type": ["boolean", "null"]}, None, "Passed to the chat template."),
+    "reasoning_effort": ({"enum": ["off", "none", "low", "medium", "high", "xhigh", None]}, None,
+                         "Passed to the chat template."),
 }
 _COMPLETION_FIELDS = {
     "prompt": ({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "integer"}},
