@@ -57,9 +57,14 @@ class Device(Protocol):
         """x @ W.T: rows uint8 (n_rows, row_bytes), W in format `qtype`; x (T, n). Returns
         (T, n_rows)."""
 
-    def matmuls(self, weights: Sequence[tuple[Array, QType]], x: Array) -> list[Array]:
-        """[matmul(rows, qtype, x) for each (rows, qtype)]: matrices sharing their input (q, k, v;
-        gate, up), so that x is prepared (quantized, with q8 activations) once."""
+    def prepare(self, weights: Sequence[tuple[Array, QType]]) -> Any:
+        """Matrices that share their input (q, k, v; gate, up; or one alone), each (rows, qtype)
+        as `matmul` takes them, checked and grouped once (when a model loads) in the form
+        `matmuls` takes."""
+
+    def matmuls(self, prepared: Any, x: Array) -> list[Array]:
+        """[matmul(rows, qtype, x) for each matrix of `prepared`]: x is prepared (quantized, with
+        q8 activations) once for all of them."""
 
     def embed(self, rows: Array, qtype: QType, tokens: np.ndarray, dim: int) -> Array:
         """Rows `tokens` (int64 (T,), host) of an embedding table (vocab, row_bytes), dequantized:
@@ -139,8 +144,11 @@ class HostDevice:
     def matmul(self, rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
         return dispatch.matmul(rows, qtype, x, self.backend, self.scratch, self.activations)
 
-    def matmuls(self, weights: Sequence[tuple[np.ndarray, QType]], x: np.ndarray) -> list[np.ndarray]:
-        return dispatch.matmuls(weights, x, self.backend, self.scratch, self.activations)
+    def prepare(self, weights: Sequence[tuple[np.ndarray, QType]]) -> dispatch.Matmuls:
+        return dispatch.Matmuls(weights, self.backend, self.activations)
+
+    def matmuls(self, prepared: dispatch.Matmuls, x: np.ndarray) -> list[np.ndarray]:
+        return prepared(x, self.scratch)
 
     def embed(self, rows: np.ndarray, qtype: QType, tokens: np.ndarray, dim: int) -> np.ndarray:
         return dispatch.dequantize(rows[tokens], qtype, (len(tokens), dim), self.backend)

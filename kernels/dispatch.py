@@ -19,7 +19,6 @@ from .cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
 from .cpu.matvec import MATVEC as CPU_MATVEC
 from .cpu.quant import QUANTIZE as CPU_QUANTIZE
 from .cpu.vec_dot import MATMUL_Q8 as CPU_MATMUL_Q8
-from .cpu.vec_dot import SUPER_BLOCK_TYPES, quantize_activations
 from .formats import FORMATS, QK, QK_K, BlockFormat, block_format
 from .reference import ops as reference_ops
 from .reference import vec_dot as reference_vec_dot
@@ -36,7 +35,7 @@ ACTIVATIONS = ("f32", "q8")
 _THREADPOOLS = ThreadpoolController()
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat",
-           "add_", "attention", "block_format", "cache_list", "decode_attention", "dequantize",
+           "Matmuls", "add_", "attention", "block_format", "cache_list", "decode_attention", "dequantize",
            "kv_write_", "matmul", "matmuls", "quantize", "rmsnorm", "rope", "swiglu"]
 
 
@@ -144,42 +143,67 @@ def matmuls(weights: Sequence[tuple[np.ndarray, QType | str | int]], x: np.ndarr
             backend: str = "cpu", scratch: np.ndarray | None = None,
             activations: str = "f32") -> list[np.ndarray]:
     """[x @ W.T for each (rows, qtype) of `weights`]: matmul for matrices that share their input
-    (q, k, v; gate, up). With "q8" activations x is quantized once per activation format, and the
-    matrices of one format run in one kernel call (one parallel loop over all their rows)."""
-    check_backend(backend)
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
-    if x.ndim != 2 or x.dtype != np.float32:
-        raise ValueError(f"activations must be float32 (T, n), got {x.dtype} {x.shape}")
-    x = np.ascontiguousarray(x)
-    checked = []
-    for rows, qtype in weights:
-        fmt = block_format(qtype)
-        if rows.ndim != 2 or rows.shape[1] != fmt.row_bytes(x.shape[1]):
+    (q, k, v; gate, up). With "q8" activations the matrices of one format run in one kernel call,
+    which quantizes x once for all of them (one parallel loop over all their rows)."""
+    return Matmuls(weights, backend, activations)(x, scratch)
+
+
+class Matmuls:
+    """Matrices that share their input (q, k and v; gate and up; or one alone), checked and
+    grouped by kernel once, when a model loads: calling it with x returns [x @ W.T for each].
+    A decode step makes ~120 of these calls on small matrices, where checking the weights and
+    building the kernels' argument tuples on every call cost as much as a third of the step."""
+
+    def __init__(self, weights: Sequence[tuple[np.ndarray, QType | str | int]], backend: str = "cpu",
+                 activations: str = "f32"):
+        check_backend(backend)
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"unknown activations {activations!r} (choose from {', '.join(ACTIVATIONS)})")
+        self.backend, self.activations = backend, activations
+        self.weights = []
+        for rows, qtype in weights:
+            fmt = block_format(qtype)
+            if rows.ndim != 2 or rows.shape[1] % fmt.type_size:
+                raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} are not whole blocks")
+            self.weights.append((read_only(np.ascontiguousarray(rows)), fmt))
+        widths = {rows.shape[1] // fmt.type_size * fmt.block_size for rows, fmt in self.weights}
+        if len(widths) > 1:
+            raise ValueError(f"matrices sharing an input have rows of {sorted(widths)} weights")
+        self.width = widths.pop() if widths else None  # weights a row, the input's width
+        self.fused: dict[QType, tuple[list[int], tuple]] = {}  # q8 matrices by format: one call each
+        if backend == "cpu" and activations == "q8":
+            for i, (rows, fmt) in enumerate(self.weights):
+                if fmt.qtype in reference_vec_dot.VEC_DOT:
+                    self.fused.setdefault(fmt.qtype, ([], []))[0].append(i)
+            self.fused = {qtype: (group, tuple(self.weights[i][0] for i in group))
+                          for qtype, (group, _) in self.fused.items()}
+
+    def __call__(self, x: np.ndarray, scratch: np.ndarray | None = None) -> list[np.ndarray]:
+        """x: float32 (T, n). Returns float32 (T, n_rows) for each matrix, in order."""
+        if x.ndim != 2 or x.dtype != np.float32:
+            raise ValueError(f"activations must be float32 (T, n), got {x.dtype} {x.shape}")
+        x = np.ascontiguousarray(x)
+        if self.width is not None and x.shape[1] != self.width:
+            rows, fmt = self.weights[0]
+            fmt.row_bytes(x.shape[1])  # raises when blocks do not tile x's rows
             raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of "
                              f"{x.shape[1]} weights")
-        checked.append((read_only(np.ascontiguousarray(rows)), fmt.qtype))
-    outs = [np.empty((x.shape[0], rows.shape[0]), np.float32) for rows, _ in checked]
-    quantized: dict[bool, tuple] = {}  # by Q8_K (True) or Q8_0/Q8_1 (False)
-    fused: dict[QType, list[int]] = {}  # q8 matrices by format: one kernel call for each format
-    for i, (rows, qtype) in enumerate(checked):
-        q8 = activations == "q8" and qtype in reference_vec_dot.VEC_DOT  # formats with q8 numerics
-        if backend == "reference":
-            outs[i][:] = (np.stack([reference_vec_dot.matvec_q8(rows, qtype, column) for column in x])
-                          if q8 else reference_ops.matmul(rows, qtype, x))
-        elif q8:
-            fused.setdefault(qtype, []).append(i)
-        elif x.shape[0] == 1 and qtype in CPU_MATVEC:
-            CPU_MATVEC[qtype](rows, x[0], outs[i][0])
-        else:
-            scratch = _multiply_dequantized_any(rows, qtype, x, outs[i], scratch)
-    for qtype, group in fused.items():
-        super_blocks = qtype in SUPER_BLOCK_TYPES
-        if super_blocks not in quantized:
-            quantized[super_blocks] = quantize_activations(x, super_blocks)
-        CPU_MATMUL_Q8[qtype](tuple(checked[i][0] for i in group), *quantized[super_blocks],
-                             tuple(outs[i] for i in group))
-    return outs
+        outs = [np.empty((x.shape[0], rows.shape[0]), np.float32) for rows, _ in self.weights]
+        q8 = self.activations == "q8"
+        for i, (rows, fmt) in enumerate(self.weights):
+            if self.backend == "reference":
+                with_q8 = q8 and fmt.qtype in reference_vec_dot.VEC_DOT  # formats with q8 numerics
+                outs[i][:] = (np.stack([reference_vec_dot.matvec_q8(rows, fmt.qtype, column) for column in x])
+                              if with_q8 else reference_ops.matmul(rows, fmt.qtype, x))
+            elif fmt.qtype in self.fused:
+                continue
+            elif x.shape[0] == 1 and fmt.qtype in CPU_MATVEC:
+                CPU_MATVEC[fmt.qtype](rows, x[0], outs[i][0])
+            else:
+                scratch = _multiply_dequantized_any(rows, fmt.qtype, x, outs[i], scratch)
+        for qtype, (group, matrices) in self.fused.items():
+            CPU_MATMUL_Q8[qtype](matrices, x, tuple(outs[i] for i in group))
+        return outs
 
 
 def _multiply_dequantized_any(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,

@@ -11,7 +11,7 @@ import copy
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as QType
@@ -62,15 +62,14 @@ class Weight(NamedTuple):
 
 @dataclass(frozen=True)
 class Layer:
+    """One transformer block's weights; the matrices as the device prepared them (`Device.prepare`),
+    those that share an input together."""
     attn_norm: np.ndarray  # float32 (dim,)
-    wq: Weight             # (H * D, dim)
-    wk: Weight             # (KV * D, dim)
-    wv: Weight             # (KV * D, dim)
-    wo: Weight             # (dim, H * D)
+    qkv: Any               # wq (H * D, dim), wk (KV * D, dim), wv (KV * D, dim)
+    wo: Any                # (dim, H * D)
     ffn_norm: np.ndarray   # float32 (dim,)
-    w_gate: Weight         # (ffn_dim, dim)
-    w_up: Weight           # (ffn_dim, dim)
-    w_down: Weight         # (dim, ffn_dim)
+    gate_up: Any           # w_gate, w_up (ffn_dim, dim)
+    down: Any              # (dim, ffn_dim)
 
 
 class Model:
@@ -88,14 +87,13 @@ class Model:
         vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape,
                                                             backend))
         matrix = lambda name: Weight(dev.upload(self._check_type(t[name], name).rows), t[name].qtype)
-        self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrix(f"blk.{i}.attn_q.weight"),
-                             matrix(f"blk.{i}.attn_k.weight"), matrix(f"blk.{i}.attn_v.weight"),
-                             matrix(f"blk.{i}.attn_output.weight"), vector(f"blk.{i}.ffn_norm.weight"),
-                             matrix(f"blk.{i}.ffn_gate.weight"), matrix(f"blk.{i}.ffn_up.weight"),
-                             matrix(f"blk.{i}.ffn_down.weight")) for i in range(c.n_layers)]
+        matrices = lambda i, *names: dev.prepare([matrix(f"blk.{i}.{name}.weight") for name in names])
+        self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrices(i, "attn_q", "attn_k", "attn_v"),
+                             matrices(i, "attn_output"), vector(f"blk.{i}.ffn_norm.weight"),
+                             matrices(i, "ffn_gate", "ffn_up"), matrices(i, "ffn_down")) for i in range(c.n_layers)]
         self.embedding = matrix("token_embd.weight")
         self.output_norm = vector("output_norm.weight")
-        self.output = self.embedding if c.tied_embeddings else matrix("output.weight")
+        self.output = dev.prepare([self.embedding if c.tied_embeddings else matrix("output.weight")])
         # RoPE frequency of pair i: theta^(-2i / rope_dim), in float64 (see kernels.cpu.ops.rope).
         self.inv_freq = dev.upload(c.rope_theta ** (-np.arange(0, c.rope_dim, 2, dtype=np.float64) / c.rope_dim))
 
@@ -203,7 +201,7 @@ class Model:
         x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
-            q, k, v = self._linears((layer.wq, layer.wk, layer.wv), h)
+            q, k, v = dev.matmuls(layer.qkv, h)
             q = dev.rope(q.reshape(n_tokens, c.n_heads, c.head_dim), positions, self.inv_freq)
             k = dev.rope(k.reshape(n_tokens, c.n_kv_heads, c.head_dim), positions, self.inv_freq)
             v = v.reshape(n_tokens, c.n_kv_heads, c.head_dim)
@@ -215,8 +213,8 @@ class Model:
             attn = dev.concat(parts)
             dev.add_(x, self._linear(layer.wo, attn.reshape(n_tokens, c.n_heads * c.head_dim)))
             h = dev.rmsnorm(x, layer.ffn_norm, c.norm_eps)
-            gate_up = dev.swiglu(*self._linears((layer.w_gate, layer.w_up), h))
-            dev.add_(x, self._linear(layer.w_down, gate_up))
+            gate_up = dev.swiglu(*dev.matmuls(layer.gate_up, h))
+            dev.add_(x, self._linear(layer.down, gate_up))
         for t, cache in batch:
             cache.length += len(t)
         return dev.rmsnorm(x, self.output_norm, c.norm_eps)
@@ -228,12 +226,8 @@ class Model:
         self.device.kv_write_(cache.k[layer], cache.v[layer], cache.length, k, v)
         return out
 
-    def _linear(self, w: Weight, x):
-        return self.device.matmul(w.rows, w.qtype, x)
-
-    def _linears(self, weights: Sequence[Weight], x) -> list:
-        """x through several matrices at once: the device quantizes x once for all of them."""
-        return self.device.matmuls([(w.rows, w.qtype) for w in weights], x)
+    def _linear(self, prepared, x):
+        return self.device.matmuls(prepared, x)[0]
 
     def _check_tokens(self, token_ids: Sequence[int], cache: KVCache) -> np.ndarray:
         tokens = np.asarray(token_ids, dtype=np.int64).reshape(-1)

@@ -186,9 +186,8 @@ def test_numba_matmul_fused_equals_each_alone(qtype, n_columns):
     n = 512
     matrices = tuple(random_rows(qtype, n_rows, n, seed=n_rows) for n_rows in (5, 18, 33, 7))
     x = np.stack([activations(t, n) for t in range(n_columns)])
-    acts = cpu.quantize_activations(x, qtype in cpu.SUPER_BLOCK_TYPES)
     outs = tuple(np.full((n_columns, m.shape[0]), np.nan, np.float32) for m in matrices)
-    cpu.MATMUL_Q8[qtype](matrices, *acts, outs)
+    cpu.MATMUL_Q8[qtype](matrices, x, outs)
     for rows, out in zip(matrices, outs):
         assert np.array_equal(out.view(np.uint32), cpu.matmul_q8(rows, qtype, x).view(np.uint32))
         expected, bound = reference_columns(rows, qtype, x)

@@ -17,6 +17,7 @@ Conventions: `builder` is an llvmlite IRBuilder; byte vectors are <n x i8>; no b
 `prefetch_row` is here too, the one memory hint the matvec kernels give.
 """
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -114,6 +115,25 @@ def load(builder, pointer, at, element, n=None):
     at = ir.Constant(I32, at) if isinstance(at, int) else at
     kind = element if n is None else ir.VectorType(element, n)
     return builder.load(builder.bitcast(builder.gep(pointer, [at]), kind.as_pointer()), align=1)
+
+
+# Every half's float32 value, indexed by its bits: what `half` reads.
+HALF_VALUES = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def half(builder, pointer, at):
+    """The fp16 at byte `at` of the i8* `pointer`, as float32 (exact; NaNs as NumPy gives them):
+    a lookup in HALF_VALUES, as ggml does on x86. LLVM lowers `fpext half` to a two-byte
+    `vpinsrw` into a vector register it picks freely, keeping that register's other lanes, and
+    in the q8 tile loops it picked the accumulator, so every block's scales waited for the
+    previous block's sums; a scalar load from the table writes its whole register."""
+    table = builder.module.globals.get("mistral_ref_half_values")
+    if table is None:
+        table = cgutils.global_constant(builder.module, "mistral_ref_half_values",
+                                        ir.Constant(ir.ArrayType(F32, HALF_VALUES.size), HALF_VALUES.tolist()))
+        table.linkage = "linkonce_odr"
+    index = builder.zext(load(builder, pointer, at, I16), I32)
+    return builder.load(builder.gep(table, [ir.Constant(I32, 0), index]))
 
 
 def vector_at(context, builder, array_type, array, at, n):

@@ -1,8 +1,8 @@
 """Quantized matmul with llama.cpp's numerics: activations quantized to 8 bits, integer dot products.
 
-`MATMUL_Q8[qtype](rows, xq, xd, xs, xsum, out)` computes out[t] = W @ x[t] for T columns of
-activations already quantized by `quantize_activations` (x quantized once per input, so q, k and
-v share it, as do gate and up): the activation blocks are bit-identical to llama.cpp's
+`MATMUL_Q8[qtype](matrices, x, outs)` computes out[t] = W @ x[t] for T columns of activations,
+which it quantizes first with `quantize_activations` (once per call: q, k and v share it, as do
+gate and up): the activation blocks are bit-identical to llama.cpp's
 `quantize_row_q8_{0,1,K}_ref`, every block's integer sum is exact, and only the float
 combination of the sums with the scales is ordered differently from the generic C code (~1e-6
 relative; kernels.reference.vec_dot is the definition). Prefill runs it with T = the chunk's
@@ -130,12 +130,6 @@ def quantize_activations(x, super_blocks):
 
 # ------------------------------------------------------------------ one block, a tile of columns
 
-def _half(builder, block, at):
-    """The fp16 at byte `at` of a block (i8*), as float32 (exact)."""
-    return builder.fpext(builder.bitcast(lanes.load(builder, block, at, I16), ir.HalfType()),
-                         lanes.F32)
-
-
 class _Columns:
     """A tile's activation columns inside dot_tile's loop, at block b: each column's int8 block
     and Q8_K sums, and the columns' scales d_x and Q8_1 sums s_x side by side (<width x float>)."""
@@ -172,7 +166,7 @@ def _legacy(layout, offset=0, affine=False):
     five_bit = "qh" in layout._fields
 
     def emit(builder, block, columns):
-        d = _half(builder, block, layout.d)
+        d = lanes.half(builder, block, layout.d)
         if layout is Q8_0:
             weights = lanes.load(builder, block, layout.qs, I8, QK)
             unsigned = lanes.magnitude(builder, weights)
@@ -185,7 +179,7 @@ def _legacy(layout, offset=0, affine=False):
             x_of = lambda j: columns.x(j, 0, QK)  # noqa: E731
         sums = [lanes.madd(builder, lanes.maddubs(builder, unsigned, x_of(j)), ONES)
                 for j in range(columns.width)]
-        return [(sums, d, offset)] + ([(None, _half(builder, block, layout.m), 0)] if affine else [])
+        return [(sums, d, offset)] + ([(None, lanes.half(builder, block, layout.m), 0)] if affine else [])
     return emit
 
 
@@ -195,7 +189,7 @@ def _k_quant(layout):
     five_bit = "qh" in layout._fields
 
     def emit(builder, block, columns):
-        d, dmin = _half(builder, block, layout.d), _half(builder, block, layout.dmin)
+        d, dmin = (lanes.half(builder, block, at) for at in (layout.d, layout.dmin))
         scales, mins = (builder.zext(v, ir.VectorType(I16, 8)) for v in lanes.k_scales_mins(
             builder, lanes.load(builder, block, layout.scales, I8, 12)))
         qh = lanes.load(builder, block, layout.qh, I8, 32) if five_bit else lanes.constant(32, 0)
@@ -217,7 +211,7 @@ def _k_quant(layout):
 def _q6_k(builder, block, columns):
     """Q6_K: 16 groups of 16, weight d * scale_g * (q - 32), int8 scales; the - 32 goes through
     Q8_K's bsums: sum_g scale_g * (q . x - 32 * bsum_g), exact."""
-    d = _half(builder, block, Q6_K.d)
+    d = lanes.half(builder, block, Q6_K.d)
     scales = builder.sext(lanes.load(builder, block, Q6_K.scales, I8, 16), ir.VectorType(I16, 16))
     halves = [lanes.q6_k_half(builder, lanes.load(builder, block, Q6_K.ql + 64 * h, I8, 64),
                               lanes.load(builder, block, Q6_K.qh + 32 * h, I8, 32)) for h in range(2)]
@@ -334,6 +328,9 @@ FUSED = 3
 ROW_TILE = 16    # rows per task: their weights stay in L1/L2 while every column tile runs
 COLUMN_TILE = 8  # columns per pass over a row (measured: 4 -> 8 is 1.2-1.4x, 16 no better)
 HALF_TILE = COLUMN_TILE // 2
+# What pads a group: a matrix of no rows and its output (any T: the kernels never index it).
+NO_ROWS, NO_OUTPUT = np.empty((0, 0), np.uint8), np.empty((0, 0), F32)
+NO_ROWS.flags.writeable = False
 
 
 # Decode: rows a tile for the 32-weight formats, whose integer sums are then reduced together
@@ -372,12 +369,16 @@ def _matmul_q8_kernel(qtype: int):
     time, then HALF_TILE, 2, then one at a time; one column (decode) runs `step` rows a tile, with
     the next tile's rows prefetched, in a parallel loop of its own (inside the tiled kernel's loop
     LLVM kept the wide tiles' pointers live and the one-column path ran from the stack). Every
-    tile shape gives each (row, column) the same result (dot_tile)."""
+    tile shape gives each (row, column) the same result (dot_tile). Each kernel quantizes x
+    first, once for all its matrices: in the same compiled call, because a decode step makes ~120
+    of these calls and a separate call (with its four arrays to box) cost ~5 us each."""
     step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
+    super_blocks = FORMATS[QType(qtype)].block_size == QK_K  # Q8_K activations, else Q8_0 / Q8_1
 
     @numba.njit(parallel=True, nogil=True, cache=True)
-    def matmul_tiles(matrices, xq, xd, xs, xsum, outs):
-        n_columns = xq.shape[1]
+    def matmul_tiles(matrices, x, outs):
+        xq, xd, xs, xsum = quantize_activations(x, super_blocks)
+        n_columns = x.shape[0]
         tiled = n_columns - n_columns % COLUMN_TILE
         half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
         pair = half + 2 if n_columns - half >= 2 else half
@@ -402,7 +403,8 @@ def _matmul_q8_kernel(qtype: int):
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m])
 
     @numba.njit(parallel=True, nogil=True, cache=True)
-    def matvec(matrices, xq, xd, xs, xsum, outs):
+    def matvec(matrices, x, outs):
+        xq, xd, xs, xsum = quantize_activations(x, super_blocks)
         for i in prange(n_units(matrices, step)):
             m, u = unit(matrices, step, i)
             rows, r = matrices[m], u * step
@@ -413,31 +415,28 @@ def _matmul_q8_kernel(qtype: int):
             for r in range(matrices[m].shape[0] // step * step, matrices[m].shape[0]):
                 dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, 0, 1, outs[m])
 
-    def matmul_q8(matrices: tuple[np.ndarray, ...], xq: np.ndarray, xd: np.ndarray, xs: np.ndarray,
-                  xsum: np.ndarray, outs: tuple[np.ndarray, ...]) -> None:
+    def matmul_q8(matrices: tuple[np.ndarray, ...], x: np.ndarray, outs: tuple[np.ndarray, ...]) -> None:
         # Python, not a compiled wrapper: a compiled closure that calls other compiled functions
         # cannot be cached, and recompiling it cost every new process ~1.3 s.
-        kernel = matvec if xq.shape[1] == 1 else matmul_tiles
+        kernel = matvec if x.shape[0] == 1 else matmul_tiles
         for at in range(0, len(matrices), FUSED):
-            group, group_outs = tuple(matrices[at:at + FUSED]), tuple(outs[at:at + FUSED])
+            group, group_outs = matrices[at:at + FUSED], outs[at:at + FUSED]
             pad = FUSED - len(group)
-            kernel(group + (group[0][:0],) * pad, xq, xd, xs, xsum,
-                   group_outs + (group_outs[0][:, :0],) * pad)
+            kernel(group + (NO_ROWS,) * pad, x, group_outs + (NO_OUTPUT,) * pad)
     return matmul_q8
 
 
 # outs[m] = x @ W_m.T with llama.cpp's numerics, one kernel per format: MATMUL_Q8[qtype](matrices,
-# xq, xd, xs, xsum, outs) with matrices a tuple (any length; FUSED a call) of W_m's rows, uint8 (n_rows_m, row_bytes), all
-# read-only; the activations from quantize_activations(x, qtype in SUPER_BLOCK_TYPES), x float32
-# (T, n); outs a tuple as long, float32 (T, n_rows_m).
+# x, outs) with matrices a tuple (any length; FUSED a call) of W_m's rows, uint8 (n_rows_m,
+# row_bytes), all read-only; x float32 (T, n), C-contiguous, quantized inside (quantize_activations);
+# outs a tuple as long, float32 (T, n_rows_m).
 MATMUL_Q8 = {t: _matmul_q8_kernel(int(t)) for t in BLOCK_DOT}
 
 
 def matmul_q8(rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
     """x @ W.T (float32 (T, n_rows)) for W's rows (uint8 (n_rows, row_bytes), read-only) and x
-    (float32 (T, n)): quantize_activations, then MATMUL_Q8. For tests and benchmarks; the model
-    goes through kernels.dispatch, which shares one quantized x between matrices."""
-    activations = quantize_activations(x, qtype in SUPER_BLOCK_TYPES)
+    (float32 (T, n)): MATMUL_Q8 for one matrix. For tests and benchmarks; the model goes
+    through kernels.dispatch, which multiplies matrices that share x in one call."""
     out = np.empty((x.shape[0], rows.shape[0]), F32)
-    MATMUL_Q8[qtype]((rows,), *activations, (out,))
+    MATMUL_Q8[qtype]((rows,), np.ascontiguousarray(x), (out,))
     return out

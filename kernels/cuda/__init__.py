@@ -81,8 +81,11 @@ class CUDADevice:
             for head in range(dst.shape[1]):
                 dst[layer, head, :n_slots].copy_to_device(src[layer, head, :n_slots])
 
-    def matmuls(self, weights, x) -> list:
-        return [matmul(rows, qtype, x) for rows, qtype in weights]  # f32: nothing to share
+    def prepare(self, weights) -> list:
+        return list(weights)  # f32 activations: nothing to share between the matrices
+
+    def matmuls(self, prepared, x) -> list:
+        return [matmul(rows, qtype, x) for rows, qtype in prepared]
 
     def embed(self, rows, qtype, tokens: np.ndarray, dim: int):
         return embed(rows, qtype, tokens, dim)
