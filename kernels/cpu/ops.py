@@ -8,7 +8,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import FASTMATH
@@ -137,21 +139,27 @@ def _float32_pointer(typingctx, address):
 @numba.njit(fastmath=FASTMATH, inline="always")
 def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc):
     """acc (D,) = the attention of query (t, h), at position start_pos + t, over its visible keys
-    (see `attention`): one online-softmax pass."""
+    (see `attention`): one online-softmax pass.
+
+    Keys and values are read by index, not as row views: a view of k_new costs an atomic
+    reference count increment and decrement per key on a counter every thread shares. The value
+    rows are added with `_add_scaled` (explicit vectors: LLVM did not vectorize `acc[i] +=
+    weight * value[i]`, unable to rule out that acc and value overlap)."""
     head_dim, n_slots = q.shape[2], k_cache.shape[1]
     scale = F32(1.0 / math.sqrt(head_dim))
     pos = start_pos + t
     first = max(0, pos - window + 1) if window > 0 else 0
     acc[:] = 0
-    best, total = -np.inf, F32(0)
+    best, total = F32(-np.inf), F32(0)
     for p in range(first, pos + 1):
-        if p >= start_pos:
-            key, value = k_new[p - start_pos, kv], v_new[p - start_pos, kv]
-        else:
-            key, value = k_cache[kv, p % n_slots], v_cache[kv, p % n_slots]
+        new, slot = p >= start_pos, p % n_slots
         score = F32(0)
-        for i in range(head_dim):
-            score += q[t, h, i] * key[i]
+        if new:
+            for i in range(head_dim):
+                score += q[t, h, i] * k_new[p - start_pos, kv, i]
+        else:
+            for i in range(head_dim):
+                score += q[t, h, i] * k_cache[kv, slot, i]
         score *= scale
         if score > best:  # rescale what was accumulated under the old maximum
             correction = F32(math.exp(best - score))
@@ -161,10 +169,52 @@ def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc)
             best = score
         weight = F32(math.exp(score - best))
         total += weight
-        for i in range(head_dim):
-            acc[i] += weight * value[i]
+        if new:
+            _add_scaled(acc, weight, v_new, p - start_pos, kv)
+        else:
+            _add_scaled(acc, weight, v_cache, kv, slot)
     for i in range(head_dim):
         acc[i] /= total
+
+
+@intrinsic
+def _add_scaled(typingctx, acc, weight, rows, a, b):
+    """acc[:] += weight * rows[a, b, :], acc float32 (D,) and rows float32 (A, B, D) (C-contiguous
+    innermost axis), as 8-lane vector multiply-adds and then one lane at a time. The same
+    operations, lane by lane, as the scalar loop (one FMA each: fastmath contracts that loop too)."""
+    def codegen(context, builder, signature, args):
+        acc_, weight_, rows_, a_, b_ = args
+        acc_view = context.make_array(signature.args[0])(context, builder, acc_)
+        rows_view = context.make_array(signature.args[2])(context, builder, rows_)
+        n = cgutils.unpack_tuple(builder, acc_view.shape)[0]
+        row_strides = cgutils.unpack_tuple(builder, rows_view.strides)
+        offset = builder.add(builder.mul(a_, row_strides[0]), builder.mul(b_, row_strides[1]))
+        byte = ir.IntType(8).as_pointer()
+        source = builder.bitcast(builder.gep(builder.bitcast(rows_view.data, byte), [offset]),
+                                 acc_view.data.type)
+        target, f32 = acc_view.data, ir.FloatType()
+        lanes8 = ir.VectorType(f32, 8)
+        splat = builder.insert_element(ir.Constant(lanes8, None), weight_, ir.Constant(ir.IntType(32), 0))
+        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes8, [lanes8] * 3),
+                                              "llvm.fma.v8f32")
+        fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        vectors = builder.udiv(n, ir.Constant(n.type, 8))
+        with cgutils.for_range(builder, vectors) as loop:
+            at = builder.mul(loop.index, ir.Constant(n.type, 8))
+            x = builder.bitcast(builder.gep(source, [at]), lanes8.as_pointer())
+            y = builder.bitcast(builder.gep(target, [at]), lanes8.as_pointer())
+            builder.store(builder.call(fma8, [splat, builder.load(x, align=4), builder.load(y, align=4)]), y,
+                          align=4)
+        with cgutils.for_range_slice(builder, builder.mul(vectors, ir.Constant(n.type, 8)), n,
+                                     ir.Constant(n.type, 1)) as (i, _):
+            y = builder.gep(target, [i])
+            builder.store(builder.call(fma1, [weight_, builder.load(builder.gep(source, [i])), builder.load(y)]), y)
+        return context.get_dummy_value()
+    if not (isinstance(acc, types.Array) and isinstance(rows, types.Array) and rows.ndim == 3
+            and acc.dtype == rows.dtype == types.float32):
+        return None
+    return types.none(acc, types.float32, rows, types.intp, types.intp), codegen
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
