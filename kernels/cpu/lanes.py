@@ -174,30 +174,33 @@ def sum_lanes(builder, vector):
     return builder.extract_element(vector, ir.Constant(I32, 0))
 
 
+# sum_per_vector's merges of two vectors A, B of 8 lanes, by how many adjacent lanes each source
+# keeps together (w): the lanes of the low and the high shuffle, B's lanes numbered 8.. . Within
+# each 128-bit half first (x86 unpack low / high of 32- and 64-bit elements), across the halves
+# once, at the end (vperm2i128).
+_MERGES = {1: ([0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]),
+           2: ([0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]),
+           4: ([0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15])}
+
+
 def sum_per_vector(builder, vectors):
     """<k x i32>: the lane sums of k vectors <8 x i32> (k = 1, 2, 4, 8 or 16), vector j's in lane j.
-    Pairs of vectors are merged by adding their halves (lanes of A then lanes of B, each half as
-    long), then each vector's remaining lanes are halved in place: 2 shuffles and an add a step,
-    about 2.6 instructions a vector for k = 8. Integer: exact in any order."""
+    Pairs of vectors are merged by adding a shuffle of each one's lanes to a shuffle of the
+    others (_MERGES: after merging at w, lanes hold partial sums of the vectors in runs of 2w),
+    then the one vector left is folded, its high half added to its low half, down to k lanes.
+    For k = 8: 14 in-half shuffles, 2 across the halves and 7 adds. Integer: exact in any order."""
     if len(vectors) > 8:
         return concat(builder, sum_per_vector(builder, vectors[:8]), sum_per_vector(builder, vectors[8:]))
-    width = vectors[0].type.count  # lanes per column while vectors are merged
+    k, width = len(vectors), 1
     while len(vectors) > 1:
-        n, half, merged = vectors[0].type.count, width // 2, []
-        columns = n // width  # per vector: A's columns, then B's (indices n.. in the shuffle)
-        starts = [c * width for c in range(columns)] + [n + c * width for c in range(columns)]
-        low = ir.Constant(ir.VectorType(I32, n), [at + s for at in starts for s in range(half)])
-        high = ir.Constant(ir.VectorType(I32, n), [at + half + s for at in starts for s in range(half)])
-        for a, b in zip(vectors[0::2], vectors[1::2]):
-            merged.append(builder.add(builder.shuffle_vector(a, b, low),
-                                      builder.shuffle_vector(a, b, high)))
-        vectors, width = merged, half
+        low, high = (ir.Constant(ir.VectorType(I32, 8), lanes) for lanes in _MERGES[width])
+        vectors = [builder.add(builder.shuffle_vector(a, b, low), builder.shuffle_vector(a, b, high))
+                   for a, b in zip(vectors[0::2], vectors[1::2])]
+        width *= 2
     vector = vectors[0]
-    while width > 1:  # one vector: halve each column's lanes
-        half, n = width // 2, vector.type.count
-        low = [c * width + s for c in range(n // width) for s in range(half)]
-        vector = builder.add(pick(builder, vector, low), pick(builder, vector, [i + half for i in low]))
-        width = half
+    while vector.type.count > k:
+        n = vector.type.count // 2
+        vector = builder.add(pick(builder, vector, list(range(n))), pick(builder, vector, list(range(n, 2 * n))))
     return vector
 
 
