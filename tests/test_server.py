@@ -711,3 +711,21 @@ def test_the_engine_survives_a_failing_step(runner, monkeypatch):
     expected = reference_chat(runner, max_tokens=3)["choices"][0]["message"]["content"]
     assert second[0][1]["choices"][0]["message"]["content"] == expected
     assert engine.stats()["running"] == 0
+
+
+def test_in_passing_thread_loads_off_the_calling_thread():
+    """serve() loads the model on a thread that ends (see in_passing_thread): the result comes
+    back, an exception is raised on the caller, and the work ran on another, finished thread."""
+    from mistral_ref.server import in_passing_thread
+    seen = []
+
+    def load():
+        seen.append(threading.current_thread())
+        return 42
+    assert in_passing_thread(load) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def broken():
+        raise FileNotFoundError("no such GGUF file: x.gguf")
+    with pytest.raises(FileNotFoundError, match="x.gguf"):
+        in_passing_thread(broken)
