@@ -170,13 +170,13 @@ class Matmuls:
         if len(widths) > 1:
             raise ValueError(f"matrices sharing an input have rows of {sorted(widths)} weights")
         self.width = widths.pop() if widths else None  # weights a row, the input's width
-        self.fused: dict[QType, tuple[list[int], tuple]] = {}  # q8 matrices by format: one call each
+        groups: dict[QType, list[int]] = {}  # q8 matrices by format: one kernel call each
         if backend == "cpu" and activations == "q8":
             for i, (rows, fmt) in enumerate(self.weights):
                 if fmt.qtype in reference_vec_dot.VEC_DOT:
-                    self.fused.setdefault(fmt.qtype, ([], []))[0].append(i)
-            self.fused = {qtype: (group, tuple(self.weights[i][0] for i in group))
-                          for qtype, (group, _) in self.fused.items()}
+                    groups.setdefault(fmt.qtype, []).append(i)
+        self.fused = {qtype: (group, tuple(self.weights[i][0] for i in group))
+                      for qtype, group in groups.items()}
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray | None = None) -> list[np.ndarray]:
         """x: float32 (T, n). Returns float32 (T, n_rows) for each matrix, in order."""

@@ -74,6 +74,9 @@ def test_matmul_rejects_mismatched_shapes():
         kernels.matmul(random_rows(QType.Q8_0, 2, 64), QType.Q8_0, np.zeros((1, 100), np.float32))
     with pytest.raises(ValueError, match="float32"):
         kernels.matmul(random_rows(QType.Q8_0, 2, 64), QType.Q8_0, np.zeros((1, 64)))
+    with pytest.raises(ValueError, match=r"rows of \[64, 96\] weights"):  # can share no input
+        kernels.dispatch.Matmuls([(random_rows(QType.Q8_0, 2, 64), QType.Q8_0),
+                                  (random_rows(QType.Q8_0, 2, 96), QType.Q8_0)])
 
 
 def test_rmsnorm():
