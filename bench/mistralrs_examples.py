@@ -10,7 +10,11 @@ examples are the ones that send no image or audio and ask for no embedding, imag
 in its own process after these edits, and no others:
   - `mistralrs` imports become `mistral_ref` imports;
   - Which.Plain's `model_id` becomes a Hugging Face checkpoint directory: the default model
-    (SmolLM2-135M-Instruct) exported with `mistral-ref export-hf` (BF16);
+    (SmolLM2-135M-Instruct) exported with `mistral-ref export-hf` (BF16); for an example whose
+    `arch=` is Architecture.Qwen3 or .SmolLm3, the same weights dressed as that architecture
+    (`as_architecture`: Qwen3 with q/k norms of ones, SmolLM3 with every 4th layer's RoPE
+    left out), since no such model reaches this machine: the API runs, the text is SmolLM2's,
+    somewhat changed;
   - Which.GGUF's `quantized_model_id` / `quantized_filename` become the default model's GGUF
     file, and `tok_model_id` that checkpoint directory.
 An example passes when it exits with status 0. Prints a table; --json writes the results.
@@ -43,6 +47,27 @@ def rewrite(source: str, checkpoint: Path, gguf: Path) -> str:
     return source
 
 
+def as_architecture(checkpoint: Path, arch: str, dst: Path) -> Path:
+    """`checkpoint` (a llama model) as a `arch` ("qwen3" or "smollm3") checkpoint of the same
+    weights: its files linked, config.json rewritten, Qwen3's q/k norms (ones) in a second file."""
+    import numpy as np
+    from mistral_ref.checkpoint import HF_CLASSES, write_safetensors
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for file in checkpoint.iterdir():
+        if file.name != "config.json" and not (dst / file.name).exists():
+            (dst / file.name).symlink_to(file)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config.update(model_type=arch, architectures=[HF_CLASSES[arch]], use_sliding_window=False, sliding_window=None)
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    if arch == "qwen3":
+        norms = [(f"model.layers.{i}.self_attn.{n}.weight", "F32", (config["head_dim"],))
+                 for i in range(config["num_hidden_layers"]) for n in ("q_norm", "k_norm")]
+        # a second *.safetensors file: the loader reads every one in a directory without an index
+        write_safetensors(dst / "qk_norm.safetensors", norms, lambda name: np.ones(config["head_dim"], np.float32))
+    return dst
+
+
 def last_error(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
@@ -64,6 +89,8 @@ def main() -> None:
     checkpoint = cache_dir() / "SmolLM2-135M-Instruct-hf"
     if not (checkpoint / "config.json").is_file():
         save_checkpoint(gguf, checkpoint, "BF16")
+    dressed = {arch: as_architecture(checkpoint, arch.lower(), cache_dir() / f"SmolLM2-135M-Instruct-as-{arch.lower()}")
+               for arch in ("Qwen3", "SmolLm3")}
     examples = sorted((args.source / "examples" / "python").glob("*.py"))
     if args.only:
         examples = [e for e in examples if e.stem in args.only]
@@ -74,7 +101,8 @@ def main() -> None:
             if NOT_TEXT.search(text):
                 continue
             script = Path(tmp) / f"example_{example.name}"  # "gguf.py" would shadow the gguf package
-            script.write_text(rewrite(text, checkpoint, gguf))
+            arch = re.search(r"\barch=Architecture\.(\w+)", text)
+            script.write_text(rewrite(text, dressed.get(arch and arch.group(1), checkpoint), gguf))
             start = time.perf_counter()
             try:
                 proc = subprocess.run([sys.executable, str(script)], cwd=args.source, capture_output=True,

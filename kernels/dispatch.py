@@ -94,7 +94,7 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
     quantizers (what llama-quantize runs without an importance matrix) on every backend.
 
     x: float32 (..., n), rows along the last axis, n a multiple of the block size; finite.
-    qtype: one of QUANTIZABLE (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K), F16 or F32.
+    qtype: one of QUANTIZABLE (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K), F16 or F32.
     Returns uint8 (..., row_bytes): the raw layout `gguf.quants.quantize` returns.
     """
     fmt = block_format(qtype)

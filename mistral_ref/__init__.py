@@ -5,6 +5,7 @@ from mistral_ref.chat_template import MISTRAL_INSTRUCT_TEMPLATE, apply_chat_temp
 from mistral_ref.errors import (ChatTemplateError, GrammarError, InvalidRequestError, MistralRefError,
                                 ModelSourceError, TokenizerError)
 from mistral_ref.gguf import Config, GGUFFile, QuantizedTensor, load_gguf
+from mistral_ref.input_files import InputFile
 from mistral_ref.messages import Message, Role
 from mistral_ref.model import KVCache, Model, generate
 from mistral_ref.quantize import quantize_file
@@ -20,7 +21,7 @@ __all__ = [
     "IsqOrganization", "ModelDType", "MultimodalArchitecture", "PagedCacheType",
     "TextAutoMapParams", "ToolChoice", "WebSearchOptions", "load_checkpoint", "save_checkpoint",
     "MISTRAL_INSTRUCT_TEMPLATE", "ChatCompletionRequest", "ChatTemplateError", "CompletionRequest",
-    "Config", "GrammarError", "InvalidRequestError", "ModelSourceError", "Runner", "Which", "GGUFFile", "IncrementalDetokenizer",
+    "Config", "GrammarError", "InputFile", "InvalidRequestError", "ModelSourceError", "Runner", "Which", "GGUFFile", "IncrementalDetokenizer",
     "KVCache", "Message", "MistralRefError", "Model", "QuantizedTensor", "Role", "Tokenizer",
     "TokenizerError", "apply_chat_template", "generate", "load_gguf", "quantize_file",
     "render_chat_template", "sentencepiece_gguf_metadata", "synth_model",

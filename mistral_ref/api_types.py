@@ -17,6 +17,7 @@ from typing import Any
 
 from mistral_ref.chat_template import message_dicts
 from mistral_ref.errors import ChatTemplateError, InvalidRequestError
+from mistral_ref.input_files import InputFile, check_input_files, split_file_parts
 from mistral_ref.messages import Message
 from mistral_ref.tools import ToolChoice, check_tools, search_tool
 from mistral_ref.sampler import GRAMMAR_TYPES
@@ -271,12 +272,12 @@ class ChatCompletionRequest(_SamplingFields):
     code_execution_permission: Any = None
     session_id: str | None = None
     files: list[Any] | None = None
-    input_files: list[Any] | None = None
+    input_files: list[InputFile] | None = None  # previewed in a system message (mistral_ref.input_files)
     adapter: Any = None
 
     _NOT_RUN = ("tool_dispatch_url", "enable_code_execution", "enable_shell", "shell_skills",
                 "agent_permission", "agent_approval_callback", "code_execution_permission",
-                "session_id", "files", "input_files", "adapter")
+                "session_id", "files", "adapter")
 
     def __post_init__(self) -> None:
         if self.enable_thinking is not None:
@@ -298,20 +299,26 @@ class ChatCompletionRequest(_SamplingFields):
                 message_dicts(self.messages)
             except ChatTemplateError as e:
                 raise InvalidRequestError("messages", str(e)) from None
+        check_input_files(self.input_files, self.messages)
         _check_bool("logprobs", self.logprobs)
         self._validate_sampling()
         self._validate_logprobs(self.logprobs)
 
     @classmethod
     def from_openai(cls, body: Mapping[str, Any]) -> ChatCompletionRequest:
-        """From an OpenAI /v1/chat/completions JSON body (`n`, `stop`, `max_completion_tokens`);
-        unknown keys are ignored."""
+        """From an OpenAI /v1/chat/completions JSON body (`n`, `stop`, `max_completion_tokens`;
+        user messages' {"type": "file", "file": {"filename", "file_data"}} content parts become
+        `input_files`, as in mistral.rs's server); unknown keys are ignored."""
         if not isinstance(body, Mapping):
             raise InvalidRequestError("body", "must be a JSON object")
         if "messages" not in body:
             raise InvalidRequestError("messages", "is required")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"input_files"}  # only from file parts
         args = {k: v for k, v in body.items() if k in names and k != "stop_seqs" and v is not None}
+        if isinstance(args.get("messages"), list):
+            args["messages"], files = split_file_parts(args["messages"])
+            if files:
+                args["input_files"] = files
         args.setdefault("temperature", OPENAI_TEMPERATURE)
         if body.get("n") is not None:
             args["n_choices"] = body["n"]

@@ -29,26 +29,29 @@ from tqdm import tqdm
 
 import mistral_ref_kernels as kernels
 from mistral_ref.errors import CheckpointError
-from mistral_ref.gguf import Config, GGUFFile, QuantizedTensor, expected_shapes, load_gguf
+from mistral_ref.gguf import (QK_NORM, ROPE_HALVES, Config, GGUFFile, QuantizedTensor, expected_shapes, load_gguf,
+                             no_rope_layers)
 from mistral_ref.tokenizer import Tokenizer, sentencepiece_gguf_metadata
 
 # safetensors dtype -> the GGUF type of the same bytes
 DTYPES = {"F32": QType.F32, "F16": QType.F16, "BF16": QType.BF16}
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-# config.json model_type -> the architecture it runs as (both are the same transformer here)
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral"}
+# config.json model_type -> the GGUF architecture it runs as
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen3": "qwen3", "smollm3": "smollm3"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "smollm3": "SmolLM3ForCausalLM"}
 MAX_HEADER_BYTES = 100 << 20  # the format's own limit
 
 _LAYER_NAMES = {  # GGUF per-layer tensor -> HF
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj"}
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
 def hf_name(gguf_name: str) -> str:
-    """The HF checkpoint name of a llama/mistral GGUF tensor name ("blk.3.attn_q.weight" ->
+    """The HF checkpoint name of a llama-family GGUF tensor name ("blk.3.attn_q.weight" ->
     "model.layers.3.self_attn.q_proj.weight")."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
     if m:
@@ -130,7 +133,8 @@ def block_bytes(dtype: str) -> int:
 # -- loading ------------------------------------------------------------------------------------
 class Checkpoint:
     """A Hugging Face model directory, read as `GGUFFile` reads a GGUF file: `.config`, `.tensors`
-    (GGUF name -> QuantizedTensor), `.metadata` (the GGUF keys its tokenizer files give:
+    (GGUF name -> QuantizedTensor, as llama.cpp's converter would write them: q/k rows reordered
+    for pairwise RoPE except in `rope_halves` architectures), `.metadata` (the GGUF keys its tokenizer files give:
     BOS/EOS ids, add_bos, chat template), `.tokenizer_json` (its tokenizer.json, or None when it
     has only a SentencePiece tokenizer.model, which `.metadata` then holds), `.path`."""
 
@@ -157,7 +161,7 @@ class Checkpoint:
         if shape != expected_shapes(c)[name]:
             raise CheckpointError(f"{file}: tensor {key!r} has shape {list(shape)}, config.json "
                                   f"needs {list(expected_shapes(c)[name])}")
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if name.endswith(("attn_q.weight", "attn_k.weight")) and not c.rope_halves:
             heads = c.n_heads if "attn_q" in name else c.n_kv_heads
             data = pairs_from_halves(data.view(np.uint8).reshape(shape[0], -1), heads).reshape(-1)
         return QuantizedTensor(name, DTYPES[dtype], shape, data)
@@ -176,7 +180,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def config_from_hf(hf: dict[str, Any], where: Path) -> Config:
-    """The model Config of a HF config.json (LlamaConfig / MistralConfig fields)."""
+    """The model Config of a HF config.json (LlamaConfig / MistralConfig / Qwen3Config /
+    SmolLM3Config fields)."""
     model_type = hf.get("model_type")
     if model_type not in MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported (supported: "
@@ -207,14 +212,27 @@ def config_from_hf(hf: dict[str, Any], where: Path) -> Config:
     head_dim = get("head_dim", dim // n_heads)
     if head_dim % 2:
         raise CheckpointError(f"{where}: head_dim {head_dim} is odd")
-    return Config(architecture=MODEL_TYPES[model_type], n_layers=get("num_hidden_layers"), dim=dim,
+    arch, n_layers = MODEL_TYPES[model_type], get("num_hidden_layers")
+    if hf.get("use_sliding_window") and model_type == "qwen3":
+        raise CheckpointError(f"{where}: use_sliding_window (a window on some Qwen3 layers only) is "
+                              "not supported")
+    window = 0 if hf.get("use_sliding_window") is False else get("sliding_window", 0)
+    no_rope = no_rope_layers(n_layers, get("no_rope_layer_interval", 4) if model_type == "smollm3" else 0)
+    if model_type == "smollm3" and hf.get("no_rope_layers") is not None:
+        flags = hf["no_rope_layers"]  # 1: the layer applies RoPE
+        if not isinstance(flags, list) or len(flags) != n_layers or set(flags) - {0, 1}:
+            raise CheckpointError(f"{where}: no_rope_layers must list 0 or 1 for each of the "
+                                  f"{n_layers} layers, got {flags!r}")
+        no_rope = tuple(i for i, rotates in enumerate(flags) if not rotates)
+    return Config(architecture=arch, n_layers=n_layers, dim=dim,
                   n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
                   ffn_dim=get("intermediate_size"), vocab_size=get("vocab_size"),
                   context_length=get("max_position_embeddings"),
                   rope_theta=get("rope_theta", rope.get("rope_theta", 10000.0), float), rope_dim=head_dim,
                   norm_eps=get("rms_norm_eps", 1e-6, float),
-                  sliding_window=get("sliding_window", 0) or None,
-                  tied_embeddings=bool(hf.get("tie_word_embeddings", False)))
+                  sliding_window=window or None,
+                  tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                  qk_norm=arch in QK_NORM, rope_halves=arch in ROPE_HALVES, no_rope_layers=no_rope)
 
 
 def _read_json(path: Path, required: bool = True) -> Any:
@@ -342,7 +360,7 @@ def save_checkpoint(src: str | os.PathLike | GGUFFile, dst: str | os.PathLike, d
         name = by_hf[key]
         t = f.tensors[name]
         w = kernels.dequantize(t.data, t.qtype, t.shape)
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if name.endswith(("attn_q.weight", "attn_k.weight")) and not c.rope_halves:
             w = halves_from_pairs(w, c.n_heads if "attn_q" in name else c.n_kv_heads)
         bar.update()
         return _cast(w, dtype)
@@ -360,11 +378,12 @@ def save_checkpoint(src: str | os.PathLike | GGUFFile, dst: str | os.PathLike, d
 
 
 def hf_config(c: Config, tokenizer: Tokenizer, dtype: str = "F32") -> dict[str, Any]:
-    """A LlamaConfig / MistralConfig config.json for `c` (mistral when it has a sliding window)."""
-    mistral = c.sliding_window is not None
+    """The config.json of `c`'s architecture (a llama model with a sliding window as mistral)."""
+    model_type = "mistral" if c.architecture == "llama" and c.sliding_window else c.architecture
+    extra = {"qwen3": {"use_sliding_window": False},
+             "smollm3": {"no_rope_layers": [int(i not in c.no_rope_layers) for i in range(c.n_layers)]}}
     return {
-        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if mistral else "llama",
+        "architectures": [HF_CLASSES[model_type]], "model_type": model_type, **extra.get(model_type, {}),
         "hidden_size": c.dim, "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
         "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,

@@ -26,7 +26,14 @@ from mistral_ref.errors import (GGUFError, MetadataError, MissingTensorError, No
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
-SUPPORTED_ARCHITECTURES = ("llama", "mistral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen3", "smollm3")
+# Architectures whose q/k rows stay in Hugging Face's order in a GGUF file (llama.cpp's NEOX RoPE,
+# rotating dimension i with i + D/2); llama's converter reorders them for adjacent pairs.
+ROPE_HALVES = ("qwen3",)
+QK_NORM = ("qwen3",)  # an RMSNorm over each head's q and k before RoPE
+# SmolLM3 leaves RoPE out of every 4th layer (llama.cpp's n_no_rope_layer_step; HF's
+# no_rope_layer_interval): layer i rotates when (i + 1) % 4 != 0.
+NO_ROPE_INTERVAL = {"smollm3": 4}
 LOADS = ("mmap", "copy")
 DEFAULT_ALIGNMENT = 32
 
@@ -38,7 +45,9 @@ _BOOL, _STRING, _ARRAY = 7, 8, 9
 
 @dataclass(frozen=True)
 class Config:
-    """Hyper-parameters of a llama/mistral-architecture model, read from GGUF metadata."""
+    """Hyper-parameters of a llama-family model (llama, mistral, qwen3, smollm3), read from GGUF
+    metadata. The last three fields are the family's variations: `qk_norm` (Qwen3), q/k rows in
+    `rope_halves` order (Qwen3's GGUF files), `no_rope_layers` (SmolLM3)."""
 
     architecture: str
     n_layers: int
@@ -54,6 +63,9 @@ class Config:
     norm_eps: float
     sliding_window: int | None
     tied_embeddings: bool
+    qk_norm: bool = False
+    rope_halves: bool = False
+    no_rope_layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -251,7 +263,14 @@ def _config_from(f: GGUFFile) -> Config:
         norm_eps=get("attention.layer_norm_rms_epsilon", kind=float),
         sliding_window=get("attention.sliding_window", 0) or None,
         tied_embeddings="output.weight" not in f.tensors,
+        qk_norm=arch in QK_NORM,
+        rope_halves=arch in ROPE_HALVES,
+        # (a corrupt block_count past the tensor count fails in _check_shapes)
+        no_rope_layers=no_rope_layers(min(get("block_count"), len(f.tensors)), NO_ROPE_INTERVAL.get(arch, 0)),
     )
+    if config.rope_halves and config.rope_dim != head_dim:
+        raise MetadataError(f"{path}: {arch} rotates all {head_dim} dimensions of a head, not "
+                            f"rope.dimension_count {config.rope_dim}")
     if not 0 < config.rope_dim <= head_dim or config.rope_dim % 2:
         raise MetadataError(f"{path}: rope.dimension_count {config.rope_dim} must be even and in "
                             f"1..head_dim ({head_dim})")
@@ -262,8 +281,13 @@ def _config_from(f: GGUFFile) -> Config:
     return config
 
 
+def no_rope_layers(n_layers: int, interval: int) -> tuple[int, ...]:
+    """The layers without RoPE when every `interval`-th has none (0: all have RoPE)."""
+    return tuple(i for i in range(n_layers) if interval and (i + 1) % interval == 0)
+
+
 def expected_shapes(c: Config) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> logical NumPy shape for a llama/mistral model with config `c`."""
+    """Tensor name -> logical NumPy shape for a llama-family model with config `c`."""
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     shapes = {"token_embd.weight": (c.vocab_size, c.dim), "output_norm.weight": (c.dim,)}
     if not c.tied_embeddings:
@@ -280,6 +304,9 @@ def expected_shapes(c: Config) -> dict[str, tuple[int, ...]]:
             f"blk.{i}.ffn_up.weight": (c.ffn_dim, c.dim),
             f"blk.{i}.ffn_down.weight": (c.dim, c.ffn_dim),
         })
+        if c.qk_norm:
+            shapes.update({f"blk.{i}.attn_q_norm.weight": (c.head_dim,),
+                           f"blk.{i}.attn_k_norm.weight": (c.head_dim,)})
     return shapes
 
 

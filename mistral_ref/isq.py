@@ -6,14 +6,18 @@ unless tied to the embedding) requantized by `kernels.quantize`: each tensor's b
 what `kernels.quantize` writes for its float32 values, and so what `mistral-ref quantize` writes
 for a tensor of that type. Embeddings and norms keep their type, as in mistral.rs.
 
-Names are mistral.rs's (`parse_isq_value`): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, and the
-bit counts 4, 5, 6, 8, which mistral.rs resolves on a CPU to Q4K, Q5K, Q6K and Q8_0. A row that
+Names are mistral.rs's (`parse_isq_value`): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3K, Q4K, Q5K, Q6K, and
+the bit counts 3, 4, 5, 6, 8, which mistral.rs resolves on a CPU to Q3K, Q4K, Q5K, Q6K and Q8_0. A row that
 a k-quant's 256-weight blocks do not tile falls back as mistral.rs's `get_fallback` does.
+
+`in_situ_quantize(source, choose)` takes, instead of one name, a function from each linear
+weight's GGUF name to its ISQ name (None: keep it as stored): a topology file's per-layer types
+(mistral_ref.topology).
 """
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 from gguf import GGMLQuantizationType as QType
 from tqdm import tqdm
@@ -23,25 +27,26 @@ from mistral_ref.errors import QuantizeError
 from mistral_ref.gguf import Config, QuantizedTensor
 
 ISQ_TYPES = {"q4_0": QType.Q4_0, "q4_1": QType.Q4_1, "q5_0": QType.Q5_0, "q5_1": QType.Q5_1,
-             "q8_0": QType.Q8_0, "q4k": QType.Q4_K, "q5k": QType.Q5_K, "q6k": QType.Q6_K}
-BITS = {"4": "q4k", "5": "q5k", "6": "q6k", "8": "q8_0"}
+             "q8_0": QType.Q8_0, "q3k": QType.Q3_K, "q4k": QType.Q4_K, "q5k": QType.Q5_K, "q6k": QType.Q6_K}
+BITS = {"3": "q3k", "4": "q4k", "5": "q5k", "6": "q6k", "8": "q8_0"}
 # mistral.rs's other ISQ types: formats this engine has no quantizer or kernels for
-NOT_IMPLEMENTED = ("Q8_1", "Q2K", "Q3K", "Q8K", "HQQ4", "HQQ8", "FP8", "AFQ2", "AFQ3", "AFQ4",
+NOT_IMPLEMENTED = ("Q8_1", "Q2K", "Q8K", "HQQ4", "HQQ8", "FP8", "AFQ2", "AFQ3", "AFQ4",
                    "AFQ6", "AFQ8", "F8Q8", "MXFP4")
-FALLBACK = {QType.Q4_K: QType.Q4_1, QType.Q5_K: QType.Q5_0, QType.Q6_K: QType.Q5_1}
+FALLBACK = {QType.Q3_K: QType.Q4_0, QType.Q4_K: QType.Q4_1, QType.Q5_K: QType.Q5_0, QType.Q6_K: QType.Q5_1}
 
 Source = TypeVar("Source")  # a GGUFFile or a Checkpoint
 
 
-def isq_type(name: str) -> QType:
-    """The tensor type an ISQ name stands for (case-insensitive). Raises QuantizeError."""
+def isq_type(name: str, what: str = "in_situ_quant") -> QType:
+    """The tensor type an ISQ name stands for (case-insensitive). Raises QuantizeError, its message
+    starting with `what` (the setting that named it)."""
     key = str(name).lower()
     key = BITS.get(key, key)
     if key not in ISQ_TYPES:
-        known = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4K, Q5K, Q6K, 4, 5, 6, 8"
+        known = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3K, Q4K, Q5K, Q6K, 3, 4, 5, 6, 8"
         why = ("mistral.rs has it, this engine has no kernels for it" if key.upper() in NOT_IMPLEMENTED
                else "unknown")
-        raise QuantizeError(f"in_situ_quant {name!r}: {why} (supported: {known})")
+        raise QuantizeError(f"{what} {name!r}: {why} (supported: {known})")
     return ISQ_TYPES[key]
 
 
@@ -61,15 +66,23 @@ def tensor_type(qtype: QType, n_cols: int) -> QType:
     return qtype
 
 
-def in_situ_quantize(source: Source, name: str, progress: bool = True) -> Source:
+def in_situ_quantize(source: Source, isq: str | Callable[[str], str | None], progress: bool = True) -> Source:
     """A shallow copy of `source` (a GGUFFile or Checkpoint) whose linear weights are quantized to
-    ISQ type `name`; the others stay views of the file."""
-    qtype = isq_type(name)
+    ISQ type `isq`, or to `isq(gguf_name)` when `isq` is a function (None: that weight keeps its
+    stored type, as the others do: views of the file)."""
+    if callable(isq):
+        choose, desc = isq, "ISQ (topology)"
+    else:
+        isq_type(isq)  # an unknown name fails before any work
+        choose, desc = (lambda _: isq), f"ISQ {isq}"
     out = copy.copy(source)
     out.tensors = dict(source.tensors)
-    for key in tqdm(linear_weights(source.config), desc=f"ISQ {name}", unit="tensor", disable=not progress):
+    for key in tqdm(linear_weights(source.config), desc=desc, unit="tensor", disable=not progress):
+        name = choose(key)
+        if name is None:
+            continue
         t = source.tensors[key]
-        target = tensor_type(qtype, t.shape[-1])
+        target = tensor_type(isq_type(name), t.shape[-1])
         data = kernels.quantize(kernels.dequantize(t.data, t.qtype, t.shape), target)
         out.tensors[key] = QuantizedTensor(key, target, t.shape, data.reshape(-1))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as QType
 
 import mistral_ref_kernels as kernels
 from mistral_ref.errors import ContextLengthError, InputError, UnsupportedTensorTypeError
-from mistral_ref.checkpoint import Checkpoint, load_checkpoint
+from mistral_ref.checkpoint import Checkpoint, load_checkpoint, pairs_from_halves
 from mistral_ref.gguf import Config, GGUFFile, load_gguf
 from mistral_ref.isq import in_situ_quantize
 
@@ -70,10 +70,14 @@ class Layer:
     ffn_norm: np.ndarray   # float32 (dim,)
     gate_up: Any           # w_gate, w_up (ffn_dim, dim)
     down: Any              # (dim, ffn_dim)
+    q_norm: Any = None     # float32 (D,): Qwen3's per-head norms of q and k, else None
+    k_norm: Any = None
+    rope: bool = True      # False: SmolLM3's layers without positions
 
 
 class Model:
-    """A llama/mistral-architecture model read from a GGUF file or a Hugging Face checkpoint."""
+    """A llama-family model (llama, mistral, qwen3, smollm3) read from a GGUF file or a Hugging
+    Face checkpoint."""
 
     def __init__(self, source: GGUFFile | Checkpoint, device: str = "cpu", activations: str = "f32"):
         """source: a loaded GGUF file or HF checkpoint (the same interface: `.config`, `.tensors`
@@ -84,13 +88,24 @@ class Model:
         self.device = kernels.device(device, activations)  # the forward's operations
         t, c, dev = source.tensors, source.config, self.device
         backend = getattr(dev, "backend", "cpu")  # a host device's; the cuda device's host side
+        # The kernels rotate adjacent pairs: q/k stored for rotating halves (c.rope_halves) are
+        # reordered once here, the rows of q and k and the entries of their norms alike.
+        def order(name: str, n: int):
+            heads = {"attn_q": c.n_heads, "attn_k": c.n_kv_heads, "attn_q_norm": 1, "attn_k_norm": 1}
+            kind = name.split(".")[-2]
+            return pairs_from_halves(np.arange(n), heads[kind]) if c.rope_halves and kind in heads else slice(None)
+
         vector = lambda name: dev.upload(kernels.dequantize(t[name].data, t[name].qtype, t[name].shape,
-                                                            backend))
-        matrix = lambda name: Weight(dev.upload(self._check_type(t[name], name).rows), t[name].qtype)
+                                                            backend)[order(name, t[name].shape[0])])
+        rows = lambda name: self._check_type(t[name], name).rows[order(name, t[name].shape[0])]
+        matrix = lambda name: Weight(dev.upload(rows(name)), t[name].qtype)
         matrices = lambda i, *names: dev.prepare([matrix(f"blk.{i}.{name}.weight") for name in names])
+        norm = lambda i, name: vector(f"blk.{i}.{name}.weight") if c.qk_norm else None
         self.layers = [Layer(vector(f"blk.{i}.attn_norm.weight"), matrices(i, "attn_q", "attn_k", "attn_v"),
                              matrices(i, "attn_output"), vector(f"blk.{i}.ffn_norm.weight"),
-                             matrices(i, "ffn_gate", "ffn_up"), matrices(i, "ffn_down")) for i in range(c.n_layers)]
+                             matrices(i, "ffn_gate", "ffn_up"), matrices(i, "ffn_down"),
+                             norm(i, "attn_q_norm"), norm(i, "attn_k_norm"), i not in c.no_rope_layers)
+                       for i in range(c.n_layers)]
         self.embedding = matrix("token_embd.weight")
         self.output_norm = vector("output_norm.weight")
         self.output = dev.prepare([self.embedding if c.tied_embeddings else matrix("output.weight")])
@@ -108,7 +123,7 @@ class Model:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-                  load: str = "mmap", isq: str | None = None) -> Model:
+                  load: str = "mmap", isq: str | Callable[[str], str | None] | None = None) -> Model:
         """Load a model; the weights stay quantized (or with `isq`, an ISQ type such as "Q4K", its
         linear weights are requantized while loading: mistral_ref.isq).
 
@@ -122,7 +137,7 @@ class Model:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-                        isq: str | None = None) -> Model:
+                        isq: str | Callable[[str], str | None] | None = None) -> Model:
         """Load a Hugging Face checkpoint directory (mistral_ref.checkpoint): weights in F32, F16
         or BF16 stay views of the mapped safetensors files, or with `isq` (an ISQ type such as
         "Q4K") the linear weights are quantized while loading (mistral_ref.isq)."""
@@ -131,7 +146,7 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-             isq: str | None = None) -> Model:
+             isq: str | Callable[[str], str | None] | None = None) -> Model:
         """`from_checkpoint` for a directory, `from_gguf` for a file."""
         source = load_model_file(path)
         return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
@@ -202,8 +217,8 @@ class Model:
         for i, layer in enumerate(self.layers):
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
             q, k, v = dev.matmuls(layer.qkv, h)
-            q = dev.rope(q.reshape(n_tokens, c.n_heads, c.head_dim), positions, self.inv_freq)
-            k = dev.rope(k.reshape(n_tokens, c.n_kv_heads, c.head_dim), positions, self.inv_freq)
+            q = self._position(layer, q.reshape(n_tokens, c.n_heads, c.head_dim), layer.q_norm, positions)
+            k = self._position(layer, k.reshape(n_tokens, c.n_kv_heads, c.head_dim), layer.k_norm, positions)
             v = v.reshape(n_tokens, c.n_kv_heads, c.head_dim)
             parts = [self._attend(i, q[a:b], k[a:b], v[a:b], cache)
                      for a, b, (_, cache) in zip(bounds[n_decode:], bounds[n_decode + 1:], batch[n_decode:])]
@@ -218,6 +233,13 @@ class Model:
         for t, cache in batch:
             cache.length += len(t)
         return dev.rmsnorm(x, self.output_norm, c.norm_eps)
+
+    def _position(self, layer: Layer, x, norm, positions: np.ndarray):
+        """Queries or keys x (T, heads, D) as attention takes them: normed per head where the
+        architecture does (Qwen3), then rotated where the layer has RoPE."""
+        if norm is not None:
+            x = self.device.rmsnorm(x.reshape(-1, x.shape[-1]), norm, self.config.norm_eps).reshape(x.shape)
+        return self.device.rope(x, positions, self.inv_freq) if layer.rope else x
 
     def _attend(self, layer: int, q, k, v, cache: KVCache):
         """One sequence's attention in `layer` (q (T, H, D); k, v (T, KV, D), rotated), then its

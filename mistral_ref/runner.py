@@ -26,6 +26,7 @@ from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRe
 from mistral_ref.agentic import ToolCallback, ToolRounds, search_callback_tool
 from mistral_ref.chat_template import apply_chat_template, load_chat_template, message_dicts
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
+from mistral_ref.input_files import with_input_files
 from mistral_ref.model import Model
 from mistral_ref.prefix_cache import DEFAULT_ENTRIES, PrefixCache
 from mistral_ref.sampler import DRY_SEQUENCE_BREAKERS, GrammarConstraint, SamplingParams, compile_grammar
@@ -33,6 +34,7 @@ from mistral_ref.scheduler import Event, Generation, Job, Scheduler, Timing
 from mistral_ref.tokenizer import Tokenizer
 from mistral_ref.tools import (SEARCH_TOOL, ToolSet, call_grammar, search_tool, check_tools, may_be_call, parse_tool_calls,
                                with_tools)
+from mistral_ref.topology import load_topology
 from mistral_ref.which import ModelDType, Which, resolve_which  # noqa: F401  (Which: mistralrs's import path)
 
 SYSTEM_FINGERPRINT = "local"
@@ -55,7 +57,8 @@ class Runner:
     wait). prefix_cache_n: sequences whose KV caches the prefix cache keeps (0: off).
     token_source: checked, never used (nothing is downloaded). chat_template / jinja_explicit: a
     Jinja template or a file holding one (jinja_explicit wins). num_device_layers: "ORD:NUM" or
-    "NUM" for device 0 only: the one device. in_situ_quant: an ISQ type (mistral_ref.isq).
+    "NUM" for device 0 only: the one device. in_situ_quant: an ISQ type (mistral_ref.isq), the
+    default of a `Which(topology=...)` file's per-layer types (mistral_ref.topology).
     memory_goal, pa_*: PagedAttention settings, which mistral.rs uses only on CUDA and Metal:
     accepted on the cpu device, where they change nothing. seed: the seed of requests that give
     none (None: fresh entropy). enable_search + search_callback: a search tool answered by the
@@ -85,10 +88,13 @@ class Runner:
         _check_options(dict(locals()))
         files = resolve_which(which)
         activations = activations or ("q8" if device == "cpu" else "f32")
+        isq = in_situ_quant  # an ISQ name, or with a topology file a per-tensor choice of one
+        if files.topology is not None:
+            isq = load_topology(files.topology, device).isq_plan(in_situ_quant)
         if files.is_checkpoint:
-            self.model = Model.from_checkpoint(files.path, device, activations, in_situ_quant)
+            self.model = Model.from_checkpoint(files.path, device, activations, isq)
         else:
-            self.model = Model.from_gguf(files.path, device, activations, load, in_situ_quant)
+            self.model = Model.from_gguf(files.path, device, activations, load, isq)
         _check_dtype(getattr(which, "dtype", ModelDType.Auto), self.model)
         _check_device_layers(num_device_layers, device, self.model.config.n_layers)
         self.tokenizer = Tokenizer.of_model(self.model.file, files.tokenizer_json)
@@ -231,7 +237,9 @@ class Runner:
         calling = tools is not None and tools.choice != "none"  # the output may be tool calls
         thinking = {name: value for name in ("enable_thinking", "reasoning_effort")
                     if (value := getattr(request, name)) is not None}  # templates test `is defined`
-        prompt_ids = self._chat_prompt(request.messages, tools if calling else None, **thinking)
+        messages = (with_input_files(request.messages, request.input_files)  # mistral.rs's system message
+                    if request.input_files else request.messages)
+        prompt_ids = self._chat_prompt(messages, tools if calling else None, **thinking)
         job = self._job(request, prompt_ids, "messages", request.n_choices,
                         request.logprobs, request.top_logprobs or 0,
                         (call_grammar(tools), "json_schema") if calling and tools.forced else None)

@@ -541,7 +541,8 @@ _CHAT_FIELDS = {
     "messages": ({"anyOf": [{"type": "array", "items": {"type": "object", "required": ["role", "content"],
                                                        "properties": {"role": {"type": "string"}, "content": {}}}},
                             {"type": "string"}]}, None,
-                 "The conversation ({role, content}; content a string or text parts), or an "
+                 "The conversation ({role, content}; content a string, or text parts and, in user "
+                 "messages, `file` parts {filename, file_data}: input files), or an "
                  "already templated prompt."),
     **_SAMPLING_FIELDS,
     "logprobs": ({"type": "boolean"}, False, "Default false."),

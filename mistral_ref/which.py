@@ -8,6 +8,7 @@ exist so that scripts import, and fail at `Runner(...)` with an error that says 
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -18,8 +19,9 @@ from mistral_ref.errors import ModelSourceError
 
 
 class Architecture(Enum):
-    """mistral.rs's text architectures (`Which.Plain(arch=...)`). This engine runs Mistral and
-    Llama (one transformer; Mistral adds the sliding window); the others are refused by name."""
+    """mistral.rs's text architectures (`Which.Plain(arch=...)`). This engine runs the llama
+    family: Mistral, Llama, Qwen3 and SmolLm3 (one transformer: Mistral adds the sliding window,
+    Qwen3 per-head q/k norms, SmolLM3 layers without RoPE); the others are refused by name."""
 
     Mistral = "mistral"
     Gemma = "gemma"
@@ -46,7 +48,9 @@ class Architecture(Enum):
     Lfm2Moe = "lfm2_moe"
 
 
-RUNS = (Architecture.Mistral, Architecture.Llama)
+# the architectures this engine runs -> the config.json model_types each loads
+RUNS = {Architecture.Mistral: ("mistral", "llama"), Architecture.Llama: ("llama", "mistral"),
+        Architecture.Qwen3: ("qwen3",), Architecture.SmolLm3: ("smollm3",)}
 
 
 class MultimodalArchitecture(Enum):
@@ -120,7 +124,8 @@ class Which:
     class GGUF:
         """A GGUF file: `quantized_model_id` is the file, or a directory holding
         `quantized_filename`; `tok_model_id` None (the GGUF's tokenizer) or a directory with a
-        tokenizer.json; `tokenizer_json` a tokenizer.json replacing the GGUF's vocabulary."""
+        tokenizer.json; `tokenizer_json` a tokenizer.json replacing the GGUF's vocabulary;
+        `topology` a topology file of per-layer ISQ types (mistral_ref.topology)."""
 
         quantized_model_id: str
         quantized_filename: str | list[str] | None = None
@@ -150,8 +155,9 @@ class Which:
         """A Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files).
         arch: Architecture.Mistral or .Llama (None: config.json's model_type decides);
         tokenizer_json: a tokenizer.json replacing the directory's; organization: see
-        IsqOrganization; auto_map_params: accepted (TextAutoMapParams). topology, UQFF files,
-        imatrix / calibration files and MatFormer slices are refused: the engine has none."""
+        IsqOrganization; auto_map_params: accepted (TextAutoMapParams); topology: a mistral.rs
+        topology file of per-layer ISQ types (mistral_ref.topology). UQFF files, imatrix /
+        calibration files and MatFormer slices are refused: the engine has none."""
 
         model_id: str
         arch: Architecture | None = None
@@ -205,6 +211,7 @@ class ModelFiles:
     is_checkpoint: bool
     tokenizer_json: Path | None
     model_id: str
+    topology: Path | None = None  # a topology file: per-layer ISQ types (mistral_ref.topology)
 
 
 def _local(what: str, value: str | os.PathLike) -> Path:
@@ -217,10 +224,21 @@ def _local(what: str, value: str | os.PathLike) -> Path:
     return path
 
 
+def _topology(value: str | os.PathLike | None) -> Path | None:
+    """A topology file's path; relative ones are read from the current directory, as mistral.rs does."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ModelSourceError(f"topology file {str(value)!r} does not exist or is not a file (relative "
+                               f"paths are read from the current directory, {os.getcwd()})")
+    return path
+
+
 def _refuse(what: str, value: Any) -> None:
     if value is not None and value is not False:
         raise ModelSourceError(f"{what}={value!r} is not supported by mistral-ref (one CPU or CUDA "
-                               "device; no UQFF, topology, imatrix or MatFormer files)")
+                               "device; no UQFF, imatrix or MatFormer files)")
 
 
 def resolve_which(which: Any) -> ModelFiles:
@@ -234,7 +252,7 @@ def resolve_which(which: Any) -> ModelFiles:
     if not isinstance(which, GGUF_VARIANTS):
         raise ModelSourceError(f"unsupported model selection {which!r} (supported: Which.Plain, "
                                "Which.GGUF, Which.MistralGGUF, Which.LlamaGGUF)")
-    _refuse("topology", which.topology)
+    topology = _topology(which.topology)
     gguf = _local("quantized_model_id", which.quantized_model_id)
     filename = which.quantized_filename
     if isinstance(filename, list):
@@ -255,7 +273,7 @@ def resolve_which(which: Any) -> ModelFiles:
     elif which.tok_model_id is not None:
         tok_dir = _local("tok_model_id", which.tok_model_id)
         tokenizer_json = _local("tok_model_id's tokenizer.json", tok_dir / "tokenizer.json")
-    return ModelFiles(gguf, False, tokenizer_json, gguf.name)
+    return ModelFiles(gguf, False, tokenizer_json, gguf.name, topology)
 
 
 def _resolve_plain(which: Which.Plain) -> ModelFiles:
@@ -264,7 +282,7 @@ def _resolve_plain(which: Which.Plain) -> ModelFiles:
         name = arch.name if isinstance(arch, Architecture) else repr(arch)
         raise ModelSourceError(f"architecture {name} is not implemented by mistral-ref (it runs "
                                f"{', '.join('Architecture.' + a.name for a in RUNS)})")
-    for what in ("topology", "write_uqff", "from_uqff", "imatrix", "calibration_file",
+    for what in ("write_uqff", "from_uqff", "imatrix", "calibration_file",
                  "matformer_config_path", "matformer_slice_name"):
         _refuse(what, getattr(which, what))
     if which.organization is not None:
@@ -277,5 +295,14 @@ def _resolve_plain(which: Which.Plain) -> ModelFiles:
     if not path.is_dir():
         raise ModelSourceError(f"model_id {which.model_id!r} is a file; Which.Plain takes a checkpoint "
                                "directory (a GGUF file is Which.GGUF)")
+    if arch is not None:
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None  # the checkpoint loader names what is wrong with config.json
+        if model_type is not None and model_type not in RUNS[arch]:
+            raise ModelSourceError(f"arch=Architecture.{arch.name}, but {path / 'config.json'} is a "
+                                   f"{model_type!r} model (Architecture.{arch.name} loads "
+                                   f"{' or '.join(map(repr, RUNS[arch]))})")
     tokenizer_json = _local("tokenizer_json", which.tokenizer_json) if which.tokenizer_json else None
-    return ModelFiles(path, True, tokenizer_json, str(which.model_id))
+    return ModelFiles(path, True, tokenizer_json, str(which.model_id), _topology(which.topology))

@@ -25,11 +25,15 @@ def reference_logits(f: GGUFFile, tokens: list[int]) -> np.ndarray:
     pos = np.arange(n)[:, None]
     angle = pos * c.rope_theta ** (-np.arange(0, c.rope_dim, 2) / c.rope_dim)  # (n, rope_dim/2)
 
-    def rope(x):  # x: (n, heads, D); GGUF llama files store Q/K so rotated pairs are adjacent
+    def rope(x):  # x: (n, heads, D)
+        # GGUF llama files store Q/K so rotated pairs are adjacent; qwen3 files keep HF's order,
+        # which rotates dimension i with i + rope_dim / 2 (llama.cpp's NEOX mode)
         x = x.copy()
-        a, b = x[..., 0:c.rope_dim:2].copy(), x[..., 1:c.rope_dim:2].copy()
+        first, second = ((slice(0, c.rope_dim // 2), slice(c.rope_dim // 2, c.rope_dim)) if c.rope_halves
+                         else (slice(0, c.rope_dim, 2), slice(1, c.rope_dim, 2)))
+        a, b = x[..., first].copy(), x[..., second].copy()
         cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
-        x[..., 0:c.rope_dim:2], x[..., 1:c.rope_dim:2] = a * cos - b * sin, a * sin + b * cos
+        x[..., first], x[..., second] = a * cos - b * sin, a * sin + b * cos
         return x
 
     delta = pos - pos.T  # query position - key position
@@ -40,8 +44,12 @@ def reference_logits(f: GGUFFile, tokens: list[int]) -> np.ndarray:
     for i in range(c.n_layers):
         w = lambda name: weight(f, f"blk.{i}.{name}.weight")
         h = norm(x, w("attn_norm"))
-        q = rope((h @ w("attn_q").T).reshape(n, c.n_heads, c.head_dim))
-        k = rope((h @ w("attn_k").T).reshape(n, c.n_kv_heads, c.head_dim))
+        q = (h @ w("attn_q").T).reshape(n, c.n_heads, c.head_dim)
+        k = (h @ w("attn_k").T).reshape(n, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's vector
+            q, k = norm(q, w("attn_q_norm")), norm(k, w("attn_k_norm"))
+        if i not in c.no_rope_layers:  # SmolLM3 leaves some layers without positions
+            q, k = rope(q), rope(k)
         v = (h @ w("attn_v").T).reshape(n, c.n_kv_heads, c.head_dim)
         k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
         scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(c.head_dim)

@@ -35,10 +35,11 @@ DIMS = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key
 TOKENS = [1, 851, 349, 264, 1369, 302, 272, 7768, 2556, 28723] * 4  # 40 tokens: past the window of 16
 
 
-def hf_weights(c: dict = DIMS, seed: int = 0) -> dict[str, np.ndarray]:
-    """HF name -> float32 weights of a Mistral model with config `c` (random, deterministic)."""
+def hf_weights(c: dict = DIMS, seed: int = 0, qk_norm: bool = False) -> dict[str, np.ndarray]:
+    """HF name -> float32 weights of a Mistral model with config `c` (random, deterministic);
+    with `qk_norm`, Qwen3's per-head q_norm and k_norm too."""
     rng = np.random.default_rng(seed)
-    dim, head_dim = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+    dim, head_dim = c["hidden_size"], c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
     q, kv, ffn = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim, c["intermediate_size"]
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], dim), "model.norm.weight": (dim,),
               "lm_head.weight": (c["vocab_size"], dim)}
@@ -49,6 +50,8 @@ def hf_weights(c: dict = DIMS, seed: int = 0) -> dict[str, np.ndarray]:
                        p + "self_attn.v_proj.weight": (kv, dim), p + "self_attn.o_proj.weight": (dim, q),
                        p + "mlp.gate_proj.weight": (ffn, dim), p + "mlp.up_proj.weight": (ffn, dim),
                        p + "mlp.down_proj.weight": (dim, ffn)})
+        if qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
     out = {}
     for name, shape in shapes.items():
         out[name] = (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
@@ -110,9 +113,11 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_f32_gguf(path: Path, weights: dict[str, np.ndarray], dtype: str = "F32") -> Path:
-    """The same model as llama.cpp's converter writes it (float32), with the tokenizer."""
-    c, w = DIMS, GGUFWriter(str(path), "llama")
+def write_f32_gguf(path: Path, weights: dict[str, np.ndarray], dtype: str = "F32", arch: str = "llama",
+                   c: dict = DIMS) -> Path:
+    """The same model as llama.cpp's converter writes it (float32), with the tokenizer: q/k rows
+    permuted for pairwise RoPE, except for qwen3 (its converter keeps HF's order)."""
+    w = GGUFWriter(str(path), arch)
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
     w.add_block_count(c["num_hidden_layers"])
@@ -121,7 +126,11 @@ def write_f32_gguf(path: Path, weights: dict[str, np.ndarray], dtype: str = "F32
     w.add_head_count_kv(c["num_key_value_heads"])
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
     w.add_rope_freq_base(c["rope_theta"])
-    w.add_sliding_window(c["sliding_window"])
+    if c.get("head_dim"):
+        w.add_key_length(c["head_dim"])
+        w.add_value_length(c["head_dim"])
+    if c.get("sliding_window"):
+        w.add_sliding_window(c["sliding_window"])
     for key, value in sentencepiece_gguf_metadata(mistral_v1_tokenizer_path(progress=False)).items():
         add_metadata_value(w, key, value)
     w.add_chat_template("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
@@ -129,13 +138,15 @@ def write_f32_gguf(path: Path, weights: dict[str, np.ndarray], dtype: str = "F32
     layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
+             "mlp.down_proj": "ffn_down", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
     for name, array in weights.items():
         array = stored_values(array, dtype)
         stem = name.removesuffix(".weight")
         if stem.startswith("model.layers."):
             i, rest = stem.removeprefix("model.layers.").split(".", 1)
-            if rest == "self_attn.q_proj":
+            if arch == "qwen3":
+                pass
+            elif rest == "self_attn.q_proj":
                 array = llama_cpp_permute(array, c["num_attention_heads"])
             elif rest == "self_attn.k_proj":
                 array = llama_cpp_permute(array, c["num_key_value_heads"])
@@ -244,12 +255,13 @@ def test_export_round_trip_keeps_logits_and_tokenizer(tmp_path, f32_gguf):
 def test_hub_ids_and_unsupported_architectures_are_clear_errors(checkpoint):
     with pytest.raises(ModelSourceError, match="never downloads"):
         Runner(Which.Plain("mistralai/Mistral-7B-Instruct-v0.1", arch=Architecture.Mistral))
-    with pytest.raises(ModelSourceError, match=r"Qwen3 is not implemented.*Architecture.Mistral, Architecture.Llama"):
-        Runner(Which.Plain(str(checkpoint), arch=Architecture.Qwen3))
+    with pytest.raises(ModelSourceError, match=r"Gemma is not implemented.*Architecture.Mistral, Architecture.Llama, "
+                                               r"Architecture.Qwen3, Architecture.SmolLm3"):
+        Runner(Which.Plain(str(checkpoint), arch=Architecture.Gemma))
     with pytest.raises(ModelSourceError, match="multimodal"):
         Runner(Which.MultimodalPlain(model_id=str(checkpoint)))
-    with pytest.raises(ModelSourceError, match="topology"):
-        Runner(Which.Plain(str(checkpoint), topology="topologies/isq.yml"))
+    with pytest.raises(ModelSourceError, match="topology file 'topologies/isq.yml' does not exist"):
+        Runner(Which.Plain(str(checkpoint), topology="topologies/isq.yml"))  # tests/test_topology.py
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -306,11 +318,12 @@ def test_isq_bytes_equal_mistral_ref_quantize(tmp_path, checkpoint, f32_gguf, is
 
 
 def test_isq_names_and_fallbacks_are_mistral_rs_s():
-    assert [isq_type(n) for n in ("q4k", "Q4K", "4", "5", "6", "8", "Q5_1")] == [
-        QType.Q4_K, QType.Q4_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0, QType.Q5_1]
+    assert [isq_type(n) for n in ("q4k", "Q4K", "3", "4", "5", "6", "8", "Q5_1", "Q3K")] == [
+        QType.Q4_K, QType.Q4_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0, QType.Q5_1, QType.Q3_K]
     # a row of 576 weights (SmolLM2's width) is no whole number of 256-weight super-blocks
-    assert [tensor_type(t, 576) for t in (QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0)] == [
-        QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
+    # (mistralrs-quant's get_fallback: Q3K -> Q4_0, Q4K -> Q4_1, Q5K -> Q5_0, Q6K -> Q5_1)
+    assert [tensor_type(t, 576) for t in (QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.Q8_0)] == [
+        QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0]
     with pytest.raises(QuantizeError, match="no kernels for it"):
         isq_type("HQQ4")
     with pytest.raises(QuantizeError, match="unknown"):

@@ -169,7 +169,7 @@ def test_tool_schemas_as_json_strings_and_tool_choice_enum(tiny):
         ChatCompletionRequest(ASK, tool_schemas=["{not json"])
 
 
-@pytest.mark.parametrize("field", ["enable_shell", "enable_code_execution", "tool_dispatch_url", "input_files"])
+@pytest.mark.parametrize("field", ["enable_shell", "enable_code_execution", "tool_dispatch_url", "files"])
 def test_agent_fields_this_engine_does_not_run_are_refused(field):
     with pytest.raises(InvalidRequestError, match=field):
         ChatCompletionRequest(ASK, **{field: True if field.startswith("enable") else ["x"]})

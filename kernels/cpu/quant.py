@@ -15,7 +15,7 @@ from numba import prange
 
 from .dequant import k_scale_min
 from .fp16 import f32_to_fp16_bits, half_to_float
-from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
+from ..formats import QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
 ZERO, HALF, ONE = F32(0.0), F32(0.5), F32(1.0)
@@ -273,6 +273,42 @@ def make_qx_quants(x, nmax, L):
 
 
 @numba.njit(cache=True)
+def make_q3_quants(x, nmax, L):
+    """See kernels.reference.quant.make_q3_quants; fills L, returns scale."""
+    n = x.size
+    peak = absmax_signed(x)
+    if abs(peak) < GROUP_MAX_EPS:
+        L[:] = 0
+        return ZERO
+    iscale = F32(-nmax) / peak
+    levels = np.empty(n, np.int32)
+    sumlx, suml2 = ZERO, ZERO
+    for i in range(n):
+        levels[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i])))
+        w = x[i] * x[i]
+        sumlx += w * x[i] * F32(levels[i])
+        suml2 += w * F32(levels[i]) * F32(levels[i])
+    for _ in range(5):
+        changed = False
+        for i in range(n):
+            w = x[i] * x[i]
+            slx = sumlx - w * x[i] * F32(levels[i])
+            if slx > ZERO:
+                sl2 = suml2 - w * F32(levels[i]) * F32(levels[i])
+                new = max(-nmax, min(nmax - 1, nearest_int(x[i] * sl2 / slx)))
+                if new != levels[i]:
+                    slx += w * x[i] * F32(new)
+                    sl2 += w * F32(new) * F32(new)
+                    if sl2 > ZERO and slx * slx * suml2 > sumlx * sumlx * sl2:
+                        levels[i], sumlx, suml2, changed = new, slx, sl2, True
+        if not changed:
+            break
+    for i in range(n):
+        L[i] = levels[i] + nmax
+    return sumlx / suml2 if suml2 > ZERO else ZERO
+
+
+@numba.njit(cache=True)
 def _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
                          L, Laux, weights, scales, mins):
     """quantize_row_q4_K_ref / q5_K_ref up to the levels: fills d, dmin, the 12 scale bytes and
@@ -345,6 +381,44 @@ def q5_k(x, out):
 
 
 @numba.njit(parallel=True, cache=True)
+def q3_k(x, out):
+    n_blocks = x.size // QK_K
+    for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
+        L, scales = np.empty(QK_K, np.uint8), np.empty(16, F32)
+        first, end = task_bounds(task, n_blocks)
+        for b in range(first, end):
+            xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q3_K.size:(b + 1) * Q3_K.size]
+            yb[:] = 0
+            max_scale, max_abs_scale = ZERO, ZERO
+            for g in range(16):
+                scales[g] = make_q3_quants(xb[16 * g:16 * g + 16], 4, L[16 * g:16 * g + 16])
+                if abs(scales[g]) > max_abs_scale:
+                    max_abs_scale, max_scale = abs(scales[g]), scales[g]
+            d_all = ZERO
+            if max_scale != ZERO:
+                iscale = F32(-32.0) / max_scale
+                for g in range(16):
+                    ls = max(-32, min(31, nearest_int(iscale * scales[g]))) + 32
+                    yb[Q3_K.scales + g % 8] |= np.uint8((ls & 0x0F) << (4 * (g // 8)))
+                    yb[Q3_K.scales + 8 + g % 4] |= np.uint8((ls >> 4) << (2 * (g // 4)))
+                d_all = store_fp16(yb, Q3_K.d, ONE / iscale)
+            for g in range(16):
+                ls = (yb[Q3_K.scales + g % 8] >> (4 * (g // 8))) & 0x0F
+                ls |= ((yb[Q3_K.scales + 8 + g % 4] >> (2 * (g // 4))) & 3) << 4
+                d = d_all * F32(np.int32(ls) - 32)
+                if d == ZERO:
+                    continue
+                for i in range(16):
+                    L[16 * g + i] = max(-4, min(3, nearest_int(xb[16 * g + i] / d))) + 4
+            for j in range(QK_K):
+                level = L[j]
+                if level > 3:
+                    yb[Q3_K.hmask + j % 32] |= np.uint8(1 << (j // 32))
+                    level -= 4
+                yb[Q3_K.qs + 32 * (j // 128) + j % 32] |= np.uint8(level << (2 * ((j // 32) % 4)))
+
+
+@numba.njit(parallel=True, cache=True)
 def q6_k(x, out):
     n_blocks = x.size // QK_K
     for task in prange((n_blocks + BLOCKS_PER_TASK - 1) // BLOCKS_PER_TASK):
@@ -381,5 +455,5 @@ def q6_k(x, out):
 
 QUANTIZE = {
     QType.Q4_0: q4_0, QType.Q4_1: q4_1, QType.Q5_0: q5_0, QType.Q5_1: q5_1, QType.Q8_0: q8_0,
-    QType.Q4_K: q4_k, QType.Q5_K: q5_k, QType.Q6_K: q6_k,
+    QType.Q3_K: q3_k, QType.Q4_K: q4_k, QType.Q5_K: q5_k, QType.Q6_K: q6_k,
 }

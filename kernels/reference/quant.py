@@ -234,6 +234,44 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(F32), L.astype(np.uint8)
 
 
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fit x ~ scale * (L - nmax) with L in [0, 2 nmax), weights x^2 (llama.cpp's make_q3_quants
+    with do_rmse): levels from the largest weight, then up to five passes that move one level at
+    a time when it lowers the weighted error.
+
+    x: (groups, n) float32. Returns scale (groups,) float32 and L (groups, n) uint8; an all-zero
+    group gets scale 0 and levels 0.
+    """
+    n = x.shape[1]
+    peak = _absmax_signed(x)
+    all_zero = np.abs(peak) < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = np.clip(nearest_int((F32(-nmax) / peak)[:, None] * x), -nmax, nmax - 1)
+        sumlx = np.zeros(len(x), F32)
+        suml2 = np.zeros(len(x), F32)
+        for i in range(n):
+            w, li = x[:, i] * x[:, i], l[:, i].astype(F32)
+            sumlx = sumlx + w * x[:, i] * li
+            suml2 = suml2 + w * li * li
+        # C stops after a pass that changes nothing; the next pass would change nothing either
+        for _ in range(5):
+            for i in range(n):
+                xi, li = x[:, i], l[:, i].astype(F32)
+                w = xi * xi
+                slx, sl2 = sumlx - w * xi * li, suml2 - w * li * li
+                new = np.clip(nearest_int(np.where(slx > 0, xi * sl2 / slx, F32(0))), -nmax, nmax - 1)
+                nf = new.astype(F32)
+                new_slx, new_sl2 = slx + w * xi * nf, sl2 + w * nf * nf
+                take = ((slx > 0) & (new != l[:, i]) & (new_sl2 > 0)
+                        & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2))
+                l[:, i] = np.where(take, new, l[:, i])
+                sumlx, suml2 = np.where(take, new_slx, sumlx), np.where(take, new_sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = (l + nmax).astype(np.uint8)
+    L[all_zero] = 0
+    return np.where(all_zero, F32(0), scale), L
+
+
 def _q4_k_q5_k(x: np.ndarray, qtype: QType, nmax: int, rmin: float, nstep: int):
     """The shared half of quantize_row_q4_K_ref / q5_K_ref: eight groups of 32 per super-block,
     each fitted with make_qkx2_quants, their scales and mins quantized to 6 bits against the
@@ -297,6 +335,38 @@ def q5_k(x: np.ndarray) -> np.ndarray:
     return y.view(np.uint8)
 
 
+def q3_k(x: np.ndarray) -> np.ndarray:
+    x = x.reshape(-1, QK_K)
+    nb = len(x)
+    scales, L = make_q3_quants(x.reshape(nb * 16, 16), nmax=4)
+    scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+
+    max_scale = _absmax_signed(scales)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = F32(-32) / max_scale
+        ls = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32  # 6 bits, 0..63
+    ls = np.where((max_scale != 0)[:, None], ls, 0)
+    y = _empty_blocks(QType.Q3_K, nb)
+    with np.errstate(divide="ignore"):
+        y["d"] = np.where(max_scale != 0, F32(1) / iscale, F32(0)).astype(np.float16)
+    # 12 bytes: low nibbles of scales 0-7 then (high nibbles) 8-15; the top two bits of scale j
+    # in byte 8 + j % 4 at bit 2 * (j // 4)
+    y["scales"][:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
+    top = (ls >> 4).reshape(nb, 4, 4)
+    y["scales"][:, 8:12] = sum(top[:, q] << (2 * q) for q in range(4))
+
+    d = y["d"].astype(F32)[:, None] * (ls - 32).astype(F32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        requant = np.clip(nearest_int(x.reshape(nb, 16, 16) / d[..., None]), -4, 3) + 4
+    L = np.where((d != 0)[..., None], requant, L).reshape(nb, QK_K)
+    # levels 4..7 set their bit in hmask (weight j: byte j % 32, bit j // 32), 2 bits left in qs
+    high = L > 3
+    L = np.where(high, L - 4, L).reshape(nb, 2, 4, 32)
+    y["hmask"] = sum(high.reshape(nb, 8, 32)[:, k].astype(np.uint8) << k for k in range(8))
+    y["qs"] = sum(L[:, :, k] << (2 * k) for k in range(4)).reshape(nb, -1)
+    return y.view(np.uint8)
+
+
 def q6_k(x: np.ndarray) -> np.ndarray:
     x = x.reshape(-1, QK_K)
     nb = len(x)
@@ -328,5 +398,5 @@ def q6_k(x: np.ndarray) -> np.ndarray:
 
 QUANTIZE = {
     QType.Q4_0: q4_0, QType.Q4_1: q4_1, QType.Q5_0: q5_0, QType.Q5_1: q5_1, QType.Q8_0: q8_0,
-    QType.Q4_K: q4_k, QType.Q5_K: q5_k, QType.Q6_K: q6_k,
+    QType.Q3_K: q3_k, QType.Q4_K: q4_k, QType.Q5_K: q5_k, QType.Q6_K: q6_k,
 }
