@@ -15,10 +15,10 @@ from . import jit_cache
 jit_cache.install(Path(__file__).parent)  # before any kernel module is compiled or loaded
 
 from .device import DEVICES, Device, HostDevice, device  # noqa: E402
-from .dispatch import (ACTIVATIONS, BACKENDS, FORMATS, QK, QK_K, QUANTIZABLE,  # noqa: E402
+from .dispatch import (ACTIVATIONS, BACKENDS, FORMATS, IMPORTANCE_WEIGHTED, QK, QK_K, QUANTIZABLE,  # noqa: E402
                        BlockFormat, add_, attention, block_format, dequantize, kv_write_, matmul,
                        quantize, rmsnorm, rope, swiglu)
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "DEVICES", "FORMATS", "QK", "QK_K", "QUANTIZABLE",
+__all__ = ["ACTIVATIONS", "BACKENDS", "DEVICES", "FORMATS", "IMPORTANCE_WEIGHTED", "QK", "QK_K", "QUANTIZABLE",
            "BlockFormat", "Device", "HostDevice", "add_", "attention", "block_format", "device",
            "dequantize", "kv_write_", "matmul", "quantize", "rmsnorm", "rope", "swiglu"]

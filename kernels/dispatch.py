@@ -89,12 +89,20 @@ def dequantize(raw: np.ndarray, qtype: QType | str | int, shape: tuple[int, ...]
 QUANTIZABLE = tuple(REFERENCE_QUANTIZE)
 
 
-def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> np.ndarray:
+# The formats whose quantizers weigh errors by an importance matrix (llama.cpp's
+# quantize_row_q4_K_impl / q5_K_impl).
+IMPORTANCE_WEIGHTED = (QType.Q4_K, QType.Q5_K)
+
+
+def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu",
+             importance: np.ndarray | None = None) -> np.ndarray:
     """Quantize float32 weights to a block format, byte-identical to llama.cpp's reference
     quantizers (what llama-quantize runs without an importance matrix) on every backend.
 
     x: float32 (..., n), rows along the last axis, n a multiple of the block size; finite.
     qtype: one of QUANTIZABLE (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K), F16 or F32.
+    importance: None, or float32 (n,) >= 0, an importance matrix's entries for the columns (Q4_K
+    and Q5_K: IMPORTANCE_WEIGHTED), the bytes llama-quantize --imatrix writes.
     Returns uint8 (..., row_bytes): the raw layout `gguf.quants.quantize` returns.
     """
     fmt = block_format(qtype)
@@ -105,6 +113,17 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
     if x.ndim == 0 or x.shape[-1] % fmt.block_size:
         raise ValueError(f"{fmt.qtype.name} needs rows of a multiple of {fmt.block_size} weights, "
                          f"got shape {x.shape}")
+    if importance is not None:
+        importance = np.asarray(importance)
+        if fmt.qtype not in IMPORTANCE_WEIGHTED:
+            raise ValueError(f"quantizing to {fmt.qtype.name} with an importance matrix is not supported "
+                             f"(supported: {', '.join(t.name for t in IMPORTANCE_WEIGHTED)})")
+        if importance.dtype != np.float32 or importance.shape != x.shape[-1:]:
+            raise ValueError(f"importance must be float32 of shape {x.shape[-1:]}, got "
+                             f"{importance.dtype} {importance.shape}")
+        if not (np.isfinite(importance).all() and (importance >= 0).all()):
+            raise ValueError("importance must be finite and >= 0")
+        importance = np.ascontiguousarray(np.broadcast_to(importance, x.shape)).reshape(-1)
     if fmt.qtype in (QType.F32, QType.F16):
         return np.ascontiguousarray(x.astype(fmt.block["value"])).view(np.uint8).reshape(
             *x.shape[:-1], -1)
@@ -116,10 +135,11 @@ def quantize(x: np.ndarray, qtype: QType | str | int, backend: str = "cpu") -> n
         raise ValueError("cannot quantize non-finite weights (NaN or infinity)")
     out_shape = (*x.shape[:-1], fmt.row_bytes(x.shape[-1]))
     flat = np.ascontiguousarray(x).reshape(-1)
+    weighted = () if importance is None else (importance,)  # per weight, as the rows are flat
     if backend == "reference":
-        return REFERENCE_QUANTIZE[fmt.qtype](flat).reshape(out_shape)
+        return REFERENCE_QUANTIZE[fmt.qtype](flat, *weighted).reshape(out_shape)
     out = np.empty(fmt.nbytes(x.shape), dtype=np.uint8)
-    CPU_QUANTIZE[fmt.qtype](read_only(flat), out)
+    CPU_QUANTIZE[fmt.qtype](read_only(flat), out, *weighted)
     return out.reshape(out_shape)
 
 

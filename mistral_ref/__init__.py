@@ -5,6 +5,7 @@ from mistral_ref.chat_template import MISTRAL_INSTRUCT_TEMPLATE, apply_chat_temp
 from mistral_ref.errors import (ChatTemplateError, GrammarError, InvalidRequestError, MistralRefError,
                                 ModelSourceError, TokenizerError)
 from mistral_ref.gguf import Config, GGUFFile, QuantizedTensor, load_gguf
+from mistral_ref.imatrix import CalibrationStatus
 from mistral_ref.input_files import InputFile
 from mistral_ref.messages import Message, Role
 from mistral_ref.model import KVCache, Model, generate
@@ -17,7 +18,7 @@ from mistral_ref.which import (Architecture, DiffusionArchitecture, EmbeddingArc
                                TextAutoMapParams, Which)
 
 __all__ = [
-    "Architecture", "Checkpoint", "DiffusionArchitecture", "EmbeddingArchitecture",
+    "Architecture", "CalibrationStatus", "Checkpoint", "DiffusionArchitecture", "EmbeddingArchitecture",
     "IsqOrganization", "ModelDType", "MultimodalArchitecture", "PagedCacheType",
     "TextAutoMapParams", "ToolChoice", "WebSearchOptions", "load_checkpoint", "save_checkpoint",
     "MISTRAL_INSTRUCT_TEMPLATE", "ChatCompletionRequest", "ChatTemplateError", "CompletionRequest",

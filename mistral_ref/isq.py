@@ -17,8 +17,10 @@ weight's GGUF name to its ISQ name (None: keep it as stored): a topology file's 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Callable, TypeVar
 
+import numpy as np
 from gguf import GGMLQuantizationType as QType
 from tqdm import tqdm
 
@@ -32,6 +34,7 @@ BITS = {"3": "q3k", "4": "q4k", "5": "q5k", "6": "q6k", "8": "q8_0"}
 # mistral.rs's other ISQ types: formats this engine has no quantizer or kernels for
 NOT_IMPLEMENTED = ("Q8_1", "Q2K", "Q8K", "HQQ4", "HQQ8", "FP8", "AFQ2", "AFQ3", "AFQ4",
                    "AFQ6", "AFQ8", "F8Q8", "MXFP4")
+LEGACY = (QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0)  # quantized without importance
 FALLBACK = {QType.Q3_K: QType.Q4_0, QType.Q4_K: QType.Q4_1, QType.Q5_K: QType.Q5_0, QType.Q6_K: QType.Q5_1}
 
 Source = TypeVar("Source")  # a GGUFFile or a Checkpoint
@@ -66,10 +69,15 @@ def tensor_type(qtype: QType, n_cols: int) -> QType:
     return qtype
 
 
-def in_situ_quantize(source: Source, isq: str | Callable[[str], str | None], progress: bool = True) -> Source:
+def in_situ_quantize(source: Source, isq: str | Callable[[str], str | None], progress: bool = True,
+                     importance: Mapping[str, np.ndarray] | None = None) -> Source:
     """A shallow copy of `source` (a GGUFFile or Checkpoint) whose linear weights are quantized to
     ISQ type `isq`, or to `isq(gguf_name)` when `isq` is a function (None: that weight keeps its
-    stored type, as the others do: views of the file)."""
+    stored type, as the others do: views of the file).
+
+    importance: GGUF name -> float32 (n_columns,), an importance matrix (mistral_ref.imatrix) that
+    Q4K and Q5K weights are quantized with; the legacy types a row falls back to take none, as in
+    mistral.rs. Q3K and Q6K have no importance-weighted quantizer here: a QuantizeError."""
     if callable(isq):
         choose, desc = isq, "ISQ (topology)"
     else:
@@ -83,6 +91,13 @@ def in_situ_quantize(source: Source, isq: str | Callable[[str], str | None], pro
             continue
         t = source.tensors[key]
         target = tensor_type(isq_type(name), t.shape[-1])
-        data = kernels.quantize(kernels.dequantize(t.data, t.qtype, t.shape), target)
+        weighted = importance.get(key) if importance is not None else None
+        if weighted is not None and target not in kernels.IMPORTANCE_WEIGHTED:
+            if target in LEGACY:
+                weighted = None
+            else:
+                raise QuantizeError(f"{key}: quantizing to {target.name} with an importance matrix is not "
+                                    "supported (Q4K and Q5K are)")
+        data = kernels.quantize(kernels.dequantize(t.data, t.qtype, t.shape), target, importance=weighted)
         out.tensors[key] = QuantizedTensor(key, target, t.shape, data.reshape(-1))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -123,7 +123,8 @@ class Model:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-                  load: str = "mmap", isq: str | Callable[[str], str | None] | None = None) -> Model:
+                  load: str = "mmap", isq: str | Callable[[str], str | None] | None = None,
+                                      importance: Mapping[str, np.ndarray] | None = None) -> Model:
         """Load a model; the weights stay quantized (or with `isq`, an ISQ type such as "Q4K", its
         linear weights are requantized while loading: mistral_ref.isq).
 
@@ -131,25 +132,36 @@ class Model:
         for checking); activations: "f32" (exact) or "q8" (llama.cpp's numerics; not on cuda);
         load: "mmap" (the CPU reads the weights in the file's memory map: instant, shared with
         the page cache) or "copy" (read into anonymous memory on huge pages first, as llama.cpp's
-        --no-mmap; see mistral_ref.memory and docs/kernels.md for what each costs)."""
+        --no-mmap; see mistral_ref.memory and docs/kernels.md for what each costs); importance:
+        an importance matrix ISQ weighs its Q4K / Q5K errors by (mistral_ref.imatrix)."""
         source = load_gguf(path, load)
-        return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
+        return cls(in_situ_quantize(source, isq, importance=importance) if isq else source, device, activations)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-                        isq: str | Callable[[str], str | None] | None = None) -> Model:
+                        isq: str | Callable[[str], str | None] | None = None,
+                        importance: Mapping[str, np.ndarray] | None = None) -> Model:
         """Load a Hugging Face checkpoint directory (mistral_ref.checkpoint): weights in F32, F16
         or BF16 stay views of the mapped safetensors files, or with `isq` (an ISQ type such as
         "Q4K") the linear weights are quantized while loading (mistral_ref.isq)."""
         source = load_checkpoint(path)
-        return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
+        return cls(in_situ_quantize(source, isq, importance=importance) if isq else source, device, activations)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-             isq: str | Callable[[str], str | None] | None = None) -> Model:
+             isq: str | Callable[[str], str | None] | None = None,
+             importance: Mapping[str, np.ndarray] | None = None) -> Model:
         """`from_checkpoint` for a directory, `from_gguf` for a file."""
         source = load_model_file(path)
-        return cls(in_situ_quantize(source, isq) if isq else source, device, activations)
+        return cls(in_situ_quantize(source, isq, importance=importance) if isq else source, device, activations)
+
+    def take_weights(self, other: Model) -> None:
+        """Use `other`'s weights from now on (the same config, requantized: online calibration);
+        caches stay valid, computed with the old weights."""
+        if other.config != self.config or other.device.name != self.device.name:
+            raise InputError("take_weights needs a model of the same config on the same device")
+        self.file, self.layers, self.embedding = other.file, other.layers, other.embedding
+        self.output_norm, self.output = other.output_norm, other.output
 
     def new_cache(self, max_tokens: int | None = None) -> KVCache:
         """An empty KV cache for up to `max_tokens` positions (default: the model's context)."""
@@ -163,6 +175,13 @@ class Model:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits at every position of `token_ids` from a fresh cache: float32 (n_tokens, vocab)."""
         return self._run(token_ids, self.new_cache(max(1, len(token_ids))), all_logits=True)
+
+    def hidden_states(self, token_ids: Sequence[int]) -> np.ndarray:
+        """The final-normed hidden states at every position of `token_ids` from a fresh cache,
+        the output matrix's input: float32 (n_tokens, dim) on the host. One chunk: the tokens
+        must fit the context."""
+        tokens = self._check_tokens(token_ids, self.new_cache(max(1, len(token_ids))))
+        return self.device.to_host(self._hidden([(tokens, self.new_cache(len(tokens)))]))
 
     def forward_batch(self, batch: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
         """Several sequences in one pass through the weights (continuous batching): each

@@ -26,8 +26,11 @@ from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRe
 from mistral_ref.agentic import ToolCallback, ToolRounds, search_callback_tool
 from mistral_ref.chat_template import apply_chat_template, load_chat_template, message_dicts
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
+from mistral_ref.imatrix import CalibrationStatus, ImportanceRecorder, collect_importance, load_importance
+from mistral_ref.imatrix import save_cimatrix as save_cimatrix_file
 from mistral_ref.input_files import with_input_files
-from mistral_ref.model import Model
+from mistral_ref.isq import in_situ_quantize, linear_weights
+from mistral_ref.model import Model, load_model_file
 from mistral_ref.prefix_cache import DEFAULT_ENTRIES, PrefixCache
 from mistral_ref.sampler import DRY_SEQUENCE_BREAKERS, GrammarConstraint, SamplingParams, compile_grammar
 from mistral_ref.scheduler import Event, Generation, Job, Scheduler, Timing
@@ -91,10 +94,12 @@ class Runner:
         isq = in_situ_quant  # an ISQ name, or with a topology file a per-tensor choice of one
         if files.topology is not None:
             isq = load_topology(files.topology, device).isq_plan(in_situ_quant)
+        importance = _importance(files, isq)
         if files.is_checkpoint:
-            self.model = Model.from_checkpoint(files.path, device, activations, isq)
+            self.model = Model.from_checkpoint(files.path, device, activations, isq, importance)
         else:
-            self.model = Model.from_gguf(files.path, device, activations, load, isq)
+            self.model = Model.from_gguf(files.path, device, activations, load, isq, importance)
+        self._files, self._isq, self._recorder = files, isq, None  # for online calibration
         _check_dtype(getattr(which, "dtype", ModelDType.Auto), self.model)
         _check_device_layers(num_device_layers, device, self.model.config.n_layers)
         self.tokenizer = Tokenizer.of_model(self.model.file, files.tokenizer_json)
@@ -177,6 +182,50 @@ class Runner:
     def max_sequence_length(self, model_id: str | None = None) -> int:
         """The model's context length in tokens."""
         return self.model.config.context_length
+
+    # -- online calibration (mistral.rs's importance matrix from live requests) ----------------
+    def begin_calibration(self, model_id: str | None = None) -> CalibrationStatus:
+        """Start recording every matmul's input on the requests that run from now on: the
+        importance matrix `apply_calibration` requantizes the in-situ quantized weights with."""
+        self._check_model_id(model_id)
+        if not self._isq:
+            raise InvalidRequestError("begin_calibration", "needs a model loaded with in_situ_quant: "
+                                                           "calibration requantizes the ISQ weights")
+        with self._lock:
+            if self._recorder is None:
+                self._recorder = ImportanceRecorder(self.model)
+                self.model.device = self._recorder
+        return self.calibration_status()
+
+    def calibration_status(self, model_id: str | None = None) -> CalibrationStatus:
+        """What the calibration has recorded so far (collecting False before begin_calibration)."""
+        self._check_model_id(model_id)
+        if self._recorder is None:
+            return CalibrationStatus(False, len(linear_weights(self.model.config)), 0, 0, 0, 0)
+        return self._recorder.status()
+
+    def apply_calibration(self, save_cimatrix: str | None = None, model_id: str | None = None) -> CalibrationStatus:
+        """Requantize from the source weights with the importance recorded since
+        begin_calibration and put them into the live model (running sequences go on with them;
+        the prefix cache is emptied). save_cimatrix: a `.cimatrix` file to write it to. Returns the
+        status before applying."""
+        status = self.calibration_status(model_id)
+        if self._recorder is None:
+            raise InvalidRequestError("apply_calibration", "no calibration is running (call begin_calibration)")
+        if status.min_rows == 0:
+            raise InvalidRequestError("apply_calibration", "no request has run since begin_calibration")
+        importance = self._recorder.importance()
+        if save_cimatrix is not None:
+            save_cimatrix_file(save_cimatrix, importance)
+        files, model = self._files, self.model
+        source = load_model_file(files.path)
+        with self._lock:
+            model.device, self._recorder = self._recorder.device, None
+            model.take_weights(Model(in_situ_quantize(source, self._isq, importance=importance),
+                                     model.device.name, model.activations))
+            if self.prefix_cache is not None:
+                self.prefix_cache.entries.clear()  # computed with the old weights
+        return status
 
     # -- the engine: what a server drives -------------------------------------------------------
     def submit(self, request: ChatCompletionRequest | CompletionRequest,
@@ -521,6 +570,22 @@ def _check_device_layers(layers: list[str] | None, device: str, n_layers: int) -
     if device == "cuda" and on_device < n_layers:
         raise InvalidRequestError("num_device_layers", f"{on_device} of {n_layers} layers on the GPU: "
                                                        "mistral-ref does not split a model between devices")
+
+
+def _importance(files, isq) -> dict[str, np.ndarray] | None:
+    """The importance matrix ISQ weighs errors by: read from `files.imatrix`, or measured on
+    `files.calibration_file` with the unquantized model (mistral_ref.imatrix); None without one."""
+    if files.imatrix is None and files.calibration_file is None:
+        return None
+    what = "imatrix" if files.imatrix is not None else "calibration_file"
+    if not isq:
+        raise ModelSourceError(f"{what}: an importance matrix weighs in-situ quantization; give in_situ_quant")
+    source = load_model_file(files.path)
+    if files.imatrix is not None:
+        return load_importance(files.imatrix, source.config)
+    tokenizer = Tokenizer.of_model(source, files.tokenizer_json)
+    text = files.calibration_file.read_text(encoding="utf-8", errors="replace")
+    return collect_importance(Model(source, "cpu", "f32"), tokenizer.encode(text), tokenizer.bos_id)
 
 
 def _check_dtype(dtype: Any, model: Model) -> None:

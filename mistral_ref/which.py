@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -125,7 +125,9 @@ class Which:
         """A GGUF file: `quantized_model_id` is the file, or a directory holding
         `quantized_filename`; `tok_model_id` None (the GGUF's tokenizer) or a directory with a
         tokenizer.json; `tokenizer_json` a tokenizer.json replacing the GGUF's vocabulary;
-        `topology` a topology file of per-layer ISQ types (mistral_ref.topology)."""
+        `topology` a topology file of per-layer ISQ types (mistral_ref.topology); `imatrix` an
+        importance matrix file or `calibration_file` text to measure one on, for in_situ_quant
+        (mistral_ref.imatrix)."""
 
         quantized_model_id: str
         quantized_filename: str | list[str] | None = None
@@ -134,6 +136,8 @@ class Which:
         repeat_last_n: int = 64
         topology: str | None = None
         dtype: ModelDType = ModelDType.Auto
+        imatrix: str | None = field(default=None, kw_only=True)
+        calibration_file: str | None = field(default=None, kw_only=True)
 
     @dataclass(frozen=True)
     class MistralGGUF:
@@ -156,8 +160,8 @@ class Which:
         arch: Architecture.Mistral or .Llama (None: config.json's model_type decides);
         tokenizer_json: a tokenizer.json replacing the directory's; organization: see
         IsqOrganization; auto_map_params: accepted (TextAutoMapParams); topology: a mistral.rs
-        topology file of per-layer ISQ types (mistral_ref.topology). UQFF files, imatrix /
-        calibration files and MatFormer slices are refused: the engine has none."""
+        topology file of per-layer ISQ types (mistral_ref.topology); imatrix / calibration_file:
+        as Which.GGUF's. UQFF files and MatFormer slices are refused: the engine has none."""
 
         model_id: str
         arch: Architecture | None = None
@@ -212,6 +216,8 @@ class ModelFiles:
     tokenizer_json: Path | None
     model_id: str
     topology: Path | None = None  # a topology file: per-layer ISQ types (mistral_ref.topology)
+    imatrix: Path | None = None  # an importance matrix file for ISQ (mistral_ref.imatrix)
+    calibration_file: Path | None = None  # text to measure one on
 
 
 def _local(what: str, value: str | os.PathLike) -> Path:
@@ -238,7 +244,16 @@ def _topology(value: str | os.PathLike | None) -> Path | None:
 def _refuse(what: str, value: Any) -> None:
     if value is not None and value is not False:
         raise ModelSourceError(f"{what}={value!r} is not supported by mistral-ref (one CPU or CUDA "
-                               "device; no UQFF, imatrix or MatFormer files)")
+                               "device; no UQFF or MatFormer files)")
+
+
+def _importance(which: Any) -> dict[str, Path | None]:
+    """ModelFiles' imatrix and calibration_file fields: local files, at most one of them."""
+    imatrix, calibration_file = getattr(which, "imatrix", None), getattr(which, "calibration_file", None)
+    if imatrix is not None and calibration_file is not None:
+        raise ModelSourceError("imatrix and calibration_file are alternatives: give one")
+    return {"imatrix": imatrix and _local("imatrix", imatrix),
+            "calibration_file": calibration_file and _local("calibration_file", calibration_file)}
 
 
 def resolve_which(which: Any) -> ModelFiles:
@@ -273,7 +288,7 @@ def resolve_which(which: Any) -> ModelFiles:
     elif which.tok_model_id is not None:
         tok_dir = _local("tok_model_id", which.tok_model_id)
         tokenizer_json = _local("tok_model_id's tokenizer.json", tok_dir / "tokenizer.json")
-    return ModelFiles(gguf, False, tokenizer_json, gguf.name, topology)
+    return ModelFiles(gguf, False, tokenizer_json, gguf.name, topology, **_importance(which))
 
 
 def _resolve_plain(which: Which.Plain) -> ModelFiles:
@@ -282,8 +297,7 @@ def _resolve_plain(which: Which.Plain) -> ModelFiles:
         name = arch.name if isinstance(arch, Architecture) else repr(arch)
         raise ModelSourceError(f"architecture {name} is not implemented by mistral-ref (it runs "
                                f"{', '.join('Architecture.' + a.name for a in RUNS)})")
-    for what in ("write_uqff", "from_uqff", "imatrix", "calibration_file",
-                 "matformer_config_path", "matformer_slice_name"):
+    for what in ("write_uqff", "from_uqff", "matformer_config_path", "matformer_slice_name"):
         _refuse(what, getattr(which, what))
     if which.organization is not None:
         try:
@@ -305,4 +319,5 @@ def _resolve_plain(which: Which.Plain) -> ModelFiles:
                                    f"{model_type!r} model (Architecture.{arch.name} loads "
                                    f"{' or '.join(map(repr, RUNS[arch]))})")
     tokenizer_json = _local("tokenizer_json", which.tokenizer_json) if which.tokenizer_json else None
-    return ModelFiles(path, True, tokenizer_json, str(which.model_id), _topology(which.topology))
+    return ModelFiles(path, True, tokenizer_json, str(which.model_id), _topology(which.topology),
+                      **_importance(which))

@@ -132,6 +132,27 @@ def test_bytes_equal_llama_cpp_fixture(llama_cpp, qtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qtype", kernels.IMPORTANCE_WEIGHTED, ids=lambda q: q.name)
+def test_importance_weighted_bytes_equal_llama_cpp_fixture(llama_cpp, qtype, backend):
+    """llama.cpp's quantize_row_q4_K_impl / q5_K_impl with an importance matrix (one group of 32
+    columns all zero), what llama-quantize --imatrix writes."""
+    got = kernels.quantize(llama_cpp["x"], qtype, backend=backend, importance=llama_cpp["importance"])
+    bad = first_bad_blocks(got, llama_cpp[f"{qtype.name}_imatrix_bytes"], block_format(qtype).type_size)
+    assert not bad, bad
+    assert (got != llama_cpp[f"{qtype.name}_bytes"]).any()  # the importance changed the choice
+
+
+def test_importance_is_checked():
+    x = np.ones((2, 256), np.float32)
+    with pytest.raises(ValueError, match="Q6_K with an importance matrix is not supported"):
+        kernels.quantize(x, QType.Q6_K, importance=np.ones(256, np.float32))
+    with pytest.raises(ValueError, match=r"importance must be float32 of shape \(256,\)"):
+        kernels.quantize(x, QType.Q4_K, importance=np.ones(128, np.float32))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        kernels.quantize(x, QType.Q4_K, importance=np.full(256, -1, np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qtype", DEQUANTIZED_TYPES, ids=lambda q: q.name)
 def test_dequantize_equals_llama_cpp_fixture(llama_cpp, qtype, backend):
     """Bit for bit (compared as uint32, so -0.0 and +0.0 differ) on llama.cpp's bytes."""

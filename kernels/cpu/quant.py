@@ -308,35 +308,110 @@ def make_q3_quants(x, nmax, L):
     return sumlx / suml2 if suml2 > ZERO else ZERO
 
 
+@numba.njit(inline="always", cache=True)
+def _qp_error(x, nmax, weights, iscale):
+    scale, total = ONE / iscale, ZERO
+    for i in range(x.size):
+        diff = x[i] - scale * F32(min(nmax, nearest_int(iscale * x[i])))
+        total += weights[i] * diff * diff
+    return total
+
+
+@numba.njit(cache=True)
+def make_qp_quants(x, nmax, weights, L):
+    """See kernels.reference.quant.make_qp_quants; fills L, returns scale."""
+    n = x.size
+    peak = ZERO
+    for v in x:
+        peak = max(peak, v)
+    if peak < GROUP_MAX_EPS:
+        L[:] = 0
+        return ZERO
+    iscale = F32(nmax) / peak
+    best = _qp_error(x, nmax, weights, iscale)
+    for step in range(-4, 5):
+        if step != 0:
+            trial = (F32(0.1) * F32(step) + F32(nmax)) / peak
+            mse = _qp_error(x, nmax, weights, trial)
+            if mse < best:
+                best, iscale = mse, trial
+    levels = np.empty(n, np.int32)
+    sumlx, suml2 = ZERO, ZERO
+    for i in range(n):
+        levels[i] = min(nmax, nearest_int(iscale * x[i]))
+        sumlx += weights[i] * x[i] * F32(levels[i])
+        suml2 += weights[i] * F32(levels[i]) * F32(levels[i])
+    for _ in range(5):
+        changed = False
+        for i in range(n):
+            w = weights[i]
+            slx = sumlx - w * x[i] * F32(levels[i])
+            sl2 = suml2 - w * F32(levels[i]) * F32(levels[i])
+            if slx > ZERO and sl2 > ZERO:
+                new = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new != levels[i]:
+                    slx += w * x[i] * F32(new)
+                    sl2 += w * F32(new) * F32(new)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        levels[i], sumlx, suml2, changed = new, slx, sl2, True
+        if not changed:
+            break
+    for i in range(n):
+        L[i] = levels[i] & 0xFF
+    return sumlx / suml2 if suml2 > ZERO else ZERO
+
+
 @numba.njit(cache=True)
 def _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
-                         L, Laux, weights, scales, mins):
-    """quantize_row_q4_K_ref / q5_K_ref up to the levels: fills d, dmin, the 12 scale bytes and
-    L (256 levels in [0, nmax])."""
-    for j in range(QK_K // 32):
-        xg = xb[32 * j:32 * j + 32]
+                         L, Laux, weights, scales, mins, importance):
+    """quantize_row_q4_K_ref / q5_K_ref up to the levels (with `importance`, float32 (256,),
+    quantize_row_q4_K_impl / q5_K_impl's; None: none): fills d, dmin, the 12 scale bytes and L
+    (256 levels in [0, nmax])."""
+    if importance is None:
+        for j in range(QK_K // 32):
+            xg = xb[32 * j:32 * j + 32]
+            sum_x2 = ZERO
+            for v in xg:
+                sum_x2 += v * v
+            av_x = F32(np.sqrt(sum_x2 / F32(32.0)))
+            for i in range(32):
+                weights[i] = av_x + abs(xg[i])
+            scales[j], mins[j] = make_qkx2_quants(xg, weights, nmax, rmin, F32(0.1), nstep,
+                                                  L[32 * j:32 * j + 32], Laux)
+        max_scale, max_min = ZERO, ZERO
+        for j in range(QK_K // 32):
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
+        inv_scale = F32(63.0) / max_scale if max_scale > ZERO else ZERO
+        inv_min = F32(63.0) / max_min if max_min > ZERO else ZERO
+        for j in range(QK_K // 32):
+            ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
+            lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+            pack_k_scale_min(yb, scales_at, j, ls, lm)
+        d_all = store_fp16(yb, d_at, max_scale / F32(63.0))
+        dmin_all = store_fp16(yb, dmin_at, max_min / F32(63.0))
+    else:
         sum_x2 = ZERO
-        for v in xg:
+        for v in xb:
             sum_x2 += v * v
-        av_x = F32(np.sqrt(sum_x2 / F32(32.0)))
-        for i in range(32):
-            weights[i] = av_x + abs(xg[i])
-        scales[j], mins[j] = make_qkx2_quants(xg, weights, nmax, rmin, F32(0.1), nstep,
-                                              L[32 * j:32 * j + 32], Laux)
-    max_scale, max_min = ZERO, ZERO
-    for j in range(QK_K // 32):
-        if scales[j] > max_scale:
-            max_scale = scales[j]
-        if mins[j] > max_min:
-            max_min = mins[j]
-    inv_scale = F32(63.0) / max_scale if max_scale > ZERO else ZERO
-    inv_min = F32(63.0) / max_min if max_min > ZERO else ZERO
-    for j in range(QK_K // 32):
-        ls = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)
-        lm = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
-        pack_k_scale_min(yb, scales_at, j, ls, lm)
-    d_all = store_fp16(yb, d_at, max_scale / F32(63.0))
-    dmin_all = store_fp16(yb, dmin_at, max_min / F32(63.0))
+        sigma2 = F32(2.0) * sum_x2 / F32(QK_K)
+        group_weight, ls, lm = np.empty(8, F32), np.empty(8, np.uint8), np.empty(8, np.uint8)
+        for j in range(QK_K // 32):
+            xg = xb[32 * j:32 * j + 32]
+            group_weight[j] = ZERO
+            for i in range(32):
+                weights[i] = importance[32 * j + i] * F32(np.sqrt(sigma2 + xg[i] * xg[i]))
+                group_weight[j] += weights[i]
+            scales[j], mins[j] = make_qkx2_quants(xg, weights, nmax, F32(-0.9), F32(0.05), 36,
+                                                  L[32 * j:32 * j + 32], Laux)
+        d_block = make_qp_quants(scales, 63, group_weight, ls)
+        m_block = make_qp_quants(mins, 63, group_weight, lm)
+        for j in range(QK_K // 32):
+            pack_k_scale_min(yb, scales_at, j, ls[j], lm[j])
+        d_all = store_fp16(yb, d_at, d_block)
+        dmin_all = store_fp16(yb, dmin_at, m_block)
     for j in range(QK_K // 32):
         ls, lm = k_scale_min(yb, scales_at, j)
         d = d_all * F32(ls)
@@ -348,7 +423,7 @@ def _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
 
 
 @numba.njit(parallel=True, cache=True)
-def _k_quant(x, out, size, d_at, dmin_at, scales_at, qs_at, qh_at, nmax, rmin, nstep):
+def _k_quant(x, out, size, d_at, dmin_at, scales_at, qs_at, qh_at, nmax, rmin, nstep, importance):
     """Q4_K (qh_at < 0) or Q5_K blocks: make_qkx2_quants fits per group of 32 (levels 0..nmax,
     rmin/nstep as llama.cpp passes them), then the low nibbles packed two groups per 32 bytes and,
     for Q5_K, the fifth bit of group g in bit g of qh."""
@@ -360,8 +435,8 @@ def _k_quant(x, out, size, d_at, dmin_at, scales_at, qs_at, qh_at, nmax, rmin, n
         for b in range(first, end):
             xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * size:(b + 1) * size]
             yb[:] = 0
-            _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep,
-                                 L, Laux, weights, scales, mins)
+            _k_scales_and_levels(xb, yb, d_at, dmin_at, scales_at, nmax, rmin, nstep, L, Laux, weights,
+                                 scales, mins, None if importance is None else importance[b * QK_K:(b + 1) * QK_K])
             for c in range(4):
                 for i in range(32):
                     low, high = L[64 * c + i], L[64 * c + 32 + i]
@@ -371,13 +446,13 @@ def _k_quant(x, out, size, d_at, dmin_at, scales_at, qs_at, qh_at, nmax, rmin, n
 
 
 @numba.njit(cache=True)
-def q4_k(x, out):
-    _k_quant(x, out, Q4_K.size, Q4_K.d, Q4_K.dmin, Q4_K.scales, Q4_K.qs, -1, 15, F32(-1.0), 20)
+def q4_k(x, out, importance=None):
+    _k_quant(x, out, Q4_K.size, Q4_K.d, Q4_K.dmin, Q4_K.scales, Q4_K.qs, -1, 15, F32(-1.0), 20, importance)
 
 
 @numba.njit(cache=True)
-def q5_k(x, out):
-    _k_quant(x, out, Q5_K.size, Q5_K.d, Q5_K.dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh, 31, F32(-0.5), 15)
+def q5_k(x, out, importance=None):
+    _k_quant(x, out, Q5_K.size, Q5_K.d, Q5_K.dmin, Q5_K.scales, Q5_K.qs, Q5_K.qh, 31, F32(-0.5), 15, importance)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -389,11 +464,9 @@ def q3_k(x, out):
         for b in range(first, end):
             xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q3_K.size:(b + 1) * Q3_K.size]
             yb[:] = 0
-            max_scale, max_abs_scale = ZERO, ZERO
             for g in range(16):
                 scales[g] = make_q3_quants(xb[16 * g:16 * g + 16], 4, L[16 * g:16 * g + 16])
-                if abs(scales[g]) > max_abs_scale:
-                    max_abs_scale, max_scale = abs(scales[g]), scales[g]
+            max_scale = absmax_signed(scales)
             d_all = ZERO
             if max_scale != ZERO:
                 iscale = F32(-32.0) / max_scale
@@ -427,12 +500,10 @@ def q6_k(x, out):
         for b in range(first, end):
             xb, yb = x[b * QK_K:(b + 1) * QK_K], out[b * Q6_K.size:(b + 1) * Q6_K.size]
             yb[:] = 0
-            max_scale, max_abs_scale = ZERO, ZERO
             for g in range(16):
                 scales[g] = make_qx_quants(xb[16 * g:16 * g + 16], 32, L[16 * g:16 * g + 16])
-                if abs(scales[g]) > max_abs_scale:
-                    max_abs_scale, max_scale = abs(scales[g]), scales[g]
-            if max_abs_scale < GROUP_MAX_EPS:
+            max_scale = absmax_signed(scales)
+            if abs(max_scale) < GROUP_MAX_EPS:
                 continue  # an all-zero block is all zero bytes
             iscale = F32(-128.0) / max_scale
             d_all = store_fp16(yb, Q6_K.d, ONE / iscale)

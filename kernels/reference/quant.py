@@ -272,35 +272,105 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(all_zero, F32(0), scale), L
 
 
-def _q4_k_q5_k(x: np.ndarray, qtype: QType, nmax: int, rmin: float, nstep: int):
+def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit x ~ scale * L with L in [0, nmax] for x >= 0 (a super-block's group scales or mins),
+    minimizing the `weights`-weighted squared error (llama.cpp's make_qp_quants): the largest x
+    as nmax, 8 trial rescalings, then up to five passes moving one level at a time.
+
+    x, weights: (groups, n) float32. Returns scale (groups,) float32 and L (groups, n) uint8.
+    """
+    n = x.shape[1]
+    peak = np.maximum(x.max(axis=1), F32(0))
+    all_zero = peak < GROUP_MAX_EPS
+
+    def error(iscale):
+        L = np.minimum(nmax, nearest_int(iscale[:, None] * x))
+        scale, total = F32(1) / iscale, np.zeros(len(x), F32)
+        for i in range(n):
+            diff = x[:, i] - scale * L[:, i].astype(F32)
+            total = total + weights[:, i] * diff * diff
+        return total
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(nmax) / peak
+        best = error(iscale)  # the first fit is not clamped to nmax: it never exceeds it
+        for step in range(-4, 5):
+            if step:
+                trial = (F32(0.1) * F32(step) + F32(nmax)) / peak
+                mse = error(trial)
+                iscale, best = np.where(mse < best, trial, iscale), np.minimum(mse, best)
+        l = np.minimum(nmax, nearest_int(iscale[:, None] * x))
+        sumlx, suml2 = np.zeros(len(x), F32), np.zeros(len(x), F32)
+        for i in range(n):
+            li = l[:, i].astype(F32)
+            sumlx = sumlx + weights[:, i] * x[:, i] * li
+            suml2 = suml2 + weights[:, i] * li * li
+        for _ in range(5):  # as make_q3_quants: a pass that changes nothing ends it
+            for i in range(n):
+                xi, w, li = x[:, i], weights[:, i], l[:, i].astype(F32)
+                slx, sl2 = sumlx - w * xi * li, suml2 - w * li * li
+                move = (slx > 0) & (sl2 > 0)
+                new = np.minimum(nmax, nearest_int(np.where(move, xi * sl2 / slx, F32(0))))
+                nf = new.astype(F32)
+                new_slx, new_sl2 = slx + w * xi * nf, sl2 + w * nf * nf
+                take = move & (new != l[:, i]) & (new_slx * new_slx * suml2 > sumlx * sumlx * new_sl2)
+                l[:, i] = np.where(take, new, l[:, i])
+                sumlx, suml2 = np.where(take, new_slx, sumlx), np.where(take, new_sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    L = (l & 0xFF).astype(np.uint8)
+    L[all_zero] = 0
+    return np.where(all_zero, F32(0), scale), L
+
+
+def _q4_k_q5_k(x: np.ndarray, qtype: QType, nmax: int, rmin: float, nstep: int,
+               importance: np.ndarray | None):
     """The shared half of quantize_row_q4_K_ref / q5_K_ref: eight groups of 32 per super-block,
     each fitted with make_qkx2_quants, their scales and mins quantized to 6 bits against the
     super-block's fp16 `d` and `dmin`, then the weights requantized with the rounded scales.
-    Returns the blocks with d, dmin and scales filled in, and the levels L (n_blocks, 256)."""
+    With `importance` (float32, one per weight), quantize_row_q4_K_impl / q5_K_impl instead:
+    weights importance * sqrt(sigma^2 + x^2), 37 rescalings, the 6-bit scales and mins fitted by
+    make_qp_quants. Returns the blocks with d, dmin and scales filled in, and the levels L
+    (n_blocks, 256)."""
     nb = len(x)
     groups = x.reshape(nb * 8, 32)
-    sum_x2 = np.zeros(nb * 8, F32)
-    for i in range(32):
-        sum_x2 = sum_x2 + groups[:, i] * groups[:, i]
-    av_x = np.sqrt(sum_x2 / F32(32))
-    weights = av_x[:, None] + np.abs(groups)
-    scales, mins, L = make_qkx2_quants(groups, weights, nmax, rmin, F32(0.1), nstep)
-    scales, mins, L = scales.reshape(nb, 8), mins.reshape(nb, 8), L.reshape(nb, 8, 32)
-
-    max_scale = scales.max(axis=1)  # `if (scale > max_scale)` from 0: positive or +0.0
-    max_scale = np.where(max_scale > 0, max_scale, F32(0))
-    max_min = mins.max(axis=1)
-    max_min = np.where(max_min > 0, max_min, F32(0))
-    with np.errstate(divide="ignore"):
-        inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
-        inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
-    # `uint8_t ls = nearest_int(...)` wraps modulo 256 before the MIN(63, ...)
-    ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
-    lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
-
     y = _empty_blocks(qtype, nb)
-    y["d"] = (max_scale / F32(63)).astype(np.float16)
-    y["dmin"] = (max_min / F32(63)).astype(np.float16)
+    if importance is None:
+        sum_x2 = np.zeros(nb * 8, F32)
+        for i in range(32):
+            sum_x2 = sum_x2 + groups[:, i] * groups[:, i]
+        av_x = np.sqrt(sum_x2 / F32(32))
+        weights = av_x[:, None] + np.abs(groups)
+        scales, mins, L = make_qkx2_quants(groups, weights, nmax, rmin, F32(0.1), nstep)
+        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+
+        max_scale = scales.max(axis=1)  # `if (scale > max_scale)` from 0: positive or +0.0
+        max_scale = np.where(max_scale > 0, max_scale, F32(0))
+        max_min = mins.max(axis=1)
+        max_min = np.where(max_min > 0, max_min, F32(0))
+        with np.errstate(divide="ignore"):
+            inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))
+            inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))
+        # `uint8_t ls = nearest_int(...)` wraps modulo 256 before the MIN(63, ...)
+        ls = np.minimum(63, nearest_int(inv_scale[:, None] * scales) & 0xFF).astype(np.uint8)
+        lm = np.minimum(63, nearest_int(inv_min[:, None] * mins) & 0xFF).astype(np.uint8)
+        y["d"] = (max_scale / F32(63)).astype(np.float16)
+        y["dmin"] = (max_min / F32(63)).astype(np.float16)
+    else:
+        sum_x2 = np.zeros(nb, F32)
+        for i in range(QK_K):
+            sum_x2 = sum_x2 + x[:, i] * x[:, i]
+        sigma2 = F32(2) * sum_x2 / F32(QK_K)
+        weights = importance.reshape(nb * 8, 32) * np.sqrt(np.repeat(sigma2, 8)[:, None] + groups * groups)
+        group_weight = np.zeros(nb * 8, F32)
+        for i in range(32):
+            group_weight = group_weight + weights[:, i]
+        scales, mins, L = make_qkx2_quants(groups, weights, nmax, F32(-0.9), F32(0.05), 36)
+        group_weight = group_weight.reshape(nb, 8)
+        d, ls = make_qp_quants(scales.reshape(nb, 8), 63, group_weight)
+        dmin, lm = make_qp_quants(mins.reshape(nb, 8), 63, group_weight)
+        y["d"], y["dmin"] = d.astype(np.float16), dmin.astype(np.float16)
+    L = L.reshape(nb, 8, 32)
+
     # 12 bytes: low 6 bits of scales 0-3 and mins 0-3, then the low nibbles of scales/mins 4-7;
     # the top two bits of scales/mins 4-7 sit in bits 6-7 of the first eight bytes.
     y["scales"][:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
@@ -315,18 +385,18 @@ def _q4_k_q5_k(x: np.ndarray, qtype: QType, nmax: int, rmin: float, nstep: int):
     return y, L.reshape(nb, QK_K).astype(np.uint8)
 
 
-def q4_k(x: np.ndarray) -> np.ndarray:
+def q4_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     x = x.reshape(-1, QK_K)
-    y, L = _q4_k_q5_k(x, QType.Q4_K, nmax=15, rmin=-1.0, nstep=20)
+    y, L = _q4_k_q5_k(x, QType.Q4_K, nmax=15, rmin=-1.0, nstep=20, importance=importance)
     # byte l of chunk c (64 weights) holds weight 64c + l low, 64c + 32 + l high
     L = L.reshape(len(x), 4, 2, 32)
     y["qs"] = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(len(x), -1)
     return y.view(np.uint8)
 
 
-def q5_k(x: np.ndarray) -> np.ndarray:
+def q5_k(x: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
     x = x.reshape(-1, QK_K)
-    y, L = _q4_k_q5_k(x, QType.Q5_K, nmax=31, rmin=-0.5, nstep=15)
+    y, L = _q4_k_q5_k(x, QType.Q5_K, nmax=31, rmin=-0.5, nstep=15, importance=importance)
     low = (L & 0x0F).reshape(len(x), 4, 2, 32)
     y["qs"] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(len(x), -1)
     # bit k of qh[l] is the fifth bit of weight 32k + l
@@ -335,13 +405,19 @@ def q5_k(x: np.ndarray) -> np.ndarray:
     return y.view(np.uint8)
 
 
-def q3_k(x: np.ndarray) -> np.ndarray:
+def _sixteen_groups(x: np.ndarray, fit, nmax: int):
+    """Q3_K / Q6_K's first step: each super-block's 16 groups of 16 fitted by `fit`. Returns x
+    (nb, 256), the scales (nb, 16), the levels (nb, 16, 16) and per super-block the first scale of
+    largest magnitude, its sign kept (nb,)."""
     x = x.reshape(-1, QK_K)
-    nb = len(x)
-    scales, L = make_q3_quants(x.reshape(nb * 16, 16), nmax=4)
-    scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+    scales, L = fit(x.reshape(len(x) * 16, 16), nmax=nmax)
+    scales = scales.reshape(len(x), 16)
+    return x, scales, L.reshape(len(x), 16, 16), _absmax_signed(scales)
 
-    max_scale = _absmax_signed(scales)
+
+def q3_k(x: np.ndarray) -> np.ndarray:
+    x, scales, L, max_scale = _sixteen_groups(x, make_q3_quants, nmax=4)
+    nb = len(x)
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-32) / max_scale
         ls = np.clip(nearest_int(iscale[:, None] * scales), -32, 31) + 32  # 6 bits, 0..63
@@ -368,12 +444,8 @@ def q3_k(x: np.ndarray) -> np.ndarray:
 
 
 def q6_k(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(-1, QK_K)
+    x, scales, L, max_scale = _sixteen_groups(x, make_qx_quants, nmax=32)
     nb = len(x)
-    scales, L = make_qx_quants(x.reshape(nb * 16, 16), nmax=32)
-    scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
-
-    max_scale = _absmax_signed(scales)
     zero_block = np.abs(max_scale) < GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore"):
         iscale = F32(-128) / max_scale
