@@ -42,6 +42,7 @@ DEVICE_PATTERN = r"^(cpu|cuda\[(\d+)\]|metal\[(\d+)\])$"  # mistral.rs's
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")  # mistralrs-quant's layer_index_from_prefix
 RUN_DEVICES = {"cpu": "cpu", "reference": "cpu", "cuda": "cuda[0]"}  # Runner(device=...) -> its spelling
 KEYS = ("isq", "device")
+MAX_LAYERS = 10_000  # a range past this is a typo, not a model (the layer table is that long)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ def load_topology(path: str | os.PathLike, device: str = "cpu") -> Topology:
         if end <= start:
             raise ModelSourceError(f"{what}: the range's end must be > its start (END is exclusive), "
                                    f"got {end} <= {start}")
+        if end > MAX_LAYERS:
+            raise ModelSourceError(f"{what}: layer {end - 1} is past any model's layers (at most {MAX_LAYERS})")
         ranges.append((end, index, start, entry))
     # mistral.rs sorts ranges by end, then declaration order, and lets each overwrite the earlier
     topology.layers = [None] * max((r[0] for r in ranges), default=0)

@@ -159,6 +159,7 @@ def test_a_gguf_runner_with_a_topology_generates(tmp_path, f32_gguf):
     ("1-2-3:\n  isq: Q4K\n", r"entry '1-2-3': a range must be START-END"),
     ("-3:\n  isq: Q4K\n", r"entry '-3': a range must be START-END"),
     ("8-4:\n  isq: Q4K\n", r"entry '8-4': the range's end must be > its start"),
+    ("0-99999999999:\n  isq: Q4K\n", r"entry '0-99999999999': layer 99999999998 is past any model's layers"),
     ("0-8:\n  isq: Q4K\n  device: cuda[0]\n", r"entry '0-8': device 'cuda\[0\]' cannot be honoured.*one device, here 'cpu'"),
     ("0-8:\n  isq: Q4K\n  device: gpu\n", r"entry '0-8': device 'gpu' must match"),
     ("0-8:\n  iqs: Q4K\n", r"entry '0-8': unknown key 'iqs'"),
