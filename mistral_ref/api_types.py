@@ -216,6 +216,13 @@ def _reasoning_effort(value: Any, enable_thinking: Any) -> str | None:
     return effort
 
 
+# OpenAI's default when an HTTP body has no temperature (or null): sampling, as its clients
+# expect. The Python API keeps mistral.rs's None (greedy). Without it the seed's curl chat
+# example, which sets neither temperature nor max_tokens, could decode greedily into a loop
+# until the context was full.
+OPENAI_TEMPERATURE = 1.0
+
+
 @dataclass
 class ChatCompletionRequest(_SamplingFields):
     """A chat request (mistralrs.ChatCompletionRequest). `messages`: Message objects, dicts
@@ -312,6 +319,7 @@ class ChatCompletionRequest(_SamplingFields):
             args["messages"], files = split_file_parts(args["messages"])
             if files:
                 args["input_files"] = files
+        args.setdefault("temperature", OPENAI_TEMPERATURE)
         if body.get("n") is not None:
             args["n_choices"] = body["n"]
         if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens
@@ -399,6 +407,7 @@ class CompletionRequest(_SamplingFields):
         renames = {"n": "n_choices", "echo": "echo_prompt",
                    "max_completion_tokens": "max_tokens"}  # OpenAI's newer name for max_tokens
         args.update({renames[k]: v for k, v in body.items() if k in renames and v is not None})
+        args.setdefault("temperature", OPENAI_TEMPERATURE)
         if "best_of" not in args and "n_choices" in args:
             args["best_of"] = args["n_choices"]
         args.update(_stop_from_openai(body.get("stop")))

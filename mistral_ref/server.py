@@ -502,8 +502,7 @@ _SAMPLING_FIELDS: dict[str, tuple[dict, Any, str]] = {  # name: (schema, default
                    "Most tokens to generate (None: up to the context); prompt + max_tokens must fit "
                    "the context. Also `max_completion_tokens`."),
     "n": ({"type": "integer", "minimum": 1}, 1, "Default 1. Choices to generate."),
-    "temperature": ({**_NULLABLE_NUMBER, "minimum": 0}, None, "Default none: greedy, as mistral.rs's server "
-                    "(OpenAI's API samples at 1). 0: greedy."),
+    "temperature": ({**_NULLABLE_NUMBER, "minimum": 0}, 1, "Default 1. 0: greedy."),
     "top_p": ({**_NULLABLE_NUMBER, "exclusiveMinimum": 0, "maximum": 1}, 1, "Default 1."),
     "top_k": ({**_NULLABLE_INT, "minimum": -1}, -1, "Default -1 to consider all."),
     "min_p": ({**_NULLABLE_NUMBER, "minimum": 0, "exclusiveMaximum": 1}, None, "Minimum probability "

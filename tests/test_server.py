@@ -167,7 +167,7 @@ def test_openapi_examples_and_response_schemas(server):
         assert "choices" in content["application/json"]["schema"]["properties"]
         body = operation["requestBody"]["content"]["application/json"]["schema"]
         assert {"model", "max_tokens", "temperature", "stop", "stream", "response_format"} <= set(body["properties"])
-        assert "default" not in body["properties"]["temperature"] and body["properties"]["top_k"]["default"] == -1
+        assert body["properties"]["temperature"]["default"] == 1 and body["properties"]["top_k"]["default"] == -1
         assert all(field["description"] for field in body["properties"].values())
         # the example is a request the server answers
         assert post(server, path, {**example, "max_tokens": 2}).json()["usage"]["completion_tokens"] == 2
@@ -665,17 +665,15 @@ def test_queue_full_and_graceful_shutdown(model):
     assert "Finished server process" in log and "Traceback" not in log
 
 
-def test_http_bodies_without_temperature_decode_greedily_as_mistral_rs():
-    """mistral.rs's server passes a body's absent (or null) temperature on as None, which its
-    sampler (mistralrs-core/src/sampler.rs) decodes greedily when the model gives no generation
-    defaults, as for a GGUF file: the same here, over HTTP as in the Python API. OpenAI's API
-    would sample at 1; clients that want that send it."""
+def test_http_bodies_default_to_openais_temperature():
+    """OpenAI's API samples at temperature 1 when a body gives none (or null); an explicit 0 stays
+    greedy, and the Python API keeps mistral.rs's None (greedy)."""
     from mistral_ref.api_types import ChatCompletionRequest, CompletionRequest
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
-    assert ChatCompletionRequest.from_openai(chat).temperature is None
-    assert ChatCompletionRequest.from_openai({**chat, "temperature": None}).temperature is None
-    assert ChatCompletionRequest.from_openai({**chat, "temperature": 0.7}).temperature == 0.7
-    assert CompletionRequest.from_openai({"prompt": "Hi"}).temperature is None
+    assert ChatCompletionRequest.from_openai(chat).temperature == 1.0
+    assert ChatCompletionRequest.from_openai({**chat, "temperature": None}).temperature == 1.0
+    assert ChatCompletionRequest.from_openai({**chat, "temperature": 0}).temperature == 0
+    assert CompletionRequest.from_openai({"prompt": "Hi"}).temperature == 1.0
     assert CompletionRequest(prompt="Hi").temperature is None
 
 
