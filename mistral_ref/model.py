@@ -180,8 +180,8 @@ class Model:
         """The final-normed hidden states at every position of `token_ids` from a fresh cache,
         the output matrix's input: float32 (n_tokens, dim) on the host. One chunk: the tokens
         must fit the context."""
-        tokens = self._check_tokens(token_ids, self.new_cache(max(1, len(token_ids))))
-        return self.device.to_host(self._hidden([(tokens, self.new_cache(len(tokens)))]))
+        cache = self.new_cache(max(1, len(token_ids)))
+        return self.device.to_host(self._hidden([(self._check_tokens(token_ids, cache), cache)]))
 
     def forward_batch(self, batch: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
         """Several sequences in one pass through the weights (continuous batching): each

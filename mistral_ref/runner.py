@@ -217,12 +217,13 @@ class Runner:
         importance = self._recorder.importance()
         if save_cimatrix is not None:
             save_cimatrix_file(save_cimatrix, importance)
-        files, model = self._files, self.model
-        source = load_model_file(files.path)
+        model, device = self.model, self._recorder.device
+        # requantized while requests go on; only the swap holds the lock
+        requantized = Model(in_situ_quantize(load_model_file(self._files.path), self._isq, importance=importance),
+                            device.name, model.activations)
         with self._lock:
-            model.device, self._recorder = self._recorder.device, None
-            model.take_weights(Model(in_situ_quantize(source, self._isq, importance=importance),
-                                     model.device.name, model.activations))
+            model.device, self._recorder = device, None
+            model.take_weights(requantized)
             if self.prefix_cache is not None:
                 self.prefix_cache.entries.clear()  # computed with the old weights
         return status

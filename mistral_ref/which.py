@@ -231,14 +231,8 @@ def _local(what: str, value: str | os.PathLike) -> Path:
 
 
 def _topology(value: str | os.PathLike | None) -> Path | None:
-    """A topology file's path; relative ones are read from the current directory, as mistral.rs does."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ModelSourceError(f"topology file {str(value)!r} does not exist or is not a file (relative "
-                               f"paths are read from the current directory, {os.getcwd()})")
-    return path
+    """A topology file's path (mistral_ref.topology.load_topology reads it and names a missing one)."""
+    return None if value is None else Path(value).expanduser()
 
 
 def _refuse(what: str, value: Any) -> None:
