@@ -27,7 +27,11 @@ from numba.extending import intrinsic
 I8, I16, I32, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
 # Whether Numba compiles for a CPU with AVX2 (its target machine's features, which follow
 # NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when set): every machine of this project has it.
-AVX2 = "+avx2" in cpu_target.target_context.codegen()._tm_features.split(",")
+_FEATURES = cpu_target.target_context.codegen()._tm_features.split(",")
+AVX2 = "+avx2" in _FEATURES
+# Byte and word dot products that accumulate in one instruction (vpdpbusd, vpdpwssd on 256-bit
+# lanes): AVX-512 VNNI with VL (Zen 4, Sapphire Rapids) or AVX-VNNI.
+VNNI = ("+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES) or "+avxvnni" in _FEATURES
 
 
 def bytes_at(context, builder, array_type, array, at, n):
@@ -232,6 +236,25 @@ def madd(builder, a, b, native=AVX2):
         return call(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(I32, 8), a, b)
     return _add_pairs(builder, builder.mul(_widen(builder, a, I32, True),
                                            _widen(builder, b, I32, True)))
+
+
+def dot_bytes(builder, acc, unsigned, signed, native=VNNI):
+    """<8 x i32>: acc[k] + the sum of unsigned[4k + i] * signed[4k + i], i < 4, for two <32 x i8>,
+    the first read as unsigned (vpdpbusd; exact). Without VNNI, maddubs then madd by ones, equal
+    where maddubs does not saturate (its callers' operands)."""
+    if native:
+        as_words = lambda v: builder.bitcast(v, ir.VectorType(I32, 8))  # noqa: E731
+        return call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, as_words(unsigned),
+                    as_words(signed))
+    return builder.add(acc, madd(builder, maddubs(builder, unsigned, signed), constant(16, 1, I16)))
+
+
+def dot_words(builder, acc, a, b, native=VNNI):
+    """<8 x i32>: acc + madd(a, b) for two <16 x i16> (vpdpwssd; exact)."""
+    if native:
+        as_words = lambda v: builder.bitcast(v, ir.VectorType(I32, 8))  # noqa: E731
+        return call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.type, acc, as_words(a), as_words(b))
+    return builder.add(acc, madd(builder, a, b))
 
 
 def sign_of(builder, x, w, native=AVX2):

@@ -11,12 +11,15 @@ same float operations whatever T is, so column t of a prefill equals the decode 
 for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float kernels.
 
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
-IR (1 x 8 for prefill; 4 x 1, or 1 x 1 for k-quants, in decode): per block it loads and unpacks
+IR (8 x 8 for prefill, 8 x 2-8 for a batch of decode steps; 4 x 1, or 1 x 1 for k-quants, in
+decode). In its row-major tiles (every shape of the k-quants; one column) per block it loads and unpacks
 each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
 byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
 |w| with x taking w's sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
 the whole tile's int32 lanes together and folds them into one float32 accumulator per (row,
-column) with one FMA by d_w * d_x. The float arithmetic is emitted with no fast-math flags, so
+column) with one FMA by d_w * d_x. Tiles of 8 rows of the 32-weight formats put the rows across the
+lanes instead (`ROWS_DOT`): each row's block sum ends in its own lane, with no reduction, and
+the same float steps follow. The float arithmetic is emitted with no fast-math flags, so
 LLVM cannot reorder or fuse it differently for one tile shape than for another. See
 docs/kernels-q8.md.
 """
@@ -36,7 +39,7 @@ from ..formats import FORMATS, QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_
 
 F32 = np.float32
 I32X8 = ir.VectorType(I32, 8)
-ONES = ir.Constant(ir.VectorType(I16, 16), [1] * 16)
+ZERO_SUMS = ir.Constant(I32X8, None)
 
 # ------------------------------------------------------------------ activation quantizers
 # Bit-identical to llama.cpp's quantize_row_q8_*_ref (and kernels.reference.vec_dot): no fastmath.
@@ -177,8 +180,7 @@ def _legacy(layout, offset=0, affine=False):
             unsigned = lanes.nibble_pairs(builder, lanes.load(builder, block, layout.qs, I8, QK // 2),
                                           high)
             x_of = lambda j: columns.x(j, 0, QK)  # noqa: E731
-        sums = [lanes.madd(builder, lanes.maddubs(builder, unsigned, x_of(j)), ONES)
-                for j in range(columns.width)]
+        sums = [lanes.dot_bytes(builder, ZERO_SUMS, unsigned, x_of(j)) for j in range(columns.width)]
         return [(sums, d, offset)] + ([(None, lanes.half(builder, block, layout.m), 0)] if affine else [])
     return emit
 
@@ -193,7 +195,7 @@ def _k_quant(layout):
         scales, mins = (builder.zext(v, ir.VectorType(I16, 8)) for v in lanes.k_scales_mins(
             builder, lanes.load(builder, block, layout.scales, I8, 12)))
         qh = lanes.load(builder, block, layout.qh, I8, 32) if five_bit else lanes.constant(32, 0)
-        sums = [ir.Constant(I32X8, None)] * columns.width
+        sums = [ZERO_SUMS] * columns.width
         for g in range(8):
             q = lanes.fields(builder, lanes.load(builder, block, layout.qs + 32 * (g // 2), I8, 32),
                              ir.Constant(I8, 4 * (g % 2)), ir.Constant(I8, 15), qh,
@@ -201,7 +203,7 @@ def _k_quant(layout):
             scale = lanes.pick(builder, scales, [g] * 16)
             for j in range(columns.width):
                 pairs = lanes.maddubs(builder, q, columns.x(j, 32 * g, 32))
-                sums[j] = builder.add(sums[j], lanes.madd(builder, pairs, scale))
+                sums[j] = lanes.dot_words(builder, sums[j], pairs, scale)
         min_per_bsum = lanes.pick(builder, mins, [i // 2 for i in range(16)])
         min_sums = [lanes.madd(builder, columns.bsums(j), min_per_bsum) for j in range(columns.width)]
         return [(sums, d, 0), (min_sums, builder.fneg(dmin), 0)]
@@ -215,13 +217,13 @@ def _q6_k(builder, block, columns):
     scales = builder.sext(lanes.load(builder, block, Q6_K.scales, I8, 16), ir.VectorType(I16, 16))
     halves = [lanes.q6_k_half(builder, lanes.load(builder, block, Q6_K.ql + 64 * h, I8, 64),
                               lanes.load(builder, block, Q6_K.qh + 32 * h, I8, 32)) for h in range(2)]
-    sums = [ir.Constant(I32X8, None)] * columns.width
+    sums = [ZERO_SUMS] * columns.width
     for u in range(8):  # 32 weights: groups 2u and 2u + 1
         q = lanes.pick(builder, halves[u // 4], list(range(32 * (u % 4), 32 * (u % 4) + 32)))
         scale = lanes.pick(builder, scales, [2 * u] * 8 + [2 * u + 1] * 8)
         for j in range(columns.width):
             pairs = lanes.maddubs(builder, q, columns.x(j, 32 * u, 32))
-            sums[j] = builder.add(sums[j], lanes.madd(builder, pairs, scale))
+            sums[j] = lanes.dot_words(builder, sums[j], pairs, scale)
     offsets = [lanes.madd(builder, columns.bsums(j), scales) for j in range(columns.width)]
     return [([builder.sub(total, builder.shl(offset, ir.Constant(I32X8, [5] * 8)))
               for total, offset in zip(sums, offsets)], d, 0)]
@@ -237,38 +239,20 @@ SUPPORTED = tuple(BLOCK_DOT)
 SUPER_BLOCK_TYPES = tuple(t for t in BLOCK_DOT if FORMATS[t].block_size == QK_K)  # Q8_K partners
 
 
-@intrinsic
-def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out):
-    """out[t + j, r + i] = row r + i of `rows` (uint8 (n_rows, row_bytes), format `qtype`) .
-    column t + j of the activations (quantize_activations' arrays, as it makes them), i < height,
-    j < width. qtype, height, width: literals, height * width <= 8 and each a power of 2.
-
-    One float32 accumulator per (row, column), lanes of a vector (an alloca, which LLVM keeps in
-    a register); per block, the integer sums of every term and every lane of the tile are reduced
-    together (lanes.sum_per_vector), and each term is scaled with one multiply and one FMA. Lane (i, j) gets the
-    same float operations whatever the tile's shape, which makes every shape's results equal."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (qtype, height, width)):
-        return None
-    fmt = FORMATS[QType(qtype.literal_value)]
-    emit, n_rows, n_columns = BLOCK_DOT[fmt.qtype], height.literal_value, width.literal_value
+def _row_major_codegen(fmt, n_rows, n_columns):
+    """dot_tile's code for n_rows x n_columns (n_rows * n_columns <= 8): one float32 accumulator per
+    (row, column), the lanes of one vector."""
+    emit = BLOCK_DOT[fmt.qtype]
     lanes_type = ir.VectorType(lanes.F32, n_rows * n_columns)
     per_row = [i for i in range(n_rows) for _ in range(n_columns)]  # lane -> its row
     per_column = [j for _ in range(n_rows) for j in range(n_columns)]  # lane -> its column
 
     def codegen(context, builder, signature, args):
-        _, rows_, r_, _, xq_, xd_, xs_, xsum_, t_, _, out_ = args
+        rows_, r_ = args[1:3]
         row_pointers = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
                                            builder.add(r_, ir.Constant(r_.type, i)))
                         for i in range(n_rows)]
-        # Each activation array is C-contiguous (blocks, T, ...): column t + j of block b sits at
-        # data + b * strides[0] + (t + j) * column_bytes.
-        column_bytes = (fmt.block_size, 4, 4, 32 if fmt.block_size == QK_K else 2)
-        views = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (4, 5, 6, 7)]
-        n_blocks = cgutils.unpack_tuple(builder, views[1].shape)[0]
-        strides = [cgutils.unpack_tuple(builder, view.strides)[0] for view in views]
-        starts = [builder.gep(builder.bitcast(view.data, I8.as_pointer()),
-                              [builder.mul(t_, ir.Constant(t_.type, size))])
-                  for view, size in zip(views, column_bytes)]
+        n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         acc = cgutils.alloca_once_value(builder, ir.Constant(lanes_type, None))
 
         def per_row_vector(values):  # <lanes> with lane (i, j) = values[i]
@@ -279,9 +263,7 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
 
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            at_block = [builder.gep(start, [builder.mul(b, stride)])
-                        for start, stride in zip(starts, strides)]
-            columns = _Columns(builder, n_columns, *at_block, fmt.block_size)
+            columns = _Columns(builder, n_columns, *at_block(b), fmt.block_size)
             terms = [emit(builder, builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))]),
                           columns) for row in row_pointers]
             # Every integer term of the whole tile reduced at once: term p's lanes are
@@ -305,18 +287,169 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
                     update = (builder.sitofp(sums, lanes_type),
                               builder.fmul(scale, lanes.pick(builder, columns.d, per_column)))
                 builder.store(lanes.fma(builder, *update, builder.load(acc)), acc)
-        out_view = context.make_array(signature.args[10])(context, builder, out_)
-        out_stride = cgutils.unpack_tuple(builder, out_view.strides)[0]
-        out_start = builder.gep(builder.bitcast(out_view.data, I8.as_pointer()),
-                                [builder.add(builder.mul(t_, out_stride),
-                                             builder.mul(r_, ir.Constant(r_.type, 4)))])
+        out_start, out_stride = _output_start(context, builder, signature, args)
         totals = builder.load(acc)
         for lane, (i, j) in enumerate(zip(per_row, per_column)):
             at = builder.add(builder.mul(out_stride, ir.Constant(out_stride.type, j)),
                              ir.Constant(out_stride.type, 4 * i))
             builder.store(builder.extract_element(totals, ir.Constant(I32, lane)),
                           builder.bitcast(builder.gep(out_start, [at]), lanes.F32.as_pointer()), align=4)
+    return codegen
+
+
+# ------------------------------------------------------------------ eight rows in the lanes
+
+# For a wide tile of the 32-weight formats the rows go across the lanes instead: a block's bytes
+# of 8 rows transposed so that lane r of a <8 x i32> holds 4 weights of row r, each vpdpbusd
+# against 4 activation bytes broadcast to every lane adds 4 products to all 8 rows at once, and a
+# block ends with each row's exact sum in its own lane: no horizontal reduction (the row-major
+# tile spends more on reducing than on multiplying). The sums, scales and their order are the
+# row-major tile's, so the results are the same bits.
+
+def _transposed(builder, blocks, at, n_dwords):
+    """[<8 x i32>] * n_dwords: vector k has lane r = dword k of the n_dwords at byte `at` of
+    blocks[r] (i8* to 8 rows' blocks)."""
+    rows = [lanes.load(builder, block, at, I32, n_dwords) for block in blocks]
+    while len(rows) > 1:
+        rows = [lanes.concat(builder, a, b) for a, b in zip(rows[0::2], rows[1::2])]
+    return [lanes.pick(builder, rows[0], [r * n_dwords + k for r in range(8)]) for k in range(n_dwords)]
+
+
+def _per_row(builder, blocks, at):
+    """<8 x float>: the fp16 at byte `at` of each of 8 rows' blocks, row r in lane r."""
+    vector = ir.Constant(ir.VectorType(lanes.F32, 8), None)
+    for r, block in enumerate(blocks):
+        vector = builder.insert_element(vector, lanes.half(builder, block, at), ir.Constant(I32, r))
+    return vector
+
+
+def _rows_legacy(layout, offset=0, affine=False):
+    """A legacy block of 8 rows as (weights, d, offset, m): weights [(<32 x i8> unsigned, at)],
+    lane r's 4 bytes multiplying activation bytes at..at + 3; the block's row sum is
+    sum(weights . x) - offset * sum(x), scaled by d (<8 x float>), plus m * s_x when affine.
+    Q8_0's signed bytes pass as w + 128 (offset 128), the 4-bit formats' nibbles as they are,
+    Q5_0 / Q5_1's fifth bits from qh as 16 where set."""
+    five_bit = "qh" in layout._fields
+
+    def emit(builder, blocks):
+        as_bytes = lambda v: builder.bitcast(v, ir.VectorType(I8, 32))  # noqa: E731
+        d = _per_row(builder, blocks, layout.d)
+        m = _per_row(builder, blocks, layout.m) if affine else None
+        if layout is Q8_0:
+            flip = lanes.constant(32, 0x80)
+            return ([(builder.xor(as_bytes(v), flip), 4 * k)
+                     for k, v in enumerate(_transposed(builder, blocks, layout.qs, QK // 4))], d, 128, m)
+        high = as_bytes(_transposed(builder, blocks, layout.qh, 1)[0]) if five_bit else None
+        weights = []
+        for k, packed in enumerate(_transposed(builder, blocks, layout.qs, QK // 8)):
+            packed = as_bytes(packed)
+            for at, w in ((4 * k, builder.and_(packed, lanes.constant(32, 15))),  # low nibbles
+                          (16 + 4 * k, builder.lshr(packed, lanes.constant(32, 4)))):  # high ones
+                if five_bit:  # byte i of lane r: bit at + i of row r's qh, as 16
+                    spread = lanes.pick(builder, high, [4 * r + at // 8 for r in range(8) for _ in range(4)])
+                    bits = ir.Constant(ir.VectorType(I8, 32), [1 << ((at + i) % 8) for _ in range(8) for i in range(4)])
+                    set_ = builder.icmp_unsigned("!=", builder.and_(spread, bits), lanes.constant(32, 0))
+                    w = builder.or_(w, builder.select(set_, lanes.constant(32, 16), lanes.constant(32, 0)))
+                weights.append((w, at))
+        return weights, d, offset, m
+    return emit
+
+
+ROWS_DOT = {QType.Q4_0: _rows_legacy(Q4_0, offset=8), QType.Q4_1: _rows_legacy(Q4_1, affine=True),
+            QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True),
+            QType.Q8_0: _rows_legacy(Q8_0)}
+EIGHT = 8  # rows of a transposed tile (lanes of a <8 x i32>)
+
+
+def _eight_rows_codegen(fmt, n_columns):
+    """dot_tile's code for 8 rows x n_columns of a format in ROWS_DOT: one <8 x float>
+    accumulator per column, its lanes the rows, stored as 8 consecutive outputs."""
+    emit = ROWS_DOT[fmt.qtype]
+
+    def codegen(context, builder, signature, args):
+        rows_, r_ = args[1:3]
+        blocks0 = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
+                                      builder.add(r_, ir.Constant(r_.type, i))) for i in range(EIGHT)]
+        n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
+        row_vector = ir.VectorType(lanes.F32, EIGHT)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(row_vector, None)) for _ in range(n_columns)]
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            xq, xd, xs, xsum = at_block(b)
+            weights, d, offset, m = emit(builder, [builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
+                                                    for row in blocks0])
+            for j in range(n_columns):
+                sums = ZERO_SUMS
+                for w, at in weights:
+                    x = lanes.splat(builder, lanes.load(builder, xq, j * fmt.block_size + at, I32), 8)
+                    sums = lanes.dot_bytes(builder, sums, w, builder.bitcast(x, ir.VectorType(I8, 32)))
+                if offset:
+                    x_sum = builder.sext(lanes.load(builder, xsum, 2 * j, I16), I32)
+                    sums = builder.sub(sums, lanes.splat(builder, builder.mul(x_sum, ir.Constant(I32, offset)), 8))
+                scale = builder.fmul(d, lanes.splat(builder, lanes.load(builder, xd, 4 * j, lanes.F32), 8))
+                acc = lanes.fma(builder, builder.sitofp(sums, row_vector), scale, builder.load(accs[j]))
+                if m is not None:
+                    acc = lanes.fma(builder, m, lanes.splat(builder, lanes.load(builder, xs, 4 * j, lanes.F32), 8), acc)
+                builder.store(acc, accs[j])
+        out_start, out_stride = _output_start(context, builder, signature, args)
+        for j in range(n_columns):
+            at = builder.mul(out_stride, ir.Constant(out_stride.type, j))
+            builder.store(builder.load(accs[j]), builder.bitcast(builder.gep(out_start, [at]), row_vector.as_pointer()),
+                          align=4)
         return context.get_dummy_value()
+    return codegen
+
+
+def _activation_blocks(context, builder, signature, args, fmt):
+    """(number of blocks, at(b)): the i8* to block b of each activation array (xq, xd, xs, xsum),
+    column t. Each array is C-contiguous (blocks, T, ...): column t + j of block b sits at
+    data + b * strides[0] + (t + j) * column_bytes."""
+    t_ = args[8]
+    column_bytes = (fmt.block_size, 4, 4, 32 if fmt.block_size == QK_K else 2)
+    views = [context.make_array(signature.args[i])(context, builder, args[i]) for i in (4, 5, 6, 7)]
+    n_blocks = cgutils.unpack_tuple(builder, views[1].shape)[0]
+    strides = [cgutils.unpack_tuple(builder, view.strides)[0] for view in views]
+    starts = [builder.gep(builder.bitcast(view.data, I8.as_pointer()), [builder.mul(t_, ir.Constant(t_.type, size))])
+              for view, size in zip(views, column_bytes)]
+    return n_blocks, lambda b: [builder.gep(start, [builder.mul(b, stride)]) for start, stride in zip(starts, strides)]
+
+
+def _output_start(context, builder, signature, args):
+    """(i8* to out[t, r], out's row stride in bytes)."""
+    r_, t_, out_ = args[2], args[8], args[10]
+    out_view = context.make_array(signature.args[10])(context, builder, out_)
+    out_stride = cgutils.unpack_tuple(builder, out_view.strides)[0]
+    out_start = builder.gep(builder.bitcast(out_view.data, I8.as_pointer()),
+                            [builder.add(builder.mul(t_, out_stride), builder.mul(r_, ir.Constant(r_.type, 4)))])
+    return out_start, out_stride
+
+
+@intrinsic
+def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out):
+    """out[t + j, r + i] = row r + i of `rows` (uint8 (n_rows, row_bytes), format `qtype`) .
+    column t + j of the activations (quantize_activations' arrays, as it makes them), i < height,
+    j < width. qtype, height, width: literals, each a power of 2, height * width <= 8 or height 8
+    (8 rows across the lanes for the formats in ROWS_DOT, else row-major tiles one after another).
+
+    Row-major: one float32 accumulator per (row, column), lanes of a vector (an alloca, which LLVM keeps in
+    a register); per block, the integer sums of every term and every lane of the tile are reduced
+    together (lanes.sum_per_vector), and each term is scaled with one multiply and one FMA. Lane (i, j) gets the
+    same float operations whatever the tile's shape, which makes every shape's results equal."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (qtype, height, width)):
+        return None
+    fmt = FORMATS[QType(qtype.literal_value)]
+    n_rows, n_columns = height.literal_value, width.literal_value
+    if n_rows == EIGHT and fmt.qtype in ROWS_DOT:
+        codegen = _eight_rows_codegen(fmt, n_columns)
+    else:  # row-major tiles of at most 8 lanes, one after another
+        per_pass = min(n_rows, EIGHT // n_columns)
+        passes = [(first, _row_major_codegen(fmt, per_pass, n_columns)) for first in range(0, n_rows, per_pass)]
+
+        def codegen(context, builder, signature, args):
+            for first, emit_tile in passes:
+                r_ = builder.add(args[2], ir.Constant(args[2].type, first))
+                emit_tile(context, builder, signature, [*args[:2], r_, *args[3:]])
+            return context.get_dummy_value()
     return types.none(qtype, rows, r, height, xq, xd, xs, xsum, t, width, out), codegen
 
 
@@ -325,7 +458,7 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
 # Matrices one kernel call takes (q, k and v): a smaller group is padded with empty ones, so each
 # format compiles one specialization, not one per group size (a tuple's length is part of its type).
 FUSED = 3
-ROW_TILE = 16    # rows per task: their weights stay in L1/L2 while every column tile runs
+EIGHTS_PER_TASK = 2  # 8-row units a task: their rows stay in L1/L2 while every column tile runs
 COLUMN_TILE = 8  # columns per pass over a row (measured: 4 -> 8 is 1.2-1.4x, 16 no better)
 HALF_TILE = COLUMN_TILE // 2
 # What pads a group: a matrix of no rows and its output (any T: the kernels never index it).
@@ -347,6 +480,15 @@ def n_units(matrices, rows_per_unit):
     for m in range(len(matrices)):
         total += matrices[m].shape[0] // rows_per_unit
     return total
+
+
+@numba.njit(cache=True)
+def prefetch_unit(matrices, i):
+    """Prefetch the rows of EIGHT-row unit i of `matrices`, when there is one."""
+    if i < n_units(matrices, EIGHT):
+        m, r = unit(matrices, EIGHT, i)
+        for k in range(EIGHT):
+            lanes.prefetch_row(matrices[m], EIGHT * r + k)
 
 
 @numba.njit(cache=True)
@@ -382,24 +524,25 @@ def _matmul_q8_kernel(qtype: int):
         tiled = n_columns - n_columns % COLUMN_TILE
         half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
         pair = half + 2 if n_columns - half >= 2 else half
-        n_rows = n_units(matrices, 1)  # a unit a row, ROW_TILE rows a task
-        for tile in prange((n_rows + ROW_TILE - 1) // ROW_TILE):
-            first, last = tile * ROW_TILE, min(n_rows, (tile + 1) * ROW_TILE)
-            for t in range(0, tiled, COLUMN_TILE):
-                for i in range(first, last):
-                    m, r = unit(matrices, 1, i)
-                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, COLUMN_TILE, outs[m])
-            for t in range(tiled, half, HALF_TILE):
-                for i in range(first, last):
-                    m, r = unit(matrices, 1, i)
-                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, HALF_TILE, outs[m])
-            for t in range(half, pair, 2):  # small decode batches: each row unpacked once for two
-                for i in range(first, last):
-                    m, r = unit(matrices, 1, i)
-                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 2, outs[m])
-            for t in range(pair, n_columns):
-                for i in range(first, last):
-                    m, r = unit(matrices, 1, i)
+        n_eights = n_units(matrices, EIGHT)
+        for task in prange((n_eights + EIGHTS_PER_TASK - 1) // EIGHTS_PER_TASK):
+            first, last = task * EIGHTS_PER_TASK, min(n_eights, (task + 1) * EIGHTS_PER_TASK)
+            for i in range(first, last):
+                m, r = unit(matrices, EIGHT, i)
+                r *= EIGHT
+                prefetch_unit(matrices, i + 1)  # the first pass streams the rows from memory
+                for t in range(0, tiled, COLUMN_TILE):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, COLUMN_TILE, outs[m])
+                for t in range(tiled, half, HALF_TILE):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, HALF_TILE, outs[m])
+                for t in range(half, pair, 2):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 2, outs[m])
+                for t in range(pair, n_columns):
+                    for k in range(0, EIGHT, step):
+                        dot_tile(qtype, matrices[m], r + k, step, xq, xd, xs, xsum, t, 1, outs[m])
+        for m in range(len(matrices)):  # the rows past each matrix's last whole unit
+            for r in range(matrices[m].shape[0] // EIGHT * EIGHT, matrices[m].shape[0]):
+                for t in range(n_columns):
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m])
 
     @numba.njit(parallel=True, nogil=True, cache=True)
