@@ -87,17 +87,26 @@ def test_reference_equals_llama_cpp(qtype):
     assert c_blocks.tobytes() == y.tobytes()
 
     rows = random_rows(qtype, 9, n, seed=2)
-    vec_dot = getattr(cpu_lib, f"ggml_vec_dot_{c_name(qtype)}_{c_name(vec_dot_type)}_generic")
-    result = ctypes.c_float()
-    expected = np.empty(len(rows), np.float32)
-    for r in range(len(rows)):
-        row = np.ascontiguousarray(rows[r])
-        vec_dot(ctypes.c_int(n), ctypes.byref(result), ctypes.c_size_t(0),
-                ctypes.c_void_p(row.ctypes.data), ctypes.c_size_t(0),
-                ctypes.c_void_p(y.ctypes.data), ctypes.c_size_t(0), ctypes.c_int(1))
-        expected[r] = result.value
-    got = ref.vec_dot(rows, qtype, y)
-    assert np.all(np.abs(got - expected) <= rounding_bound(rows, qtype, y))
+
+    def c_vec_dot(name: str) -> np.ndarray:
+        vec_dot, result = getattr(cpu_lib, name), ctypes.c_float()
+        expected = np.empty(len(rows), np.float32)
+        for r in range(len(rows)):
+            row = np.ascontiguousarray(rows[r])
+            vec_dot(ctypes.c_int(n), ctypes.byref(result), ctypes.c_size_t(0),
+                    ctypes.c_void_p(row.ctypes.data), ctypes.c_size_t(0),
+                    ctypes.c_void_p(y.ctypes.data), ctypes.c_size_t(0), ctypes.c_int(1))
+            expected[r] = result.value
+        return expected
+
+    name = f"ggml_vec_dot_{c_name(qtype)}_{c_name(vec_dot_type)}"
+    got, bound = ref.vec_dot(rows, qtype, y), rounding_bound(rows, qtype, y)
+    generic, shipped = c_vec_dot(name + "_generic"), c_vec_dot(name)
+    # The C source's order is the generic function's; but where it disagrees with the function
+    # llama.cpp runs, that build's generic one is broken (Q5_0 in llama-cpp-python 0.3.36 built
+    # with AVX-512, Sapphire Rapids: values off by hundreds), and the one it runs is the oracle.
+    expected = generic if np.all(np.abs(generic - shipped) <= 4 * bound) else shipped
+    assert np.all(np.abs(got - expected) <= bound)
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -236,8 +245,9 @@ def test_q8_0_activation_blocks_are_gguf_pys():
 
 
 def _lane_ops(native: bool):
-    """A compiled function applying lanes.maddubs, madd and sign_of (AVX2 instructions when
-    `native`, generic IR otherwise) to two 32-byte vectors."""
+    """A compiled function applying lanes.maddubs, madd, sign_of, dot_bytes and dot_words (AVX2
+    and VNNI instructions when `native` and the CPU has them, generic IR otherwise) to two 32-byte
+    vectors."""
     import numba
     from llvmlite import ir
     from numba import types
@@ -253,8 +263,11 @@ def _lane_ops(native: bool):
             steps = ir.Constant(ir.VectorType(lanes.I16, 16), list(range(-8, 8)))
             quads = lanes.madd(builder, pairs, steps, native)
             signs = lanes.sign_of(builder, s_, u_, native)
+            start = builder.bitcast(s_, ir.VectorType(lanes.I32, 8))  # any accumulator
+            byte_dots = lanes.dot_bytes(builder, start, u_, s_, native and lanes.VNNI)
+            word_dots = lanes.dot_words(builder, start, pairs, steps, native and lanes.VNNI)
             target = lanes.byte_pointer(context, builder, signature.args[2], args[2])
-            for at, value in ((0, pairs), (32, quads), (64, signs)):
+            for at, value in ((0, pairs), (32, quads), (64, signs), (96, byte_dots), (128, word_dots)):
                 pointer = builder.bitcast(builder.gep(target, [ir.Constant(lanes.I32, at)]),
                                           value.type.as_pointer())
                 builder.store(value, pointer, align=1)
@@ -269,18 +282,24 @@ def _lane_ops(native: bool):
 
 @pytest.mark.skipif(not AVX2, reason="the native path is x86 AVX2")
 def test_generic_lanes_equal_avx2_instructions():
-    """The generic IR that a CPU without AVX2 compiles computes what vpmaddubsw / vpmaddwd / vpsignb
-    compute, over the operand ranges the kernels use (no int16 saturation)."""
+    """The generic IR that a CPU without AVX2 (or VNNI) compiles computes what vpmaddubsw /
+    vpmaddwd / vpsignb (vpdpbusd / vpdpwssd) compute, over the operand ranges the kernels use (no
+    int16 saturation)."""
     rng = np.random.default_rng(0)
     native, generic = _lane_ops(True), _lane_ops(False)
     for _ in range(200):
         u = rng.integers(0, 129, 32).astype(np.uint8)
         u[rng.random(32) < 0.2] = 0
         s = rng.integers(-128, 128, 32).astype(np.int8)
-        outs = [np.zeros(96, np.uint8) for _ in range(2)]
+        outs = [np.zeros(160, np.uint8) for _ in range(2)]
         native(u, s, outs[0])
         generic(u, s, outs[1])
         np.testing.assert_array_equal(outs[0], outs[1])
     pairs = outs[0][:32].view(np.int16)  # and the last one against NumPy
     wide = u.astype(np.int32) * s.astype(np.int32)
     np.testing.assert_array_equal(pairs, wide[0::2] + wide[1::2])
+    start = s.view(np.int32)
+    np.testing.assert_array_equal(outs[0][96:128].view(np.int32), start + wide.reshape(8, 4).sum(axis=1))
+    steps = np.arange(-8, 8, dtype=np.int32)
+    np.testing.assert_array_equal(outs[0][128:].view(np.int32),
+                                  start + (pairs.astype(np.int32) * steps).reshape(8, 2).sum(axis=1))

@@ -241,7 +241,7 @@ def madd(builder, a, b, native=AVX2):
 def dot_bytes(builder, acc, unsigned, signed, native=VNNI):
     """<8 x i32>: acc[k] + the sum of unsigned[4k + i] * signed[4k + i], i < 4, for two <32 x i8>,
     the first read as unsigned (vpdpbusd; exact). Without VNNI, maddubs then madd by ones, equal
-    where maddubs does not saturate (its callers' operands)."""
+    where maddubs does not saturate: callers without VNNI keep unsigned * signed pairs under 2^15."""
     if native:
         as_words = lambda v: builder.bitcast(v, ir.VectorType(I32, 8))  # noqa: E731
         return call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, as_words(unsigned),

@@ -356,8 +356,9 @@ def _rows_legacy(layout, offset=0, affine=False):
 
 
 ROWS_DOT = {QType.Q4_0: _rows_legacy(Q4_0, offset=8), QType.Q4_1: _rows_legacy(Q4_1, affine=True),
-            QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True),
-            QType.Q8_0: _rows_legacy(Q8_0)}
+            QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True)}
+if lanes.VNNI:  # Q8_0's w + 128 (up to 255) would saturate vpmaddubsw's int16 pairs without it
+    ROWS_DOT[QType.Q8_0] = _rows_legacy(Q8_0)
 EIGHT = 8  # rows of a transposed tile (lanes of a <8 x i32>)
 
 
