@@ -84,7 +84,8 @@ def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
     group = n_heads // k_new.shape[1]
     for th in prange(n_tokens * n_heads):
         t, h = th // n_heads, th % n_heads
-        _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, h // group, out[t, h])
+        _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, h // group, out[t, h],
+                np.empty(KEY_BLOCK, F32))
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
@@ -107,7 +108,7 @@ def decode_attention(q, k_new, v_new, k_addresses, v_addresses, slots, layer, st
         k_cache = _layer_view(k_addresses[b], layer, n_kv, slots[b], head_dim)
         v_cache = _layer_view(v_addresses[b], layer, n_kv, slots[b], head_dim)
         _attend(q[b:b + 1], k_new[b:b + 1], v_new[b:b + 1], k_cache, v_cache, starts[b], window, 0, h,
-                h // group, out[b, h])
+                h // group, out[b, h], np.empty(KEY_BLOCK, F32))
     _write_slots(k_new, k_addresses, slots, layer, starts)  # after every read: a query may read
     _write_slots(v_new, v_addresses, slots, layer, starts)  # the slot a write reuses
 
@@ -136,14 +137,19 @@ def _float32_pointer(typingctx, address):
     return types.CPointer(types.float32)(types.int64), codegen
 
 
+KEY_BLOCK = 64  # keys scored together: their softmax weights are one vectorized loop of _exp
+
+
 @numba.njit(fastmath=FASTMATH, inline="always")
-def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc):
+def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc, weights):
     """acc (D,) = the attention of query (t, h), at position start_pos + t, over its visible keys
-    (see `attention`): one online-softmax pass.
+    (see `attention`): online softmax over blocks of KEY_BLOCK keys, whose scores and weights go
+    through `weights` (float32 (KEY_BLOCK,) scratch): a block's scores, its maximum (rescaling
+    what was accumulated when it rises), the weights in one loop of `_exp`, then the values.
 
     Keys and values are read by index, not as row views: a view of k_new costs an atomic
     reference count increment and decrement per key on a counter every thread shares. The value
-    rows are added with `_add_scaled` (explicit vectors: LLVM did not vectorize `acc[i] +=
+    rows are added with `_add_weighted` (explicit vectors: LLVM did not vectorize `acc[i] +=
     weight * value[i]`, unable to rule out that acc and value overlap)."""
     head_dim, n_slots = q.shape[2], k_cache.shape[1]
     scale = F32(1.0 / math.sqrt(head_dim))
@@ -151,70 +157,157 @@ def _attend(q, k_new, v_new, k_cache, v_cache, start_pos, window, t, h, kv, acc)
     first = max(0, pos - window + 1) if window > 0 else 0
     acc[:] = 0
     best, total = F32(-np.inf), F32(0)
-    for p in range(first, pos + 1):
-        new, slot = p >= start_pos, p % n_slots
-        score = F32(0)
-        if new:
-            for i in range(head_dim):
-                score += q[t, h, i] * k_new[p - start_pos, kv, i]
-        else:
-            for i in range(head_dim):
-                score += q[t, h, i] * k_cache[kv, slot, i]
-        score *= scale
-        if score > best:  # rescale what was accumulated under the old maximum
-            correction = F32(math.exp(best - score))
+    for block in range(first, pos + 1, KEY_BLOCK):
+        n_keys = min(KEY_BLOCK, pos + 1 - block)
+        block_best = F32(-np.inf)
+        j = 0
+        while j < n_keys:  # the block's keys in runs of consecutive rows: the ring's, then the chunk's
+            p = block + j
+            run = _run_length(p, start_pos, n_slots, n_keys - j)
+            if p >= start_pos:
+                block_best = _score_run(weights, j, q, t, h, k_new, p - start_pos, kv, 1, 0, run, scale, block_best)
+            else:
+                block_best = _score_run(weights, j, q, t, h, k_cache, kv, p % n_slots, 0, 1, run, scale, block_best)
+            j += run
+        if block_best > best:  # rescale what was accumulated under the old maximum
+            correction = _exp(best - block_best)
             total *= correction
             for i in range(head_dim):
                 acc[i] *= correction
-            best = score
-        weight = F32(math.exp(score - best))
-        total += weight
-        if new:
-            _add_scaled(acc, weight, v_new, p - start_pos, kv)
-        else:
-            _add_scaled(acc, weight, v_cache, kv, slot)
+            best = block_best
+        for j in range(n_keys):
+            weights[j] = _exp(weights[j] - best)
+            total += weights[j]
+        j = 0
+        while j < n_keys:
+            p = block + j
+            run = _run_length(p, start_pos, n_slots, n_keys - j)
+            if p >= start_pos:
+                _add_weighted(acc, weights, j, v_new, p - start_pos, kv, 1, 0, run)
+            else:
+                _add_weighted(acc, weights, j, v_cache, kv, p % n_slots, 0, 1, run)
+            j += run
     for i in range(head_dim):
         acc[i] /= total
 
 
+@numba.njit(inline="always", cache=True)
+def _run_length(p, start_pos, n_slots, n_left):
+    """How many keys from position p on (at most n_left) lie in consecutive rows: up to the
+    chunk's first position for the ring's keys, and its end, where it wraps."""
+    return n_left if p >= start_pos else min(n_left, start_pos - p, n_slots - p % n_slots)
+
+
+@numba.njit(fastmath=FASTMATH, inline="always")
+def _score_run(weights, at, q, t, h, rows, a, b, step_a, step_b, n, scale, best):
+    """weights[at + j] = scale * q[t, h] . rows[a + j * step_a, b + j * step_b], j < n; returns
+    the largest of them and `best`."""
+    for j in range(n):
+        score = F32(0)
+        for i in range(q.shape[2]):
+            score += q[t, h, i] * rows[a + j * step_a, b + j * step_b, i]
+        weights[at + j] = score * scale
+        best = max(best, weights[at + j])
+    return best
+
+
+@numba.njit(cache=True)
+def _exp(x):
+    """e^x for a float32 x <= 0 (a softmax weight), within 2 ulps; 0 below -87 (x = -inf included).
+    Arithmetic only (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, times 2^n built in
+    the exponent bits), so a loop of these vectorizes where libm's expf is a call per element.
+    Not fastmath: reassociating the two-part ln 2 reduction would lose its precision."""
+    clamped = max(x, F32(-87.0))
+    n = math.floor(clamped * F32(1.44269504088896341) + F32(0.5))
+    r = clamped - n * F32(0.693359375) + n * F32(2.12194440e-4)
+    p = F32(1.9875691500e-4)
+    p = p * r + F32(1.3981999507e-3)
+    p = p * r + F32(8.3334519073e-3)
+    p = p * r + F32(4.1665795894e-2)
+    p = p * r + F32(1.6666665459e-1)
+    p = p * r + F32(5.0000001201e-1)
+    p = p * r * r + r + F32(1)
+    power = _float_from_bits(np.int32((np.int32(n) + 127) << 23))
+    return p * power if x >= F32(-87.0) else F32(0)
+
+
 @intrinsic
-def _add_scaled(typingctx, acc, weight, rows, a, b):
-    """acc[:] += weight * rows[a, b, :], acc float32 (D,) and rows float32 (A, B, D) (C-contiguous
-    innermost axis), as 8-lane vector multiply-adds and then one lane at a time. The same
-    operations, lane by lane, as the scalar loop (one FMA each: fastmath contracts that loop too)."""
+def _float_from_bits(typingctx, bits):
+    """The float32 whose IEEE-754 bits are the int32 `bits`."""
     def codegen(context, builder, signature, args):
-        acc_, weight_, rows_, a_, b_ = args
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _add_weighted(typingctx, acc, weights, at, rows, a, b, step_a, step_b, n):
+    """acc[:] += weights[at + j] * rows[a + j * step_a, b + j * step_b, :] for j = 0 .. n - 1 in that
+    order, acc float32 (D,), weights float32 (any,), rows float32 (A, B, D) (C-contiguous
+    innermost axis): one FMA per lane and row, as the scalar loop (fastmath contracts it too),
+    with acc held in registers (8-lane vectors, then single lanes) across the rows, loaded and
+    stored once."""
+    def codegen(context, builder, signature, args):
+        acc_, weights_, at_, rows_, a_, b_, step_a_, step_b_, n_ = args
         acc_view = context.make_array(signature.args[0])(context, builder, acc_)
-        rows_view = context.make_array(signature.args[2])(context, builder, rows_)
-        n = cgutils.unpack_tuple(builder, acc_view.shape)[0]
-        row_strides = cgutils.unpack_tuple(builder, rows_view.strides)
-        offset = builder.add(builder.mul(a_, row_strides[0]), builder.mul(b_, row_strides[1]))
-        byte = ir.IntType(8).as_pointer()
-        source = builder.bitcast(builder.gep(builder.bitcast(rows_view.data, byte), [offset]),
-                                 acc_view.data.type)
-        target, f32 = acc_view.data, ir.FloatType()
-        lanes8 = ir.VectorType(f32, 8)
-        splat = builder.insert_element(ir.Constant(lanes8, None), weight_, ir.Constant(ir.IntType(32), 0))
-        splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
-        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes8, [lanes8] * 3),
+        weights_view = context.make_array(signature.args[1])(context, builder, weights_)
+        rows_view = context.make_array(signature.args[3])(context, builder, rows_)
+        n_lanes = cgutils.unpack_tuple(builder, acc_view.shape)[0]
+        strides = cgutils.unpack_tuple(builder, rows_view.strides)
+        f32, byte = ir.FloatType(), ir.IntType(8).as_pointer()
+        vector = ir.VectorType(f32, 8)
+        fma8 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
                                               "llvm.fma.v8f32")
         fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
-        vectors = builder.udiv(n, ir.Constant(n.type, 8))
-        with cgutils.for_range(builder, vectors) as loop:
-            at = builder.mul(loop.index, ir.Constant(n.type, 8))
-            x = builder.bitcast(builder.gep(source, [at]), lanes8.as_pointer())
-            y = builder.bitcast(builder.gep(target, [at]), lanes8.as_pointer())
-            builder.store(builder.call(fma8, [splat, builder.load(x, align=4), builder.load(y, align=4)]), y,
-                          align=4)
-        with cgutils.for_range_slice(builder, builder.mul(vectors, ir.Constant(n.type, 8)), n,
-                                     ir.Constant(n.type, 1)) as (i, _):
-            y = builder.gep(target, [i])
-            builder.store(builder.call(fma1, [weight_, builder.load(builder.gep(source, [i])), builder.load(y)]), y)
+
+        def row_pointer(j):  # float* to rows[a + j * step_a, b + j * step_b, 0]
+            offset = builder.add(builder.mul(builder.add(a_, builder.mul(j, step_a_)), strides[0]),
+                                 builder.mul(builder.add(b_, builder.mul(j, step_b_)), strides[1]))
+            return builder.bitcast(builder.gep(builder.bitcast(rows_view.data, byte), [offset]),
+                                   acc_view.data.type)
+
+        def accumulate(first, count, kind, fma):
+            """acc[first + i * width], i < count (`kind`: a vector of width lanes, or one float)."""
+            width = kind.count if isinstance(kind, ir.VectorType) else 1
+            at_lane = lambda i: builder.add(first, ir.Constant(first.type, i * width))  # noqa: E731
+            pointer = lambda base, i: builder.bitcast(builder.gep(base, [at_lane(i)]), kind.as_pointer())  # noqa: E731
+            sums = [cgutils.alloca_once_value(builder, builder.load(pointer(acc_view.data, i), align=4))
+                    for i in range(count)]
+            with cgutils.for_range(builder, n_) as loop:
+                weight = builder.load(builder.gep(weights_view.data, [builder.add(at_, loop.index)]))
+                if width > 1:
+                    weight = builder.shuffle_vector(
+                        builder.insert_element(ir.Constant(kind, None), weight, ir.Constant(ir.IntType(32), 0)),
+                        ir.Constant(kind, None), ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width))
+                row = row_pointer(loop.index)
+                for i, total in enumerate(sums):
+                    builder.store(builder.call(fma, [weight, builder.load(pointer(row, i), align=4),
+                                                     builder.load(total)]), total)
+            for i, total in enumerate(sums):
+                builder.store(builder.load(total), pointer(acc_view.data, i), align=4)
+
+        # The row's 8-lane vectors in groups held in registers: 32 at a time, then the binary
+        # digits of the rest (D = 64: one group of 8), then the lanes left one at a time.
+        index = n_lanes.type
+        n_vectors = builder.udiv(n_lanes, ir.Constant(index, 8))
+        full = builder.udiv(n_vectors, ir.Constant(index, 32))
+        with cgutils.for_range(builder, full) as group:
+            accumulate(builder.mul(group.index, ir.Constant(index, 32 * 8)), 32, vector, fma8)
+        rest = builder.urem(n_vectors, ir.Constant(index, 32))
+        for count in (16, 8, 4, 2, 1):
+            first = builder.add(builder.mul(full, ir.Constant(index, 32)),
+                                builder.mul(builder.udiv(rest, ir.Constant(index, 2 * count)), ir.Constant(index, 2 * count)))
+            with builder.if_then(builder.icmp_unsigned("!=", builder.and_(rest, ir.Constant(index, count)),
+                                                       ir.Constant(index, 0))):
+                accumulate(builder.mul(first, ir.Constant(index, 8)), count, vector, fma8)
+        with cgutils.for_range_slice(builder, builder.mul(n_vectors, ir.Constant(n_lanes.type, 8)), n_lanes,
+                                     ir.Constant(n_lanes.type, 1)) as (lane, _):
+            accumulate(lane, 1, f32, fma1)
         return context.get_dummy_value()
     if not (isinstance(acc, types.Array) and isinstance(rows, types.Array) and rows.ndim == 3
-            and acc.dtype == rows.dtype == types.float32):
+            and acc.dtype == rows.dtype == weights.dtype == types.float32):
         return None
-    return types.none(acc, types.float32, rows, types.intp, types.intp), codegen
+    return types.none(acc, weights, types.intp, rows, types.intp, types.intp, types.intp, types.intp,
+                      types.intp), codegen
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
