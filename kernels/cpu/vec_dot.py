@@ -23,6 +23,8 @@ the same float steps follow. The float arithmetic is emitted with no fast-math f
 LLVM cannot reorder or fuse it differently for one tile shape than for another. See
 docs/kernels-q8.md.
 """
+from typing import Any, NamedTuple
+
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as QType
@@ -323,26 +325,57 @@ def _per_row(builder, blocks, at):
     return vector
 
 
+EIGHT = 8  # rows of a transposed tile (lanes of a <8 x i32>)
+
+
+class EightRows(NamedTuple):
+    """A block of 8 rows as the transposed tile multiplies it, lane r of every vector row r's. The
+    integer sum is sum over groups of scale * sum(w . x[at..at + 3]) (scale None: 1) - offset *
+    sum(x); it adds float(sum) * (d * d_x) to the accumulator, then m * s_x (Q4_1, Q5_1), then
+    float(bsum_dot) * (bsum_scale * d_x) (Q4_K, Q5_K: -dmin), bsum_dot the sum over bsum_pairs of
+    coefficients . Q8_K's bsums 2p, 2p + 1. (Q6_K stays row-major: its 16 group scales a row
+    made this layout slower, 287 -> 245 GOPS at T = 128.)"""
+
+    groups: list        # [([(<32 x i8> unsigned weights, at)], <8 x i32> scale or None)]
+    d: Any              # <8 x float>
+    offset: int = 0
+    m: Any = None       # <8 x float>
+    bsum_pairs: list = ()  # [(<16 x i16> coefficients, p)]
+    bsum_scale: Any = None  # <8 x float>
+
+
+def _as_bytes(builder, vector):
+    return builder.bitcast(vector, ir.VectorType(I8, 32))
+
+
+def _group_lanes(builder, per_row, entries):
+    """<8 * len(entries) x T>: row r's per_row[r][e] for e in entries, row after row (per_row: 8
+    vectors <n x T>, one a row)."""
+    together = per_row
+    while len(together) > 1:
+        together = [lanes.concat(builder, a, b) for a, b in zip(together[0::2], together[1::2])]
+    n = per_row[0].type.count
+    return lanes.pick(builder, together[0], [n * r + e for r in range(EIGHT) for e in entries])
+
+
 def _rows_legacy(layout, offset=0, affine=False):
-    """A legacy block of 8 rows as (weights, d, offset, m): weights [(<32 x i8> unsigned, at)],
-    lane r's 4 bytes multiplying activation bytes at..at + 3; the block's row sum is
-    sum(weights . x) - offset * sum(x), scaled by d (<8 x float>), plus m * s_x when affine.
-    Q8_0's signed bytes pass as w + 128 (offset 128), the 4-bit formats' nibbles as they are,
-    Q5_0 / Q5_1's fifth bits from qh as 16 where set."""
+    """A legacy block of 8 rows: one group, weights lane r's 4 bytes multiplying activation bytes
+    at..at + 3. Q8_0's signed bytes pass as w + 128 (offset 128), the 4-bit formats' nibbles as
+    they are, Q5_0 / Q5_1's fifth bits from qh as 16 where set."""
     five_bit = "qh" in layout._fields
 
     def emit(builder, blocks):
-        as_bytes = lambda v: builder.bitcast(v, ir.VectorType(I8, 32))  # noqa: E731
         d = _per_row(builder, blocks, layout.d)
         m = _per_row(builder, blocks, layout.m) if affine else None
         if layout is Q8_0:
             flip = lanes.constant(32, 0x80)
-            return ([(builder.xor(as_bytes(v), flip), 4 * k)
-                     for k, v in enumerate(_transposed(builder, blocks, layout.qs, QK // 4))], d, 128, m)
-        high = as_bytes(_transposed(builder, blocks, layout.qh, 1)[0]) if five_bit else None
+            weights = [(builder.xor(_as_bytes(builder, v), flip), 4 * k)
+                       for k, v in enumerate(_transposed(builder, blocks, layout.qs, QK // 4))]
+            return EightRows([(weights, None)], d, 128)
+        high = _as_bytes(builder, _transposed(builder, blocks, layout.qh, 1)[0]) if five_bit else None
         weights = []
         for k, packed in enumerate(_transposed(builder, blocks, layout.qs, QK // 8)):
-            packed = as_bytes(packed)
+            packed = _as_bytes(builder, packed)
             for at, w in ((4 * k, builder.and_(packed, lanes.constant(32, 15))),  # low nibbles
                           (16 + 4 * k, builder.lshr(packed, lanes.constant(32, 4)))):  # high ones
                 if five_bit:  # byte i of lane r: bit at + i of row r's qh, as 16
@@ -351,15 +384,44 @@ def _rows_legacy(layout, offset=0, affine=False):
                     set_ = builder.icmp_unsigned("!=", builder.and_(spread, bits), lanes.constant(32, 0))
                     w = builder.or_(w, builder.select(set_, lanes.constant(32, 16), lanes.constant(32, 0)))
                 weights.append((w, at))
-        return weights, d, offset, m
+        return EightRows([(weights, None)], d, offset, m)
+    return emit
+
+
+def _rows_k_quant(layout):
+    """A Q4_K / Q5_K super-block of 8 rows: 8 groups of 32 weights, each with its 6-bit scale per
+    row; the mins multiply Q8_K's bsums (each pair 2p, 2p + 1 by group p's min)."""
+    five_bit = "qh" in layout._fields
+
+    def emit(builder, blocks):
+        per_row = [lanes.k_scales_mins(builder, lanes.load(builder, block, layout.scales, I8, 12))
+                   for block in blocks]
+        scales, mins = [s for s, _ in per_row], [m for _, m in per_row]
+        high = ([_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qh, 8)]
+                if five_bit else None)
+        groups = []
+        for pair in range(4):  # groups 2 * pair (low nibbles) and 2 * pair + 1 (high) share 32 bytes
+            packed = [_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qs + 32 * pair, 8)]
+            for g in (2 * pair, 2 * pair + 1):
+                weights = []
+                for k, v in enumerate(packed):
+                    w = builder.and_(v, lanes.constant(32, 15)) if g % 2 == 0 else builder.lshr(v, lanes.constant(32, 4))
+                    if five_bit:  # bit g of qh byte l is weight l's fifth bit
+                        fifth = builder.and_(builder.lshr(high[k], lanes.constant(32, g)), lanes.constant(32, 1))
+                        w = builder.or_(w, builder.shl(fifth, lanes.constant(32, 4)))
+                    weights.append((w, 32 * g + 4 * k))
+                groups.append((weights, builder.zext(_group_lanes(builder, scales, (g,)), I32X8)))
+        pairs = [(builder.zext(_group_lanes(builder, mins, (p, p)), ir.VectorType(I16, 16)), p) for p in range(8)]
+        return EightRows(groups, _per_row(builder, blocks, layout.d), bsum_pairs=pairs,
+                         bsum_scale=builder.fneg(_per_row(builder, blocks, layout.dmin)))
     return emit
 
 
 ROWS_DOT = {QType.Q4_0: _rows_legacy(Q4_0, offset=8), QType.Q4_1: _rows_legacy(Q4_1, affine=True),
-            QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True)}
+            QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True),
+            QType.Q4_K: _rows_k_quant(Q4_K), QType.Q5_K: _rows_k_quant(Q5_K)}
 if lanes.VNNI:  # Q8_0's w + 128 (up to 255) would saturate vpmaddubsw's int16 pairs without it
     ROWS_DOT[QType.Q8_0] = _rows_legacy(Q8_0)
-EIGHT = 8  # rows of a transposed tile (lanes of a <8 x i32>)
 
 
 def _eight_rows_codegen(fmt, n_columns):
@@ -377,20 +439,31 @@ def _eight_rows_codegen(fmt, n_columns):
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             xq, xd, xs, xsum = at_block(b)
-            weights, d, offset, m = emit(builder, [builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
-                                                    for row in blocks0])
+            block = emit(builder, [builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
+                                   for row in blocks0])
             for j in range(n_columns):
+                column = lambda array, at, kind: lanes.splat(builder, lanes.load(builder, array, at, kind), 8)  # noqa: E731
                 sums = ZERO_SUMS
-                for w, at in weights:
-                    x = lanes.splat(builder, lanes.load(builder, xq, j * fmt.block_size + at, I32), 8)
-                    sums = lanes.dot_bytes(builder, sums, w, builder.bitcast(x, ir.VectorType(I8, 32)))
-                if offset:
+                for weights, group_scale in block.groups:
+                    dots = ZERO_SUMS
+                    for w, at in weights:
+                        x = _as_bytes(builder, column(xq, j * fmt.block_size + at, I32))
+                        dots = lanes.dot_bytes(builder, dots, w, x)
+                    sums = builder.add(sums, dots if group_scale is None else builder.mul(dots, group_scale))
+                if block.offset:
                     x_sum = builder.sext(lanes.load(builder, xsum, 2 * j, I16), I32)
-                    sums = builder.sub(sums, lanes.splat(builder, builder.mul(x_sum, ir.Constant(I32, offset)), 8))
-                scale = builder.fmul(d, lanes.splat(builder, lanes.load(builder, xd, 4 * j, lanes.F32), 8))
-                acc = lanes.fma(builder, builder.sitofp(sums, row_vector), scale, builder.load(accs[j]))
-                if m is not None:
-                    acc = lanes.fma(builder, m, lanes.splat(builder, lanes.load(builder, xs, 4 * j, lanes.F32), 8), acc)
+                    sums = builder.sub(sums, lanes.splat(builder, builder.mul(x_sum, ir.Constant(I32, block.offset)), 8))
+                bsum_dot = ZERO_SUMS
+                for coefficients, p in block.bsum_pairs:
+                    bsums = builder.bitcast(column(xsum, 32 * j + 4 * p, I32), ir.VectorType(I16, 16))
+                    bsum_dot = lanes.dot_words(builder, bsum_dot, coefficients, bsums)
+                d_x = column(xd, 4 * j, lanes.F32)
+                acc = lanes.fma(builder, builder.sitofp(sums, row_vector), builder.fmul(block.d, d_x),
+                                builder.load(accs[j]))
+                if block.m is not None:
+                    acc = lanes.fma(builder, block.m, column(xs, 4 * j, lanes.F32), acc)
+                if block.bsum_pairs:
+                    acc = lanes.fma(builder, builder.sitofp(bsum_dot, row_vector), builder.fmul(block.bsum_scale, d_x), acc)
                 builder.store(acc, accs[j])
         out_start, out_stride = _output_start(context, builder, signature, args)
         for j in range(n_columns):
@@ -460,8 +533,9 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
 # format compiles one specialization, not one per group size (a tuple's length is part of its type).
 FUSED = 3
 EIGHTS_PER_TASK = 2  # 8-row units a task: their rows stay in L1/L2 while every column tile runs
-COLUMN_TILE = 8  # columns per pass over a row (measured: 4 -> 8 is 1.2-1.4x, 16 no better)
-HALF_TILE = COLUMN_TILE // 2
+# Columns per pass over a unit of rows, row-major tiles (measured: 4 -> 8 is 1.2-1.4x, 16 worse)
+# and rows across the lanes (8 -> 16: Q4_0 4096 x 4096, T = 128, 410 -> 459 GOPS; Q4_K 299 -> 325).
+COLUMN_TILE = {False: 8, True: 16}
 # What pads a group: a matrix of no rows and its output (any T: the kernels never index it).
 NO_ROWS, NO_OUTPUT = np.empty((0, 0), np.uint8), np.empty((0, 0), F32)
 NO_ROWS.flags.writeable = False
@@ -509,21 +583,24 @@ def _matmul_q8_kernel(qtype: int):
     matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
     up) in one parallel loop: one fork and join per group instead of one per matrix, and the
     rows of all of them split evenly between the threads. Several columns run COLUMN_TILE at a
-    time, then HALF_TILE, 2, then one at a time; one column (decode) runs `step` rows a tile, with
+    time (8, or 16 for the formats whose rows go across the lanes), then half that, 2, then one at
+    a time; one column (decode) runs `step` rows a tile, with
     the next tile's rows prefetched, in a parallel loop of its own (inside the tiled kernel's loop
     LLVM kept the wide tiles' pointers live and the one-column path ran from the stack). Every
     tile shape gives each (row, column) the same result (dot_tile). Each kernel quantizes x
     first, once for all its matrices: in the same compiled call, because a decode step makes ~120
     of these calls and a separate call (with its four arrays to box) cost ~5 us each."""
     step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
+    wide = COLUMN_TILE[QType(qtype) in ROWS_DOT]
+    half_wide = wide // 2
     super_blocks = FORMATS[QType(qtype)].block_size == QK_K  # Q8_K activations, else Q8_0 / Q8_1
 
     @numba.njit(parallel=True, nogil=True, cache=True)
     def matmul_tiles(matrices, x, outs):
         xq, xd, xs, xsum = quantize_activations(x, super_blocks)
         n_columns = x.shape[0]
-        tiled = n_columns - n_columns % COLUMN_TILE
-        half = tiled + HALF_TILE if n_columns - tiled >= HALF_TILE else tiled
+        tiled = n_columns - n_columns % wide
+        half = tiled + half_wide if n_columns - tiled >= half_wide else tiled
         pair = half + 2 if n_columns - half >= 2 else half
         n_eights = n_units(matrices, EIGHT)
         for task in prange((n_eights + EIGHTS_PER_TASK - 1) // EIGHTS_PER_TASK):
@@ -532,10 +609,10 @@ def _matmul_q8_kernel(qtype: int):
                 m, r = unit(matrices, EIGHT, i)
                 r *= EIGHT
                 prefetch_unit(matrices, i + 1)  # the first pass streams the rows from memory
-                for t in range(0, tiled, COLUMN_TILE):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, COLUMN_TILE, outs[m])
-                for t in range(tiled, half, HALF_TILE):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, HALF_TILE, outs[m])
+                for t in range(0, tiled, wide):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, wide, outs[m])
+                for t in range(tiled, half, half_wide):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, half_wide, outs[m])
                 for t in range(half, pair, 2):
                     dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 2, outs[m])
                 for t in range(pair, n_columns):
