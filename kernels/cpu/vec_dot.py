@@ -542,10 +542,17 @@ NO_ROWS.flags.writeable = False
 
 
 # Decode: rows a tile for the 32-weight formats, whose integer sums are then reduced together
-# (a horizontal sum per block otherwise; Q4_1 576 x 576: 5.6 -> 7-8 GB/s); one for the k-quants,
-# which reduce once per 256 weights and stream faster alone (Q6_K 14336 x 4096 from memory:
-# 11 GB/s with 4 rows, 18 with 1).
+# (a horizontal sum per block otherwise; Q4_1 576 x 576: 5.6 -> 7-8 GB/s); one for Q6_K, which
+# reduces once per 256 weights and streams faster alone (Q6_K 14336 x 4096 from memory: 11 GB/s
+# with 4 rows, 18 with 1); 8 across the lanes for Q4_K and Q5_K (the 1B shape's decode step:
+# 47.3 -> 41.3 ms; for the 32-weight formats 8 across the lanes measured no better than 4).
 ROWS_PER_STEP = {QK: 4, QK_K: 1}
+
+
+def decode_rows(qtype: QType) -> int:
+    """Rows a tile of the one-column kernel runs, for format `qtype`."""
+    block_size = FORMATS[qtype].block_size
+    return EIGHT if block_size == QK_K and qtype in ROWS_DOT else ROWS_PER_STEP[block_size]
 
 
 @numba.njit(cache=True)
@@ -590,7 +597,7 @@ def _matmul_q8_kernel(qtype: int):
     tile shape gives each (row, column) the same result (dot_tile). Each kernel quantizes x
     first, once for all its matrices: in the same compiled call, because a decode step makes ~120
     of these calls and a separate call (with its four arrays to box) cost ~5 us each."""
-    step = ROWS_PER_STEP[FORMATS[QType(qtype)].block_size]
+    step = decode_rows(QType(qtype))
     wide = COLUMN_TILE[QType(qtype) in ROWS_DOT]
     half_wide = wide // 2
     super_blocks = FORMATS[QType(qtype)].block_size == QK_K  # Q8_K activations, else Q8_0 / Q8_1
