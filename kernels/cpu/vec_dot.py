@@ -308,13 +308,33 @@ def _row_major_codegen(fmt, n_rows, n_columns):
 # tile spends more on reducing than on multiplying). The sums, scales and their order are the
 # row-major tile's, so the results are the same bits.
 
+# x86's in-lane unpacks and the 128-bit halves' exchange, as shuffles of two <8 x i32>.
+_LOW_32, _HIGH_32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+_LOW_64, _HIGH_64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+_LOW_128, _HIGH_128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+
+
 def _transposed(builder, blocks, at, n_dwords):
     """[<8 x i32>] * n_dwords: vector k has lane r = dword k of the n_dwords at byte `at` of
-    blocks[r] (i8* to 8 rows' blocks)."""
-    rows = [lanes.load(builder, block, at, I32, n_dwords) for block in blocks]
-    while len(rows) > 1:
-        rows = [lanes.concat(builder, a, b) for a, b in zip(rows[0::2], rows[1::2])]
-    return [lanes.pick(builder, rows[0], [r * n_dwords + k for r in range(8)]) for k in range(n_dwords)]
+    blocks[r] (i8* to 8 rows' blocks). 4 and 8 dwords as the unpack ladder of an 8 x 8 transpose
+    (3 shuffles a vector; LLVM's own lowering of one wide shuffle cost ~20% of a Q4_K matvec)."""
+    shuffle = lambda a, b, mask: builder.shuffle_vector(a, b, ir.Constant(I32X8, mask))  # noqa: E731
+    if n_dwords == 8:
+        rows = [lanes.load(builder, block, at, I32, 8) for block in blocks]
+    elif n_dwords == 4:  # rows r and r + 4 side by side: the same ladder from its second step
+        rows = [lanes.concat(builder, lanes.load(builder, blocks[r], at, I32, 4),
+                             lanes.load(builder, blocks[r + 4], at, I32, 4)) for r in range(4)]
+    else:
+        rows = [lanes.load(builder, block, at, I32, n_dwords) for block in blocks]
+        while len(rows) > 1:
+            rows = [lanes.concat(builder, a, b) for a, b in zip(rows[0::2], rows[1::2])]
+        return [lanes.pick(builder, rows[0], [r * n_dwords + k for r in range(8)]) for k in range(n_dwords)]
+    pairs = [shuffle(a, b, mask) for a, b in zip(rows[0::2], rows[1::2]) for mask in (_LOW_32, _HIGH_32)]
+    quads = [shuffle(pairs[i], pairs[i + 2], mask) for first in range(0, len(pairs), 4)
+             for i in (first, first + 1) for mask in (_LOW_64, _HIGH_64)]
+    if n_dwords == 4:
+        return quads
+    return [shuffle(quads[k], quads[k + 4], mask) for mask in (_LOW_128, _HIGH_128) for k in range(4)]
 
 
 def _per_row(builder, blocks, at):
@@ -348,16 +368,6 @@ def _as_bytes(builder, vector):
     return builder.bitcast(vector, ir.VectorType(I8, 32))
 
 
-def _group_lanes(builder, per_row, entries):
-    """<8 * len(entries) x T>: row r's per_row[r][e] for e in entries, row after row (per_row: 8
-    vectors <n x T>, one a row)."""
-    together = per_row
-    while len(together) > 1:
-        together = [lanes.concat(builder, a, b) for a, b in zip(together[0::2], together[1::2])]
-    n = per_row[0].type.count
-    return lanes.pick(builder, together[0], [n * r + e for r in range(EIGHT) for e in entries])
-
-
 def _rows_legacy(layout, offset=0, affine=False):
     """A legacy block of 8 rows: one group, weights lane r's 4 bytes multiplying activation bytes
     at..at + 3. Q8_0's signed bytes pass as w + 128 (offset 128), the 4-bit formats' nibbles as
@@ -388,15 +398,32 @@ def _rows_legacy(layout, offset=0, affine=False):
     return emit
 
 
+def _k_scales_mins_lanes(builder, blocks, at):
+    """([<8 x i32>] * 8, [<8 x i32>] * 8): group g's 6-bit scale and min of each of 8 rows' Q4_K /
+    Q5_K super-blocks (lanes.k_scales_mins' bit layout, read here lane-wise from the 12 packed
+    bytes at byte `at` transposed as 3 dwords: shifts and masks, no shuffles per row)."""
+    packed = _transposed(builder, blocks, at, 3)  # bytes 0-3, 4-7, 8-11 of each row
+
+    def bits(vector, shift, mask):
+        shifted = builder.lshr(vector, ir.Constant(I32X8, [shift] * 8)) if shift else vector
+        return builder.and_(shifted, ir.Constant(I32X8, [mask] * 8))
+
+    def field(g, low):  # low: the dword whose byte g (g < 4) holds the low 6 bits
+        if g < 4:
+            return bits(low, 8 * g, 63)
+        i, nibble = g - 4, 4 * (low is packed[1])  # groups 4-7: a nibble of bytes 8-11, bits 6-7 above
+        top = builder.shl(bits(low, 8 * i + 6, 3), ir.Constant(I32X8, [4] * 8))
+        return builder.or_(bits(packed[2], 8 * i + nibble, 15), top)
+    return [field(g, packed[0]) for g in range(8)], [field(g, packed[1]) for g in range(8)]
+
+
 def _rows_k_quant(layout):
     """A Q4_K / Q5_K super-block of 8 rows: 8 groups of 32 weights, each with its 6-bit scale per
     row; the mins multiply Q8_K's bsums (each pair 2p, 2p + 1 by group p's min)."""
     five_bit = "qh" in layout._fields
 
     def emit(builder, blocks):
-        per_row = [lanes.k_scales_mins(builder, lanes.load(builder, block, layout.scales, I8, 12))
-                   for block in blocks]
-        scales, mins = [s for s, _ in per_row], [m for _, m in per_row]
+        scales, mins = _k_scales_mins_lanes(builder, blocks, layout.scales)
         high = ([_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qh, 8)]
                 if five_bit else None)
         groups = []
@@ -410,8 +437,10 @@ def _rows_k_quant(layout):
                         fifth = builder.and_(builder.lshr(high[k], lanes.constant(32, g)), lanes.constant(32, 1))
                         w = builder.or_(w, builder.shl(fifth, lanes.constant(32, 4)))
                     weights.append((w, 32 * g + 4 * k))
-                groups.append((weights, builder.zext(_group_lanes(builder, scales, (g,)), I32X8)))
-        pairs = [(builder.zext(_group_lanes(builder, mins, (p, p)), ir.VectorType(I16, 16)), p) for p in range(8)]
+                groups.append((weights, scales[g]))
+        sixteen = ir.Constant(I32X8, [16] * 8)  # each min in both int16 halves of its lane
+        pairs = [(builder.bitcast(builder.or_(m, builder.shl(m, sixteen)), ir.VectorType(I16, 16)), p)
+                 for p, m in enumerate(mins)]
         return EightRows(groups, _per_row(builder, blocks, layout.d), bsum_pairs=pairs,
                          bsum_scale=builder.fneg(_per_row(builder, blocks, layout.dmin)))
     return emit
@@ -590,8 +619,8 @@ def _matmul_q8_kernel(qtype: int):
     matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
     up) in one parallel loop: one fork and join per group instead of one per matrix, and the
     rows of all of them split evenly between the threads. Several columns run COLUMN_TILE at a
-    time (8, or 16 for the formats whose rows go across the lanes), then half that, 2, then one at
-    a time; one column (decode) runs `step` rows a tile, with
+    time (8, or 16 for the formats whose rows go across the lanes), then 8, 4, 2, and one at a
+    time; one column (decode) runs `step` rows a tile, with
     the next tile's rows prefetched, in a parallel loop of its own (inside the tiled kernel's loop
     LLVM kept the wide tiles' pointers live and the one-column path ran from the stack). Every
     tile shape gives each (row, column) the same result (dot_tile). Each kernel quantizes x
@@ -606,9 +635,11 @@ def _matmul_q8_kernel(qtype: int):
     def matmul_tiles(matrices, x, outs):
         xq, xd, xs, xsum = quantize_activations(x, super_blocks)
         n_columns = x.shape[0]
+        # Column passes of decreasing width (16,) 8, 4, 2, 1: each tile as wide as what is left allows.
         tiled = n_columns - n_columns % wide
-        half = tiled + half_wide if n_columns - tiled >= half_wide else tiled
-        pair = half + 2 if n_columns - half >= 2 else half
+        half = tiled + (n_columns - tiled) // half_wide * half_wide
+        quad = half + (n_columns - half) // 4 * 4
+        pair = quad + (n_columns - quad) // 2 * 2
         n_eights = n_units(matrices, EIGHT)
         for task in prange((n_eights + EIGHTS_PER_TASK - 1) // EIGHTS_PER_TASK):
             first, last = task * EIGHTS_PER_TASK, min(n_eights, (task + 1) * EIGHTS_PER_TASK)
@@ -620,7 +651,9 @@ def _matmul_q8_kernel(qtype: int):
                     dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, wide, outs[m])
                 for t in range(tiled, half, half_wide):
                     dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, half_wide, outs[m])
-                for t in range(half, pair, 2):
+                for t in range(half, quad, 4):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 4, outs[m])
+                for t in range(quad, pair, 2):
                     dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 2, outs[m])
                 for t in range(pair, n_columns):
                     for k in range(0, EIGHT, step):
