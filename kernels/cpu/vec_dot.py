@@ -217,11 +217,13 @@ def _q6_k(builder, block, columns):
     Q8_K's bsums: sum_g scale_g * (q . x - 32 * bsum_g), exact."""
     d = lanes.half(builder, block, Q6_K.d)
     scales = builder.sext(lanes.load(builder, block, Q6_K.scales, I8, 16), ir.VectorType(I16, 16))
-    halves = [lanes.q6_k_half(builder, lanes.load(builder, block, Q6_K.ql + 64 * h, I8, 64),
-                              lanes.load(builder, block, Q6_K.qh + 32 * h, I8, 32)) for h in range(2)]
     sums = [ZERO_SUMS] * columns.width
-    for u in range(8):  # 32 weights: groups 2u and 2u + 1
-        q = lanes.pick(builder, halves[u // 4], list(range(32 * (u % 4), 32 * (u % 4) + 32)))
+    for u in range(8):  # 32 weights: groups 2u and 2u + 1, quarter c of half h (lanes.q6_k_half's layout)
+        h, c = divmod(u, 4)
+        q = lanes.fields(builder, lanes.load(builder, block, Q6_K.ql + 64 * h + 32 * (c % 2), I8, 32),
+                         ir.Constant(I8, 4 * (c // 2)), ir.Constant(I8, 15),
+                         lanes.load(builder, block, Q6_K.qh + 32 * h, I8, 32), ir.Constant(I8, 2 * c),
+                         ir.Constant(I8, 3), 4)
         scale = lanes.pick(builder, scales, [2 * u] * 8 + [2 * u + 1] * 8)
         for j in range(columns.width):
             pairs = lanes.maddubs(builder, q, columns.x(j, 32 * u, 32))
