@@ -60,6 +60,14 @@ class SamplingParams:
         return not self.temperature
 
     @property
+    def penalizes(self) -> bool:
+        """Whether any of steps 0 to 2 (DRY, presence / frequency / repetition penalties, logit
+        bias) changes the logits."""
+        return bool(self.dry_multiplier or self.presence_penalty or self.frequency_penalty
+                    or (self.repetition_penalty is not None and self.repetition_penalty != 1.0)
+                    or self.logit_bias)
+
+    @property
     def truncates(self) -> bool:
         return bool((self.top_k is not None and self.top_k > 0)
                     or (self.top_p is not None and 0.0 < self.top_p < 1.0)
@@ -198,6 +206,10 @@ class Sampler:
         """Choose the next token. logits: float (vocab,) from the model; context: prompt +
         generated ids; allowed: optional bool (vocab,) grammar mask."""
         p = self.params
+        if p.greedy and not (p.logprob or p.top_logprobs or p.penalizes) and allowed is None:
+            if not np.isfinite(np.max(logits)):  # nobody reads a logprob: the argmax is all
+                raise InputError("no token can be sampled: the logits are NaN, +inf or all -inf")
+            return Sample(int(np.argmax(logits)), math.nan, [])
         x = apply_penalties(logits, context, prompt_len, p)
         if allowed is not None:
             x[~allowed] = -np.inf
