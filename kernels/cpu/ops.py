@@ -213,12 +213,13 @@ def _score_run(weights, at, q, t, h, rows, a, b, step_a, step_b, n, scale, best)
 
 @numba.njit(cache=True)
 def _exp(x):
-    """e^x for a float32 x <= 0 (a softmax weight), within 2 ulps; 0 below -87 (x = -inf included).
+    """e^x for a float32 x <= 0 (a softmax weight), within 2 ulps; 0 below -87 (x = -inf included),
+    NaN for NaN (a NaN score still reaches the logits, where the sampler reports it).
     Arithmetic only (Cephes' expf: x = n ln 2 + r, a degree-6 polynomial in r, times 2^n built in
     the exponent bits), so a loop of these vectorizes where libm's expf is a call per element.
     Not fastmath: reassociating the two-part ln 2 reduction would lose its precision."""
     clamped = max(x, F32(-87.0))
-    n = math.floor(clamped * F32(1.44269504088896341) + F32(0.5))
+    n = np.floor(clamped * F32(1.44269504088896341) + F32(0.5))  # float32 (math.floor: an int)
     r = clamped - n * F32(0.693359375) + n * F32(2.12194440e-4)
     p = F32(1.9875691500e-4)
     p = p * r + F32(1.3981999507e-3)
@@ -228,7 +229,9 @@ def _exp(x):
     p = p * r + F32(5.0000001201e-1)
     p = p * r * r + r + F32(1)
     power = _float_from_bits(np.int32((np.int32(n) + 127) << 23))
-    return p * power if x >= F32(-87.0) else F32(0)
+    if x >= F32(-87.0):
+        return p * power
+    return F32(0) if x < F32(-87.0) else x
 
 
 @intrinsic

@@ -303,8 +303,9 @@ def _row_major_codegen(fmt, n_rows, n_columns):
 
 # ------------------------------------------------------------------ eight rows in the lanes
 
-# For a wide tile of the 32-weight formats the rows go across the lanes instead: a block's bytes
-# of 8 rows transposed so that lane r of a <8 x i32> holds 4 weights of row r, each vpdpbusd
+# For the formats in ROWS_DOT the rows of a tile go across the lanes instead (every tile of 2 or
+# more columns; Q4_K / Q5_K's one-column tiles too): a block's bytes of 8 rows transposed so that
+# lane r of a <8 x i32> holds 4 weights of row r, each vpdpbusd
 # against 4 activation bytes broadcast to every lane adds 4 products to all 8 rows at once, and a
 # block ends with each row's exact sum in its own lane: no horizontal reduction (the row-major
 # tile spends more on reducing than on multiplying). The sums, scales and their order are the
@@ -410,13 +411,15 @@ def _k_scales_mins_lanes(builder, blocks, at):
         shifted = builder.lshr(vector, ir.Constant(I32X8, [shift] * 8)) if shift else vector
         return builder.and_(shifted, ir.Constant(I32X8, [mask] * 8))
 
-    def field(g, low):  # low: the dword whose byte g (g < 4) holds the low 6 bits
+    def field(g, low, nibble):
+        """Group g's 6 bits: groups 0-3 the low 6 bits of byte g of `low` (bytes 0-3 for scales,
+        4-7 for mins); groups 4-7 the nibble at bit `nibble` of byte g of bytes 8-11, with bits
+        4-5 from the top 2 bits of byte g - 4 of `low`."""
         if g < 4:
             return bits(low, 8 * g, 63)
-        i, nibble = g - 4, 4 * (low is packed[1])  # groups 4-7: a nibble of bytes 8-11, bits 6-7 above
-        top = builder.shl(bits(low, 8 * i + 6, 3), ir.Constant(I32X8, [4] * 8))
-        return builder.or_(bits(packed[2], 8 * i + nibble, 15), top)
-    return [field(g, packed[0]) for g in range(8)], [field(g, packed[1]) for g in range(8)]
+        top = builder.shl(bits(low, 8 * (g - 4) + 6, 3), ir.Constant(I32X8, [4] * 8))
+        return builder.or_(bits(packed[2], 8 * (g - 4) + nibble, 15), top)
+    return [field(g, packed[0], 0) for g in range(8)], [field(g, packed[1], 4) for g in range(8)]
 
 
 def _rows_k_quant(layout):
