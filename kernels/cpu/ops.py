@@ -78,7 +78,7 @@ def attention(q, k_new, v_new, k_cache, v_cache, start_pos, window, out):
     the positions before `start_pos` that the chunk can see. The query at position p sees keys at
     positions max(0, p - window + 1) .. p (window = 0: all of them). Keys of the chunk come from
     k_new; earlier ones from the cache, so the cache may be written after this call.
-    out: float32 (T, H, D). One online-softmax pass over the keys per (token, head).
+    out: float32 (T, H, D). One online-softmax pass over the keys per (token, head) (`_attend`).
     """
     n_tokens, n_heads, head_dim = q.shape
     group = n_heads // k_new.shape[1]
