@@ -317,6 +317,14 @@ def store_scaled(context, builder, array_type, out, at, weights, scale, bias):
                                           ir.VectorType(F32, n).as_pointer()), align=4)
 
 
+def prefetch_address(builder, pointer):
+    """Emit a hint to load the cache line holding the i8* `pointer` (llvm.prefetch: read, keep in
+    all cache levels); no fault on any address."""
+    llvm_prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, I32, I32, I32]), "llvm.prefetch.p0i8")
+    builder.call(llvm_prefetch, [pointer, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
 @intrinsic
 def prefetch(typingctx, rows, r, at):
     """Ask the CPU to start loading the cache line that holds byte `at` of row r of `rows` (a 2-D
@@ -327,12 +335,7 @@ def prefetch(typingctx, rows, r, at):
     14.4 -> see docs/kernels.md)."""
     def codegen(context, builder, signature, args):
         row = byte_pointer(context, builder, signature.args[0], args[0], args[1])
-        pointer = builder.gep(row, [args[2]])
-        llvm_prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [pointer.type, I32, I32, I32]),
-            "llvm.prefetch.p0i8")
-        builder.call(llvm_prefetch, [pointer, ir.Constant(I32, 0), ir.Constant(I32, 3),
-                                     ir.Constant(I32, 1)])
+        prefetch_address(builder, builder.gep(row, [args[2]]))
         return context.get_dummy_value()
     return types.none(rows, types.intp, types.intp), codegen
 

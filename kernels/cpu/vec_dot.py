@@ -470,8 +470,15 @@ def _eight_rows_codegen(fmt, n_columns):
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         row_vector = ir.VectorType(lanes.F32, EIGHT)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(row_vector, None)) for _ in range(n_columns)]
+        next_rows = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
+                                        builder.add(r_, ir.Constant(r_.type, EIGHT + i))) for i in range(EIGHT)]
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
+            if n_columns == 1:  # decode streams the rows: the next 8 rows' block b, one tile ahead
+                for row in next_rows:
+                    base = builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
+                    for at in range(0, fmt.type_size + 63, 64):  # every line the block touches
+                        lanes.prefetch_address(builder, builder.gep(base, [ir.Constant(I32, min(at, fmt.type_size - 1))]))
             xq, xd, xs, xsum = at_block(b)
             block = emit(builder, [builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
                                    for row in blocks0])
@@ -674,8 +681,9 @@ def _matmul_q8_kernel(qtype: int):
         for i in prange(n_units(matrices, step)):
             m, u = unit(matrices, step, i)
             rows, r = matrices[m], u * step
-            for ahead in range(r + step, r + 2 * step):
-                lanes.prefetch_row(rows, ahead)
+            if step != EIGHT:  # an 8-row tile prefetches the next 8 rows itself, block by block
+                for ahead in range(r + step, r + 2 * step):
+                    lanes.prefetch_row(rows, ahead)
             dot_tile(qtype, rows, r, step, xq, xd, xs, xsum, 0, 1, outs[m])
         for m in range(len(matrices)):
             for r in range(matrices[m].shape[0] // step * step, matrices[m].shape[0]):
