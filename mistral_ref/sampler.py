@@ -206,11 +206,10 @@ class Sampler:
         """Choose the next token. logits: float (vocab,) from the model; context: prompt +
         generated ids; allowed: optional bool (vocab,) grammar mask."""
         p = self.params
-        if p.greedy and not (p.logprob or p.top_logprobs or p.penalizes) and allowed is None:
-            if not np.isfinite(np.max(logits)):  # nobody reads a logprob: the argmax is all
-                raise InputError("no token can be sampled: the logits are NaN, +inf or all -inf")
-            return Sample(int(np.argmax(logits)), math.nan, [])
-        x = apply_penalties(logits, context, prompt_len, p)
+        # Greedy with nothing to change the logits and no logprob to report: the argmax of the
+        # model's own logits is all (no float64 copy, no penalty pass).
+        plain = p.greedy and not (p.logprob or p.top_logprobs or p.penalizes) and allowed is None
+        x = logits if plain else apply_penalties(logits, context, prompt_len, p)
         if allowed is not None:
             x[~allowed] = -np.inf
         if not np.isfinite(np.max(x)):

@@ -238,22 +238,26 @@ def madd(builder, a, b, native=AVX2):
                                            _widen(builder, b, I32, True)))
 
 
+def _dwords(builder, vector):
+    """A 256-bit vector as <8 x i32>, the VNNI instructions' operand type."""
+    return builder.bitcast(vector, ir.VectorType(I32, 8))
+
+
 def dot_bytes(builder, acc, unsigned, signed, native=VNNI):
     """<8 x i32>: acc[k] + the sum of unsigned[4k + i] * signed[4k + i], i < 4, for two <32 x i8>,
     the first read as unsigned (vpdpbusd; exact). Without VNNI, maddubs then madd by ones, equal
     where maddubs does not saturate: callers without VNNI keep unsigned * signed pairs under 2^15."""
     if native:
-        as_words = lambda v: builder.bitcast(v, ir.VectorType(I32, 8))  # noqa: E731
-        return call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, as_words(unsigned),
-                    as_words(signed))
+        return call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, _dwords(builder, unsigned),
+                    _dwords(builder, signed))
     return builder.add(acc, madd(builder, maddubs(builder, unsigned, signed), constant(16, 1, I16)))
 
 
 def dot_words(builder, acc, a, b, native=VNNI):
     """<8 x i32>: acc + madd(a, b) for two <16 x i16> (vpdpwssd; exact)."""
     if native:
-        as_words = lambda v: builder.bitcast(v, ir.VectorType(I32, 8))  # noqa: E731
-        return call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.type, acc, as_words(a), as_words(b))
+        return call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.type, acc, _dwords(builder, a),
+                    _dwords(builder, b))
     return builder.add(acc, madd(builder, a, b))
 
 
