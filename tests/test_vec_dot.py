@@ -186,6 +186,33 @@ def test_numba_matmul_columns_equal_decode(qtype):
         assert np.array_equal(together[t].view(np.uint32), alone.view(np.uint32)), t
 
 
+@given(n_rows=st.integers(0, 3000), height=st.sampled_from([1, 4, 8]))
+def test_decode_bands_cover_every_row_once(n_rows, height):
+    """Decode's tiles in bands (rows r, r + spacing, ...): the tiles of a matrix take each of its
+    whole tiles' rows exactly once, and the rows past them are the matrix's last ones."""
+    covered = []
+    for u in range(n_rows // height):
+        r, spacing = cpu.band_tile(n_rows, u, height)
+        covered += [r + i * spacing for i in range(height)]
+    assert sorted(covered) == list(range(n_rows // height * height))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_numba_decode_in_bands(qtype):
+    """Decode of matrices of whole bands of tiles and a ragged rest, two in one call: each row as
+    the reference computes it and bit for bit the same row of a two-column matmul (tiles of
+    consecutive rows)."""
+    n = 512
+    matrices = tuple(random_rows(qtype, n_rows, n, seed=n_rows) for n_rows in (8 * cpu.BAND_SPACING + 29, 1100))
+    x = np.stack([activations(t, n) for t in range(2)])
+    outs = tuple(np.full((1, m.shape[0]), np.nan, np.float32) for m in matrices)
+    cpu.MATMUL_Q8[qtype](matrices, x[:1], outs)
+    for rows, out in zip(matrices, outs):
+        assert np.array_equal(out[0].view(np.uint32), cpu.matmul_q8(rows, qtype, x)[0].view(np.uint32))
+        expected, bound = reference_columns(rows, qtype, x[:1])
+        assert np.all(np.abs(out - expected) <= bound)
+
+
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n_columns", [1, 3, 9])
 def test_numba_matmul_fused_equals_each_alone(qtype, n_columns):

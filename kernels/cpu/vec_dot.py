@@ -11,13 +11,14 @@ same float operations whatever T is, so column t of a prefill equals the decode 
 for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float kernels.
 
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
-IR (8 x 8 for prefill, 8 x 2-8 for a batch of decode steps; 4 x 1, or 1 x 1 for k-quants, in
-decode). In its row-major tiles (every shape of the k-quants; one column) per block it loads and unpacks
+IR (8 x 16 or 8 x 8 for prefill, 8 x 2-8 for a batch of decode steps, 8 x 1 in decode; Q6_K's
+decode 1 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
+of memory. In its row-major tiles (Q6_K; Q8_0 without VNNI) per block it loads and unpacks
 each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
 byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
 |w| with x taking w's sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
 the whole tile's int32 lanes together and folds them into one float32 accumulator per (row,
-column) with one FMA by d_w * d_x. Tiles of 8 rows of the 32-weight formats put the rows across the
+column) with one FMA by d_w * d_x. Tiles of 8 rows of the other formats put the rows across the
 lanes instead (`ROWS_DOT`): each row's block sum ends in its own lane, with no reduction, and
 the same float steps follow. The float arithmetic is emitted with no fast-math flags, so
 LLVM cannot reorder or fuse it differently for one tile shape than for another. See
@@ -253,9 +254,8 @@ def _row_major_codegen(fmt, n_rows, n_columns):
 
     def codegen(context, builder, signature, args):
         rows_, r_ = args[1:3]
-        row_pointers = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
-                                           builder.add(r_, ir.Constant(r_.type, i)))
-                        for i in range(n_rows)]
+        row_pointers = [lanes.byte_pointer(context, builder, signature.args[1], rows_, row)
+                        for row in _tile_rows(builder, r_, args[11], n_rows)]
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         acc = cgutils.alloca_once_value(builder, ir.Constant(lanes_type, None))
 
@@ -291,13 +291,9 @@ def _row_major_codegen(fmt, n_rows, n_columns):
                     update = (builder.sitofp(sums, lanes_type),
                               builder.fmul(scale, lanes.pick(builder, columns.d, per_column)))
                 builder.store(lanes.fma(builder, *update, builder.load(acc)), acc)
-        out_start, out_stride = _output_start(context, builder, signature, args)
         totals = builder.load(acc)
-        for lane, (i, j) in enumerate(zip(per_row, per_column)):
-            at = builder.add(builder.mul(out_stride, ir.Constant(out_stride.type, j)),
-                             ir.Constant(out_stride.type, 4 * i))
-            builder.store(builder.extract_element(totals, ir.Constant(I32, lane)),
-                          builder.bitcast(builder.gep(out_start, [at]), lanes.F32.as_pointer()), align=4)
+        _store_outputs(context, builder, signature, args, n_rows, n_columns,
+                       lambda i, j: builder.extract_element(totals, ir.Constant(I32, i * n_columns + j)))
     return codegen
 
 
@@ -464,17 +460,21 @@ def _eight_rows_codegen(fmt, n_columns):
     emit = ROWS_DOT[fmt.qtype]
 
     def codegen(context, builder, signature, args):
-        rows_, r_ = args[1:3]
-        blocks0 = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
-                                      builder.add(r_, ir.Constant(r_.type, i))) for i in range(EIGHT)]
+        rows_, r_, spacing = args[1], args[2], args[11]
+        rows = _tile_rows(builder, r_, spacing, EIGHT)
+        blocks0 = [lanes.byte_pointer(context, builder, signature.args[1], rows_, row) for row in rows]
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         row_vector = ir.VectorType(lanes.F32, EIGHT)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(row_vector, None)) for _ in range(n_columns)]
-        next_rows = [lanes.byte_pointer(context, builder, signature.args[1], rows_,
-                                        builder.add(r_, ir.Constant(r_.type, EIGHT + i))) for i in range(EIGHT)]
+        # The next tile's rows: each one row further when the rows are spaced (matvec's bands),
+        # else the 8 after these.
+        one = ir.Constant(spacing.type, 1)
+        ahead = builder.select(builder.icmp_signed("==", spacing, one), ir.Constant(r_.type, EIGHT), one)
+        next_rows = [lanes.byte_pointer(context, builder, signature.args[1], rows_, builder.add(row, ahead))
+                     for row in rows]
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            if n_columns == 1:  # decode streams the rows: the next 8 rows' block b, one tile ahead
+            if n_columns == 1:  # decode streams the rows: the next tile's block b, one tile ahead
                 for row in next_rows:
                     base = builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
                     for at in range(0, fmt.type_size + 63, 64):  # every line the block touches
@@ -506,11 +506,9 @@ def _eight_rows_codegen(fmt, n_columns):
                 if block.bsum_pairs:
                     acc = lanes.fma(builder, builder.sitofp(bsum_dot, row_vector), builder.fmul(block.bsum_scale, d_x), acc)
                 builder.store(acc, accs[j])
-        out_start, out_stride = _output_start(context, builder, signature, args)
-        for j in range(n_columns):
-            at = builder.mul(out_stride, ir.Constant(out_stride.type, j))
-            builder.store(builder.load(accs[j]), builder.bitcast(builder.gep(out_start, [at]), row_vector.as_pointer()),
-                          align=4)
+        totals = [builder.load(acc) for acc in accs]
+        _store_outputs(context, builder, signature, args, EIGHT, n_columns,
+                       lambda i, j: builder.extract_element(totals[j], ir.Constant(I32, i)))
         return context.get_dummy_value()
     return codegen
 
@@ -529,22 +527,31 @@ def _activation_blocks(context, builder, signature, args, fmt):
     return n_blocks, lambda b: [builder.gep(start, [builder.mul(b, stride)]) for start, stride in zip(starts, strides)]
 
 
-def _output_start(context, builder, signature, args):
-    """(i8* to out[t, r], out's row stride in bytes)."""
-    r_, t_, out_ = args[2], args[8], args[10]
+def _tile_rows(builder, r, spacing, n_rows):
+    """The tile's row indices: r, r + spacing, ..., r + (n_rows - 1) * spacing."""
+    return [builder.add(r, builder.mul(builder.sext(spacing, r.type), ir.Constant(r.type, i))) for i in range(n_rows)]
+
+
+def _store_outputs(context, builder, signature, args, n_rows, n_columns, value):
+    """out[t + j, row i of the tile] = value(i, j) (a float32), for every i < n_rows, j < n_columns."""
+    t_, out_ = args[8], args[10]
     out_view = context.make_array(signature.args[10])(context, builder, out_)
     out_stride = cgutils.unpack_tuple(builder, out_view.strides)[0]
-    out_start = builder.gep(builder.bitcast(out_view.data, I8.as_pointer()),
-                            [builder.add(builder.mul(t_, out_stride), builder.mul(r_, ir.Constant(r_.type, 4)))])
-    return out_start, out_stride
+    data = builder.bitcast(out_view.data, I8.as_pointer())
+    for i, row in enumerate(_tile_rows(builder, args[2], args[11], n_rows)):
+        for j in range(n_columns):
+            column = builder.add(t_, ir.Constant(t_.type, j))
+            at = builder.add(builder.mul(column, out_stride), builder.mul(row, ir.Constant(row.type, 4)))
+            builder.store(value(i, j), builder.bitcast(builder.gep(data, [at]), lanes.F32.as_pointer()), align=4)
 
 
 @intrinsic
-def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out):
-    """out[t + j, r + i] = row r + i of `rows` (uint8 (n_rows, row_bytes), format `qtype`) .
-    column t + j of the activations (quantize_activations' arrays, as it makes them), i < height,
-    j < width. qtype, height, width: literals, each a power of 2, height * width <= 8 or height 8
-    (8 rows across the lanes for the formats in ROWS_DOT, else row-major tiles one after another).
+def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out, spacing):
+    """out[t + j, r_i] = row r_i of `rows` (uint8 (n_rows, row_bytes), format `qtype`) . column
+    t + j of the activations (quantize_activations' arrays, as it makes them), r_i = r + i *
+    spacing, i < height, j < width. qtype, height, width: literals, each a power of 2, height *
+    width <= 8 or height 8 (8 rows across the lanes for the formats in ROWS_DOT, else row-major
+    tiles one after another).
 
     Row-major: one float32 accumulator per (row, column), lanes of a vector (an alloca, which LLVM keeps in
     a register); per block, the integer sums of every term and every lane of the tile are reduced
@@ -561,11 +568,12 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out)
         passes = [(first, _row_major_codegen(fmt, per_pass, n_columns)) for first in range(0, n_rows, per_pass)]
 
         def codegen(context, builder, signature, args):
+            r_, spacing = args[2], args[11]
             for first, emit_tile in passes:
-                r_ = builder.add(args[2], ir.Constant(args[2].type, first))
-                emit_tile(context, builder, signature, [*args[:2], r_, *args[3:]])
+                first_row = builder.add(r_, builder.mul(builder.sext(spacing, r_.type), ir.Constant(r_.type, first)))
+                emit_tile(context, builder, signature, [*args[:2], first_row, *args[3:]])
             return context.get_dummy_value()
-    return types.none(qtype, rows, r, height, xq, xd, xs, xsum, t, width, out), codegen
+    return types.none(qtype, rows, r, height, xq, xd, xs, xsum, t, width, out, spacing), codegen
 
 
 # ------------------------------------------------------------------ the kernels
@@ -582,18 +590,38 @@ NO_ROWS, NO_OUTPUT = np.empty((0, 0), np.uint8), np.empty((0, 0), F32)
 NO_ROWS.flags.writeable = False
 
 
-# Decode: rows a tile for the 32-weight formats, whose integer sums are then reduced together
-# (a horizontal sum per block otherwise; Q4_1 576 x 576: 5.6 -> 7-8 GB/s); one for Q6_K, which
-# reduces once per 256 weights and streams faster alone (Q6_K 14336 x 4096 from memory: 11 GB/s
-# with 4 rows, 18 with 1); 8 across the lanes for Q4_K and Q5_K (the 1B shape's decode step:
-# 47.3 -> 41.3 ms; for the 32-weight formats 8 across the lanes measured no better than 4).
+# Decode: 8 rows across the lanes for the formats in ROWS_DOT (the 1B shape's decode step: 47.3 ->
+# 41.3 ms for Q4_K; the 32-weight formats gained as much only once decode read in bands: Q4_0
+# 14336 x 4096 from memory 19.8 -> 27.8 GB/s); else row-major: 4 rows a tile for Q8_0 without
+# VNNI, whose integer sums are then reduced together (a horizontal sum per block otherwise), one
+# for Q6_K, which reduces once per 256 weights and streams faster alone (Q6_K 14336 x 4096 from
+# memory: 11 GB/s with 4 rows, 18 with 1).
 ROWS_PER_STEP = {QK: 4, QK_K: 1}
 
 
 def decode_rows(qtype: QType) -> int:
     """Rows a tile of the one-column kernel runs, for format `qtype`."""
     block_size = FORMATS[qtype].block_size
-    return EIGHT if block_size == QK_K and qtype in ROWS_DOT else ROWS_PER_STEP[block_size]
+    return EIGHT if qtype in ROWS_DOT else ROWS_PER_STEP[block_size]
+
+
+# Decode reads a matrix in bands of BAND_SPACING tiles: a tile takes rows r, r + BAND_SPACING, ...,
+# and the next tile rows r + 1, r + 1 + BAND_SPACING, ..., each the continuation in memory of one
+# of this tile's. Each thread then streams `height` long runs of memory at once, which the hardware
+# prefetcher follows; tiles of consecutive rows end every stream at the end of a row (2.3 KB for a
+# 4096-wide Q4_K row: 14336 x 4096 from memory 21.6 -> 29.8 GB/s, see docs/kernels.md).
+BAND_SPACING = 64
+
+
+@numba.njit(cache=True)
+def band_tile(n_rows, u, height):
+    """(first row, spacing) of tile u of a matrix of n_rows rows read `height` rows a tile in
+    bands; the rows past the last whole band in tiles of consecutive rows (spacing 1)."""
+    band_rows = height * BAND_SPACING
+    banded = n_rows // band_rows * BAND_SPACING  # tiles inside whole bands
+    if u < banded:
+        return u // BAND_SPACING * band_rows + u % BAND_SPACING, BAND_SPACING
+    return n_rows // band_rows * band_rows + (u - banded) * height, 1
 
 
 @numba.njit(cache=True)
@@ -660,34 +688,36 @@ def _matmul_q8_kernel(qtype: int):
                 r *= EIGHT
                 prefetch_unit(matrices, i + 1)  # the first pass streams the rows from memory
                 for t in range(0, tiled, wide):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, wide, outs[m])
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, wide, outs[m], 1)
                 for t in range(tiled, half, half_wide):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, half_wide, outs[m])
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, half_wide, outs[m], 1)
                 for t in range(half, quad, 4):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 4, outs[m])
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 4, outs[m], 1)
                 for t in range(quad, pair, 2):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 2, outs[m])
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 2, outs[m], 1)
                 for t in range(pair, n_columns):
                     for k in range(0, EIGHT, step):
-                        dot_tile(qtype, matrices[m], r + k, step, xq, xd, xs, xsum, t, 1, outs[m])
+                        dot_tile(qtype, matrices[m], r + k, step, xq, xd, xs, xsum, t, 1, outs[m], 1)
         for m in range(len(matrices)):  # the rows past each matrix's last whole unit
             for r in range(matrices[m].shape[0] // EIGHT * EIGHT, matrices[m].shape[0]):
                 for t in range(n_columns):
-                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m])
+                    dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m], 1)
 
     @numba.njit(parallel=True, nogil=True, cache=True)
     def matvec(matrices, x, outs):
         xq, xd, xs, xsum = quantize_activations(x, super_blocks)
         for i in prange(n_units(matrices, step)):
             m, u = unit(matrices, step, i)
-            rows, r = matrices[m], u * step
-            if step != EIGHT:  # an 8-row tile prefetches the next 8 rows itself, block by block
-                for ahead in range(r + step, r + 2 * step):
-                    lanes.prefetch_row(rows, ahead)
-            dot_tile(qtype, rows, r, step, xq, xd, xs, xsum, 0, 1, outs[m])
+            rows = matrices[m]
+            r, spacing = band_tile(rows.shape[0], u, step)
+            if step != EIGHT:  # an 8-row tile prefetches the next tile itself, block by block
+                ahead = r + (step if spacing == 1 else 1)
+                for k in range(step):
+                    lanes.prefetch_row(rows, ahead + k * spacing)
+            dot_tile(qtype, rows, r, step, xq, xd, xs, xsum, 0, 1, outs[m], spacing)
         for m in range(len(matrices)):
             for r in range(matrices[m].shape[0] // step * step, matrices[m].shape[0]):
-                dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, 0, 1, outs[m])
+                dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, 0, 1, outs[m], 1)
 
     def matmul_q8(matrices: tuple[np.ndarray, ...], x: np.ndarray, outs: tuple[np.ndarray, ...]) -> None:
         # Python, not a compiled wrapper: a compiled closure that calls other compiled functions
