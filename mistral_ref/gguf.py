@@ -1,11 +1,11 @@
-"""GGUF loading: metadata, a model Config, and tensors as read-only views into one memory map.
+"""GGUF loading: metadata, a model Config, and tensors as read-only views into one block of memory.
 
 File layout (GGUF v2/v3, little-endian): magic b"GGUF", u32 version, u64 tensor count, u64
 key/value count; the key/value pairs; one info record per tensor (name, dims innermost first,
 type, offset); padding to `general.alignment`; then the tensor data. Nothing is dequantized here:
 every tensor is a uint8 view of one block of memory, its byte range checked against the file.
-That block is the file's memory map (load="mmap"), or with load="copy" the tensor data read
-into anonymous memory on huge pages (mistral_ref.memory; llama.cpp's --no-mmap).
+That block is the tensor data read into anonymous memory on huge pages (load="copy", the
+default; mistral_ref.memory; llama.cpp's --no-mmap), or the file's memory map (load="mmap").
 """
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ QK_NORM = ("qwen3",)  # an RMSNorm over each head's q and k before RoPE
 # no_rope_layer_interval): layer i rotates when (i + 1) % 4 != 0.
 NO_ROPE_INTERVAL = {"smollm3": 4}
 LOADS = ("mmap", "copy")
+# Decode streams every weight once a token and reads them faster from huge pages: the 7B-shaped
+# Q4_K_M decodes at 5.98 tok/s copied against 5.85 mapped (bench/generate.py), and in-process its
+# step takes 152-163 ms copied against 171-207 mapped (the page cache's 4 KB pages, wherever they
+# lie). The copy costs 2-3 s of loading for its 4.37 GB (up to 10 s when the kernel first
+# compacts memory for 2 MB pages) and the same resident size. See docs/kernels.md.
+DEFAULT_LOAD = "copy"
 DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types: type id -> NumPy scalar dtype; 7 is bool, 8 string, 9 array.
@@ -142,7 +148,7 @@ class GGUFFile:
     Metadata strings are `str`, numeric arrays 1-D NumPy arrays, string arrays `list[str]`.
     """
 
-    def __init__(self, path: str | os.PathLike, load: str = "mmap"):
+    def __init__(self, path: str | os.PathLike, load: str = DEFAULT_LOAD):
         if load not in LOADS:
             raise ValueError(f"unknown load {load!r} (choose from {', '.join(LOADS)})")
         self.path, self.load = Path(path), load
@@ -209,9 +215,9 @@ class GGUFFile:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {self.config})"
 
 
-def load_gguf(path: str | os.PathLike, load: str = "mmap") -> GGUFFile:
-    """Open a GGUF file: parse its header, check every tensor's type, size and shape, map its data
-    (load="mmap"), or read it into huge-page memory (load="copy")."""
+def load_gguf(path: str | os.PathLike, load: str = DEFAULT_LOAD) -> GGUFFile:
+    """Open a GGUF file: parse its header, check every tensor's type, size and shape, read its
+    data into huge-page memory (load="copy") or map it (load="mmap")."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such GGUF file: {path}")
     return GGUFFile(path, load)

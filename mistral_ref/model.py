@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QType
 import mistral_ref_kernels as kernels
 from mistral_ref.errors import ContextLengthError, InputError, UnsupportedTensorTypeError
 from mistral_ref.checkpoint import Checkpoint, load_checkpoint, pairs_from_halves
-from mistral_ref.gguf import Config, GGUFFile, load_gguf
+from mistral_ref.gguf import DEFAULT_LOAD, Config, GGUFFile, load_gguf
 from mistral_ref.isq import in_situ_quantize
 
 PREFILL_CHUNK = 256  # tokens per prefill step: bounds activations and attention scratch
@@ -123,16 +123,16 @@ class Model:
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, device: str = "cpu", activations: str = "f32",
-                  load: str = "mmap", isq: str | Callable[[str], str | None] | None = None,
+                  load: str = DEFAULT_LOAD, isq: str | Callable[[str], str | None] | None = None,
                                       importance: Mapping[str, np.ndarray] | None = None) -> Model:
         """Load a model; the weights stay quantized (or with `isq`, an ISQ type such as "Q4K", its
         linear weights are requantized while loading: mistral_ref.isq).
 
         device: "cpu", "cuda" or "reference" (the NumPy kernels that read like the spec: slow,
         for checking); activations: "f32" (exact) or "q8" (llama.cpp's numerics; not on cuda);
-        load: "mmap" (the CPU reads the weights in the file's memory map: instant, shared with
-        the page cache) or "copy" (read into anonymous memory on huge pages first, as llama.cpp's
-        --no-mmap; see mistral_ref.memory and docs/kernels.md for what each costs); importance:
+        load: "copy" (read into anonymous memory on huge pages first, as llama.cpp's --no-mmap:
+        decode reads them faster) or "mmap" (the CPU reads the weights in the file's memory map:
+        instant, shared with the page cache); see mistral_ref.gguf.DEFAULT_LOAD; importance:
         an importance matrix ISQ weighs its Q4K / Q5K errors by (mistral_ref.imatrix)."""
         source = load_gguf(path, load)
         return cls(in_situ_quantize(source, isq, importance=importance) if isq else source, device, activations)

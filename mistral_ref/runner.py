@@ -26,6 +26,7 @@ from mistral_ref.api_types import (ChatCompletionChunkResponse, ChatCompletionRe
 from mistral_ref.agentic import ToolCallback, ToolRounds, search_callback_tool
 from mistral_ref.chat_template import apply_chat_template, load_chat_template, message_dicts
 from mistral_ref.errors import InvalidRequestError, ModelSourceError
+from mistral_ref.gguf import DEFAULT_LOAD
 from mistral_ref.imatrix import CalibrationStatus, ImportanceRecorder, collect_importance, load_importance
 from mistral_ref.imatrix import save_cimatrix as save_cimatrix_file
 from mistral_ref.input_files import with_input_files
@@ -70,7 +71,7 @@ class Runner:
     paged_attn=True, F8E4M3 caches, enable_search without a search_callback, MCP, code execution
     and shell configs. Keyword-only extensions: device ("cpu", "cuda", "reference"),
     activations ("q8", the cpu default: llama.cpp's and mistral.rs's numerics; "f32": exact),
-    load ("mmap" or "copy", GGUF files: mistral_ref.gguf).
+    load ("copy", the default, or "mmap"; GGUF files: mistral_ref.gguf.DEFAULT_LOAD).
     """
 
     def __init__(self, which: Any, max_seqs: int = 32, no_kv_cache: bool = False,
@@ -87,7 +88,7 @@ class Runner:
                  mcp_client_config: Any = None, code_execution_config: Any = None,
                  shell_config: Any = None, *, pa_gpu_mem: int | None = None,
                  pa_gpu_mem_usage: float | None = None, pa_ctxt_len: int | None = None,
-                 device: str = "cpu", activations: str | None = None, load: str = "mmap"):
+                 device: str = "cpu", activations: str | None = None, load: str = DEFAULT_LOAD):
         _check_options(dict(locals()))
         files = resolve_which(which)
         activations = activations or ("q8" if device == "cpu" else "f32")

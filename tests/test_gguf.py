@@ -54,7 +54,17 @@ def test_copy_load_matches_gguf_py_on_huge_pages(default_model):
     assert not any(ours._map.ctypes.data <= a < ours._map.ctypes.data + ours._map.size for a in starts)
     tokens = [1, 22, 333, 4444]
     assert np.array_equal(Model.from_gguf(default_model, load="copy").logits(tokens),
-                          Model.from_gguf(default_model).logits(tokens))
+                          Model.from_gguf(default_model, load="mmap").logits(tokens))
+
+
+def test_mmap_load_is_views_of_the_file_map(default_model):
+    """load="mmap": every tensor is a read-only view inside the file's map, its bytes gguf-py's."""
+    ours, theirs = load_gguf(default_model, load="mmap"), gguf.GGUFReader(default_model)
+    start, size = ours._map.ctypes.data, ours._map.size
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name].data
+        assert not mine.flags.writeable and start <= mine.ctypes.data < start + size
+        assert np.array_equal(mine, t.data.reshape(-1).view(np.uint8))
 
 
 def test_unknown_load_is_refused(default_model):
