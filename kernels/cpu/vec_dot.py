@@ -12,7 +12,7 @@ for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float
 
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
 IR (8 x 16 or 8 x 8 for prefill, 8 x 2-8 for a batch of decode steps, 8 x 1 in decode; Q6_K's
-decode 1 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
+decode 4 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
 of memory. In its row-major tiles (Q6_K; Q8_0 without VNNI) per block it loads and unpacks
 each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
 byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
@@ -605,17 +605,16 @@ NO_ROWS.flags.writeable = False
 
 # Decode: 8 rows across the lanes for the formats in ROWS_DOT (the 1B shape's decode step: 47.3 ->
 # 41.3 ms for Q4_K; the 32-weight formats gained as much only once decode read in bands: Q4_0
-# 14336 x 4096 from memory 19.8 -> 27.8 GB/s); else row-major: 4 rows a tile for Q8_0 without
-# VNNI, whose integer sums are then reduced together (a horizontal sum per block otherwise), one
-# for Q6_K, which reduces once per 256 weights and streams faster alone (Q6_K 14336 x 4096 from
-# memory: 11 GB/s with 4 rows, 18 with 1).
-ROWS_PER_STEP = {QK: 4, QK_K: 1}
+# 14336 x 4096 from memory 19.8 -> 27.8 GB/s); row-major tiles of 4 rows for the others (Q6_K,
+# Q8_0 without VNNI), whose integer sums are then reduced together. Q6_K 14336 x 4096 from memory
+# in bands, prefetched block by block: 24.0 GB/s with 1 row a tile, 32.6 with 4 (before either,
+# 4 rows had measured 11 against 1's 18).
+ROW_MAJOR_DECODE_ROWS = 4
 
 
 def decode_rows(qtype: QType) -> int:
     """Rows a tile of the one-column kernel runs, for format `qtype`."""
-    block_size = FORMATS[qtype].block_size
-    return EIGHT if qtype in ROWS_DOT else ROWS_PER_STEP[block_size]
+    return EIGHT if qtype in ROWS_DOT else ROW_MAJOR_DECODE_ROWS
 
 
 # Decode reads a matrix in bands of BAND_SPACING tiles: a tile takes rows r, r + BAND_SPACING, ...,
