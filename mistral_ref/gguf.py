@@ -35,10 +35,10 @@ QK_NORM = ("qwen3",)  # an RMSNorm over each head's q and k before RoPE
 # no_rope_layer_interval): layer i rotates when (i + 1) % 4 != 0.
 NO_ROPE_INTERVAL = {"smollm3": 4}
 LOADS = ("mmap", "copy")
-# Decode streams every weight once a token and reads them faster from huge pages: the 7B-shaped
-# Q4_K_M decodes at 5.98 tok/s copied against 5.85 mapped (bench/generate.py), and in-process its
-# step takes 152-163 ms copied against 171-207 mapped (the page cache's 4 KB pages, wherever they
-# lie). The copy costs 2-3 s of loading for its 4.37 GB (up to 10 s when the kernel first
+# Decode streams every weight once a token and, reading in bands (kernels.cpu.vec_dot), reads
+# them faster from huge pages: the 7B-shaped Q4_K_M decoded at 5.98 tok/s copied against 5.85
+# mapped (bench/generate.py), and in-process its step took 152-163 ms copied against 171-207
+# mapped (the page cache's 4 KB pages, wherever they lie). The copy costs 2-3 s of loading for its 4.37 GB (up to 10 s when the kernel first
 # compacts memory for 2 MB pages) and the same resident size. See docs/kernels.md.
 DEFAULT_LOAD = "copy"
 DEFAULT_ALIGNMENT = 32

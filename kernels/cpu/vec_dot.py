@@ -13,7 +13,8 @@ for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
 IR (8 x 16 or 8 x 8 for prefill, 8 x 2-8 for a batch of decode steps, 8 x 1 in decode; Q6_K's
 decode 4 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
-of memory. In its row-major tiles (Q6_K; Q8_0 without VNNI) per block it loads and unpacks
+of memory. In its row-major tiles (Q6_K, Q8_0 without VNNI, a matrix's rows past its last whole
+tile) per block it loads and unpacks
 each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
 byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
 |w| with x taking w's sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
