@@ -14,7 +14,7 @@ computes the same values.
 Conventions: `builder` is an llvmlite IRBuilder; byte vectors are <n x i8>; no bounds checks
 (callers index whole blocks inside tensors whose size the dispatch checked).
 
-`prefetch_row` is here too, the one memory hint the matvec kernels give.
+The memory hints are here too: `prefetch_address` (one cache line, from IR) and `prefetch_row`.
 """
 import numba
 import numpy as np

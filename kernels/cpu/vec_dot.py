@@ -258,7 +258,7 @@ def _row_major_codegen(fmt, n_rows, n_columns):
         row_pointers = [lanes.byte_pointer(context, builder, signature.args[1], args[1], row) for row in rows]
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         acc = cgutils.alloca_once_value(builder, ir.Constant(lanes_type, None))
-        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt)
+        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt, n_columns)
 
         def per_row_vector(values):  # <lanes> with lane (i, j) = values[i]
             vector = ir.Constant(ir.VectorType(lanes.F32, n_rows), None)
@@ -268,8 +268,7 @@ def _row_major_codegen(fmt, n_rows, n_columns):
 
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            if n_columns == 1:
-                prefetch(b)
+            prefetch(b)
             columns = _Columns(builder, n_columns, *at_block(b), fmt.block_size)
             terms = [emit(builder, builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))]),
                           columns) for row in row_pointers]
@@ -468,11 +467,10 @@ def _eight_rows_codegen(fmt, n_columns):
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         row_vector = ir.VectorType(lanes.F32, EIGHT)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(row_vector, None)) for _ in range(n_columns)]
-        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt)
+        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt, n_columns)
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            if n_columns == 1:
-                prefetch(b)
+            prefetch(b)
             xq, xd, xs, xsum = at_block(b)
             block = emit(builder, [builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
                                    for row in blocks0])
@@ -526,11 +524,15 @@ def _tile_rows(builder, r, spacing, n_rows):
     return [builder.add(r, builder.mul(builder.sext(spacing, r.type), ir.Constant(r.type, i))) for i in range(n_rows)]
 
 
-def _next_tile_prefetch(context, builder, signature, args, rows, fmt):
+def _next_tile_prefetch(context, builder, signature, args, rows, fmt, n_columns):
     """prefetch(b) hints block b of the next tile's rows: one tile ahead, a block at a time, as
     decode streams its rows (a burst of whole rows at the start of a tile hid less of the memory
     latency: the 7B shape's decode step 236 -> 207-212 ms). The next tile's rows are each one row
-    further when the rows are spaced (matvec's bands), else the ones after these."""
+    further when the rows are spaced (matvec's bands), else the ones after these. Only for one
+    column: tiles of several read rows that matmul_tiles' prefetch_unit asked for already (and
+    are then read again from the caches), so for them prefetch(b) emits nothing."""
+    if n_columns != 1:
+        return lambda b: None
     spacing, r_ = args[11], args[2]
     one = ir.Constant(spacing.type, 1)
     ahead = builder.select(builder.icmp_signed("==", spacing, one), ir.Constant(r_.type, len(rows)),
