@@ -32,6 +32,9 @@ AVX2 = "+avx2" in _FEATURES
 # Byte and word dot products that accumulate in one instruction (vpdpbusd, vpdpwssd on 256-bit
 # lanes): AVX-512 VNNI with VL (Zen 4, Sapphire Rapids) or AVX-VNNI.
 VNNI = ("+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES) or "+avxvnni" in _FEATURES
+# The same on 512-bit lanes (AVX-512 VNNI; without it `dot_bytes` / `dot_words` on 16 lanes run
+# as two 8-lane halves).
+VNNI_512 = "+avx512vnni" in _FEATURES and "+avx512bw" in _FEATURES
 
 
 def bytes_at(context, builder, array_type, array, at, n):
@@ -61,6 +64,14 @@ def concat(builder, a, b):
     """<2n x T>: the lanes of a, then the lanes of b (both <n x T>)."""
     n = a.type.count
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n))))
+
+
+def joined(builder, vectors):
+    """The lanes of all `vectors` (a power-of-2 count of <n x T>) one after another, concatenated
+    in pairs."""
+    while len(vectors) > 1:
+        vectors = [concat(builder, a, b) for a, b in zip(vectors[0::2], vectors[1::2])]
+    return vectors[0]
 
 
 def reduce_add(builder, vector):
@@ -239,26 +250,46 @@ def madd(builder, a, b, native=AVX2):
 
 
 def _dwords(builder, vector):
-    """A 256-bit vector as <8 x i32>, the VNNI instructions' operand type."""
-    return builder.bitcast(vector, ir.VectorType(I32, 8))
+    """A vector as 32-bit lanes, the VNNI instructions' operand type."""
+    return builder.bitcast(vector, ir.VectorType(I32, vector.type.count * vector.type.element.width // 32))
+
+
+def _halves(builder, vector):
+    n = vector.type.count // 2
+    return pick(builder, vector, list(range(n))), pick(builder, vector, list(range(n, 2 * n)))
+
+
+def _vnni(builder, name, acc, a, b, native, eight_lanes):
+    """acc + VNNI instruction `name` (vpdpbusd, vpdpwssd) of a and b, on 8 or 16 int32 lanes:
+    16 lanes in one 512-bit instruction where the target has it, else as two 8-lane halves."""
+    if acc.type.count == 16 and native and VNNI_512:
+        return call(builder, f"llvm.x86.avx512.{name}.512", acc.type, acc, _dwords(builder, a), _dwords(builder, b))
+    if acc.type.count == 16:
+        return concat(builder, *(eight_lanes(*halves) for halves in zip(*(_halves(builder, v) for v in (acc, a, b)))))
+    return eight_lanes(acc, a, b)
 
 
 def dot_bytes(builder, acc, unsigned, signed, native=VNNI):
-    """<8 x i32>: acc[k] + the sum of unsigned[4k + i] * signed[4k + i], i < 4, for two <32 x i8>,
-    the first read as unsigned (vpdpbusd; exact). Without VNNI, maddubs then madd by ones, equal
-    where maddubs does not saturate: callers without VNNI keep unsigned * signed pairs under 2^15."""
-    if native:
-        return call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, _dwords(builder, unsigned),
-                    _dwords(builder, signed))
-    return builder.add(acc, madd(builder, maddubs(builder, unsigned, signed), constant(16, 1, I16)))
+    """<n x i32> (n 8 or 16): acc[k] + the sum of unsigned[4k + i] * signed[4k + i], i < 4, for
+    two <4n x i8>, the first read as unsigned (vpdpbusd; exact). Without VNNI, maddubs then madd
+    by ones, equal where maddubs does not saturate: callers without VNNI keep unsigned * signed
+    pairs under 2^15."""
+    def eight_lanes(acc, unsigned, signed):
+        if native:
+            return call(builder, "llvm.x86.avx512.vpdpbusd.256", acc.type, acc, _dwords(builder, unsigned),
+                        _dwords(builder, signed))
+        return builder.add(acc, madd(builder, maddubs(builder, unsigned, signed), constant(16, 1, I16)))
+    return _vnni(builder, "vpdpbusd", acc, unsigned, signed, native, eight_lanes)
 
 
 def dot_words(builder, acc, a, b, native=VNNI):
-    """<8 x i32>: acc + madd(a, b) for two <16 x i16> (vpdpwssd; exact)."""
-    if native:
-        return call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.type, acc, _dwords(builder, a),
-                    _dwords(builder, b))
-    return builder.add(acc, madd(builder, a, b))
+    """<n x i32> (n 8 or 16): acc + madd(a, b) for two <2n x i16> (vpdpwssd; exact)."""
+    def eight_lanes(acc, a, b):
+        if native:
+            return call(builder, "llvm.x86.avx512.vpdpwssd.256", acc.type, acc, _dwords(builder, a),
+                        _dwords(builder, b))
+        return builder.add(acc, madd(builder, a, b))
+    return _vnni(builder, "vpdpwssd", acc, a, b, native, eight_lanes)
 
 
 def sign_of(builder, x, w, native=AVX2):

@@ -11,20 +11,21 @@ same float operations whatever T is, so column t of a prefill equals the decode 
 for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float kernels.
 
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
-IR (8 x 16 or 8 x 8 for prefill, 8 x 2-8 for a batch of decode steps, 8 x 1 in decode; Q6_K's
-decode 4 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
+IR (TILE_ROWS = 16 rows with AVX-512 VNNI, else 8, x 16 or 8 columns for prefill, x 2-8 for a
+batch of decode steps; 8 x 1 in decode, Q6_K's decode 4 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
 of memory. In its row-major tiles (Q6_K, Q8_0 without VNNI, a matrix's rows past its last whole
 tile) per block it loads and unpacks
 each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
 byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
 |w| with x taking w's sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
 the whole tile's int32 lanes together and folds them into one float32 accumulator per (row,
-column) with one FMA by d_w * d_x. Tiles of 8 rows of the other formats put the rows across the
-lanes instead (`ROWS_DOT`): each row's block sum ends in its own lane, with no reduction, and
+column) with one FMA by d_w * d_x. Tiles of 8 or 16 rows of the other formats put the rows across
+the lanes instead (`ROWS_DOT`): each row's block sum ends in its own lane, with no reduction, and
 the same float steps follow. The float arithmetic is emitted with no fast-math flags, so
 LLVM cannot reorder or fuse it differently for one tile shape than for another. See
 docs/kernels-q8.md.
 """
+import functools
 from typing import Any, NamedTuple
 
 import numba
@@ -258,7 +259,7 @@ def _row_major_codegen(fmt, n_rows, n_columns):
         row_pointers = [lanes.byte_pointer(context, builder, signature.args[1], args[1], row) for row in rows]
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         acc = cgutils.alloca_once_value(builder, ir.Constant(lanes_type, None))
-        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt, n_columns)
+        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt)
 
         def per_row_vector(values):  # <lanes> with lane (i, j) = values[i]
             vector = ir.Constant(ir.VectorType(lanes.F32, n_rows), None)
@@ -315,21 +316,27 @@ _LOW_64, _HIGH_64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
 _LOW_128, _HIGH_128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
 
 
+def _in_each_half(mask, n):
+    """An 8-lane shuffle mask of two vectors applied to each 256-bit half of two <n x i32>."""
+    return [8 * h + i if i < 8 else n + 8 * h + i - 8 for h in range(n // 8) for i in mask]
+
+
 def _transposed(builder, blocks, at, n_dwords):
-    """[<8 x i32>] * n_dwords: vector k has lane r = dword k of the n_dwords at byte `at` of
-    blocks[r] (i8* to 8 rows' blocks). 4 and 8 dwords as the unpack ladder of an 8 x 8 transpose
-    (3 shuffles a vector; LLVM's own lowering of one wide shuffle cost ~20% of a Q4_K matvec)."""
-    shuffle = lambda a, b, mask: builder.shuffle_vector(a, b, ir.Constant(I32X8, mask))  # noqa: E731
-    if n_dwords == 8:
-        rows = [lanes.load(builder, block, at, I32, 8) for block in blocks]
-    elif n_dwords == 4:  # rows r and r + 4 side by side: the same ladder from its second step
-        rows = [lanes.concat(builder, lanes.load(builder, blocks[r], at, I32, 4),
-                             lanes.load(builder, blocks[r + 4], at, I32, 4)) for r in range(4)]
+    """[<n x i32>] * n_dwords: vector k has lane r = dword k of the n_dwords at byte `at` of
+    blocks[r] (i8* to n = 8 or 16 rows' blocks). 4 and 8 dwords as the unpack ladder of an 8 x 8
+    transpose (3 shuffles a vector; LLVM's own lowering of one wide shuffle cost ~20% of a Q4_K
+    matvec), 16 rows as two such ladders side by side in the 256-bit halves of 512-bit lanes."""
+    n = len(blocks)
+    shuffle = lambda a, b, mask: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, n), _in_each_half(mask, n)))  # noqa: E731
+    if n_dwords == 8:  # rows r and r + 8 in one vector's halves
+        rows = [lanes.joined(builder, [lanes.load(builder, block, at, I32, 8) for block in blocks[r::8]])
+                for r in range(8)]
+    elif n_dwords == 4:  # rows r, r + 4 (and r + 8, r + 12) side by side: the same ladder from its second step
+        rows = [lanes.joined(builder, [lanes.load(builder, block, at, I32, 4) for block in blocks[r::4]])
+                for r in range(4)]
     else:
-        rows = [lanes.load(builder, block, at, I32, n_dwords) for block in blocks]
-        while len(rows) > 1:
-            rows = [lanes.concat(builder, a, b) for a, b in zip(rows[0::2], rows[1::2])]
-        return [lanes.pick(builder, rows[0], [r * n_dwords + k for r in range(8)]) for k in range(n_dwords)]
+        row_major = lanes.joined(builder, [lanes.load(builder, block, at, I32, n_dwords) for block in blocks])
+        return [lanes.pick(builder, row_major, [r * n_dwords + k for r in range(n)]) for k in range(n_dwords)]
     pairs = [shuffle(a, b, mask) for a, b in zip(rows[0::2], rows[1::2]) for mask in (_LOW_32, _HIGH_32)]
     quads = [shuffle(pairs[i], pairs[i + 2], mask) for first in range(0, len(pairs), 4)
              for i in (first, first + 1) for mask in (_LOW_64, _HIGH_64)]
@@ -339,75 +346,80 @@ def _transposed(builder, blocks, at, n_dwords):
 
 
 def _per_row(builder, blocks, at):
-    """<8 x float>: the fp16 at byte `at` of each of 8 rows' blocks, row r in lane r."""
-    vector = ir.Constant(ir.VectorType(lanes.F32, 8), None)
+    """<n x float>: the fp16 at byte `at` of each of n rows' blocks, row r in lane r."""
+    vector = ir.Constant(ir.VectorType(lanes.F32, len(blocks)), None)
     for r, block in enumerate(blocks):
         vector = builder.insert_element(vector, lanes.half(builder, block, at), ir.Constant(I32, r))
     return vector
 
 
-EIGHT = 8  # rows of a transposed tile (lanes of a <8 x i32>)
+EIGHT = 8  # rows of the one-column tiles across the lanes (of a <8 x i32>)
+# Rows of the tiles of several columns: 16 rows across 512-bit lanes where the target has AVX-512
+# VNNI (each vpdpbusd then adds 4 products to 16 rows, and each shuffle of the transposes moves
+# 16 rows' weights; see docs/kernels-q8.md), else 8.
+TILE_ROWS = 16 if lanes.VNNI_512 else EIGHT
 
 
-class EightRows(NamedTuple):
-    """A block of 8 rows as the transposed tile multiplies it, lane r of every vector row r's. The
-    integer sum is sum over groups of scale * sum(w . x[at..at + 3]) (scale None: 1) - offset *
-    sum(x); it adds float(sum) * (d * d_x) to the accumulator, then m * s_x (Q4_1, Q5_1), then
-    float(bsum_dot) * (bsum_scale * d_x) (Q4_K, Q5_K: -dmin), bsum_dot the sum over bsum_pairs of
-    coefficients . Q8_K's bsums 2p, 2p + 1. (Q6_K stays row-major: its 16 group scales a row
-    made this layout slower, 287 -> 245 GOPS at T = 128.)"""
+class RowLanes(NamedTuple):
+    """A block of n rows (8 or 16) as the transposed tile multiplies it, lane r of every vector
+    row r's. The integer sum is sum over groups of scale * sum(w . x[at..at + 3]) (scale None: 1)
+    - offset * sum(x); it adds float(sum) * (d * d_x) to the accumulator, then m * s_x (Q4_1,
+    Q5_1), then float(bsum_dot) * (bsum_scale * d_x) (Q4_K, Q5_K: -dmin), bsum_dot the sum over
+    bsum_pairs of coefficients . Q8_K's bsums 2p, 2p + 1. (Q6_K stays row-major: its 16 group
+    scales a row made this layout slower, 287 -> 245 GOPS at T = 128.)"""
 
-    groups: list        # [([(<32 x i8> unsigned weights, at)], <8 x i32> scale or None)]
-    d: Any              # <8 x float>
+    groups: list        # [() -> ([(<4n x i8> unsigned weights, at)], <n x i32> scale or None)]
+    d: Any              # <n x float>
     offset: int = 0
-    m: Any = None       # <8 x float>
-    bsum_pairs: list = ()  # [(<16 x i16> coefficients, p)]
-    bsum_scale: Any = None  # <8 x float>
+    m: Any = None       # <n x float>
+    bsum_pairs: list = ()  # [(<2n x i16> coefficients, p)]
+    bsum_scale: Any = None  # <n x float>
 
 
 def _as_bytes(builder, vector):
-    return builder.bitcast(vector, ir.VectorType(I8, 32))
+    return builder.bitcast(vector, ir.VectorType(I8, 4 * vector.type.count))
 
 
 def _rows_legacy(layout, offset=0, affine=False):
-    """A legacy block of 8 rows: one group, weights lane r's 4 bytes multiplying activation bytes
+    """A legacy block of n rows: one group, weights lane r's 4 bytes multiplying activation bytes
     at..at + 3. Q8_0's signed bytes pass as w + 128 (offset 128), the 4-bit formats' nibbles as
     they are, Q5_0 / Q5_1's fifth bits from qh as 16 where set."""
     five_bit = "qh" in layout._fields
 
     def emit(builder, blocks):
+        n = len(blocks)
         d = _per_row(builder, blocks, layout.d)
         m = _per_row(builder, blocks, layout.m) if affine else None
         if layout is Q8_0:
-            flip = lanes.constant(32, 0x80)
+            flip = lanes.constant(4 * n, 0x80)
             weights = [(builder.xor(_as_bytes(builder, v), flip), 4 * k)
                        for k, v in enumerate(_transposed(builder, blocks, layout.qs, QK // 4))]
-            return EightRows([(weights, None)], d, 128)
+            return RowLanes([lambda: (weights, None)], d, 128)
         high = _as_bytes(builder, _transposed(builder, blocks, layout.qh, 1)[0]) if five_bit else None
         weights = []
         for k, packed in enumerate(_transposed(builder, blocks, layout.qs, QK // 8)):
             packed = _as_bytes(builder, packed)
-            for at, w in ((4 * k, builder.and_(packed, lanes.constant(32, 15))),  # low nibbles
-                          (16 + 4 * k, builder.lshr(packed, lanes.constant(32, 4)))):  # high ones
+            for at, w in ((4 * k, builder.and_(packed, lanes.constant(4 * n, 15))),  # low nibbles
+                          (16 + 4 * k, builder.lshr(packed, lanes.constant(4 * n, 4)))):  # high ones
                 if five_bit:  # byte i of lane r: bit at + i of row r's qh, as 16
-                    spread = lanes.pick(builder, high, [4 * r + at // 8 for r in range(8) for _ in range(4)])
-                    bits = ir.Constant(ir.VectorType(I8, 32), [1 << ((at + i) % 8) for _ in range(8) for i in range(4)])
-                    set_ = builder.icmp_unsigned("!=", builder.and_(spread, bits), lanes.constant(32, 0))
-                    w = builder.or_(w, builder.select(set_, lanes.constant(32, 16), lanes.constant(32, 0)))
+                    spread = lanes.pick(builder, high, [4 * r + at // 8 for r in range(n) for _ in range(4)])
+                    bits = ir.Constant(ir.VectorType(I8, 4 * n), [1 << ((at + i) % 8) for _ in range(n) for i in range(4)])
+                    set_ = builder.icmp_unsigned("!=", builder.and_(spread, bits), lanes.constant(4 * n, 0))
+                    w = builder.or_(w, builder.select(set_, lanes.constant(4 * n, 16), lanes.constant(4 * n, 0)))
                 weights.append((w, at))
-        return EightRows([(weights, None)], d, offset, m)
+        return RowLanes([lambda: (weights, None)], d, offset, m)
     return emit
 
 
 def _k_scales_mins_lanes(builder, blocks, at):
-    """([<8 x i32>] * 8, [<8 x i32>] * 8): group g's 6-bit scale and min of each of 8 rows' Q4_K /
+    """([<n x i32>] * 8, [<n x i32>] * 8): group g's 6-bit scale and min of each of n rows' Q4_K /
     Q5_K super-blocks (lanes.k_scales_mins' bit layout, read here lane-wise from the 12 packed
     bytes at byte `at` transposed as 3 dwords: shifts and masks, no shuffles per row)."""
     packed = _transposed(builder, blocks, at, 3)  # bytes 0-3, 4-7, 8-11 of each row
+    splat = lambda value: lanes.constant(len(blocks), value, I32)  # noqa: E731
 
     def bits(vector, shift, mask):
-        shifted = builder.lshr(vector, ir.Constant(I32X8, [shift] * 8)) if shift else vector
-        return builder.and_(shifted, ir.Constant(I32X8, [mask] * 8))
+        return builder.and_(builder.lshr(vector, splat(shift)) if shift else vector, splat(mask))
 
     def field(g, low, nibble):
         """Group g's 6 bits: groups 0-3 the low 6 bits of byte g of `low` (bytes 0-3 for scales,
@@ -415,37 +427,42 @@ def _k_scales_mins_lanes(builder, blocks, at):
         4-5 from the top 2 bits of byte g - 4 of `low`."""
         if g < 4:
             return bits(low, 8 * g, 63)
-        top = builder.shl(bits(low, 8 * (g - 4) + 6, 3), ir.Constant(I32X8, [4] * 8))
+        top = builder.shl(bits(low, 8 * (g - 4) + 6, 3), splat(4))
         return builder.or_(bits(packed[2], 8 * (g - 4) + nibble, 15), top)
     return [field(g, packed[0], 0) for g in range(8)], [field(g, packed[1], 4) for g in range(8)]
 
 
 def _rows_k_quant(layout):
-    """A Q4_K / Q5_K super-block of 8 rows: 8 groups of 32 weights, each with its 6-bit scale per
-    row; the mins multiply Q8_K's bsums (each pair 2p, 2p + 1 by group p's min)."""
+    """A Q4_K / Q5_K super-block of n rows: 8 groups of 32 weights, each with its 6-bit scale per
+    row; the mins multiply Q8_K's bsums (each pair 2p, 2p + 1 by group p's min). A group's
+    weights are emitted when the tile asks for them, so only one group's are live at a time."""
     five_bit = "qh" in layout._fields
 
     def emit(builder, blocks):
+        n = len(blocks)
         scales, mins = _k_scales_mins_lanes(builder, blocks, layout.scales)
-        high = ([_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qh, 8)]
-                if five_bit else None)
-        groups = []
-        for pair in range(4):  # groups 2 * pair (low nibbles) and 2 * pair + 1 (high) share 32 bytes
-            packed = [_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qs + 32 * pair, 8)]
-            for g in (2 * pair, 2 * pair + 1):
-                weights = []
-                for k, v in enumerate(packed):
-                    w = builder.and_(v, lanes.constant(32, 15)) if g % 2 == 0 else builder.lshr(v, lanes.constant(32, 4))
-                    if five_bit:  # bit g of qh byte l is weight l's fifth bit
-                        fifth = builder.and_(builder.lshr(high[k], lanes.constant(32, g)), lanes.constant(32, 1))
-                        w = builder.or_(w, builder.shl(fifth, lanes.constant(32, 4)))
-                    weights.append((w, 32 * g + 4 * k))
-                groups.append((weights, scales[g]))
-        sixteen = ir.Constant(I32X8, [16] * 8)  # each min in both int16 halves of its lane
-        pairs = [(builder.bitcast(builder.or_(m, builder.shl(m, sixteen)), ir.VectorType(I16, 16)), p)
+        high = []  # Q5_K's qh, transposed when the first group needs it
+        packed = {}  # each pair of groups' 32 bytes a row, transposed when the first of them needs them
+
+        def group(g):
+            pair = g // 2  # groups 2 * pair (low nibbles) and 2 * pair + 1 (high) share 32 bytes
+            if pair not in packed:
+                packed[pair] = [_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qs + 32 * pair, 8)]
+            if five_bit and not high:
+                high.extend(_as_bytes(builder, v) for v in _transposed(builder, blocks, layout.qh, 8))
+            weights = []
+            for k, v in enumerate(packed[pair]):
+                w = builder.and_(v, lanes.constant(4 * n, 15)) if g % 2 == 0 else builder.lshr(v, lanes.constant(4 * n, 4))
+                if five_bit:  # bit g of qh byte l is weight l's fifth bit
+                    fifth = builder.and_(builder.lshr(high[k], lanes.constant(4 * n, g)), lanes.constant(4 * n, 1))
+                    w = builder.or_(w, builder.shl(fifth, lanes.constant(4 * n, 4)))
+                weights.append((w, 32 * g + 4 * k))
+            return weights, scales[g]
+        sixteen = lanes.constant(n, 16, I32)  # each min in both int16 halves of its lane
+        pairs = [(builder.bitcast(builder.or_(m, builder.shl(m, sixteen)), ir.VectorType(I16, 2 * n)), p)
                  for p, m in enumerate(mins)]
-        return EightRows(groups, _per_row(builder, blocks, layout.d), bsum_pairs=pairs,
-                         bsum_scale=builder.fneg(_per_row(builder, blocks, layout.dmin)))
+        return RowLanes([functools.partial(group, g) for g in range(8)], _per_row(builder, blocks, layout.d),
+                        bsum_pairs=pairs, bsum_scale=builder.fneg(_per_row(builder, blocks, layout.dmin)))
     return emit
 
 
@@ -456,39 +473,47 @@ if lanes.VNNI:  # Q8_0's w + 128 (up to 255) would saturate vpmaddubsw's int16 p
     ROWS_DOT[QType.Q8_0] = _rows_legacy(Q8_0)
 
 
-def _eight_rows_codegen(fmt, n_columns):
-    """dot_tile's code for 8 rows x n_columns of a format in ROWS_DOT: one <8 x float>
-    accumulator per column, its lanes the rows."""
+def _rows_in_lanes_codegen(fmt, n_rows, n_columns):
+    """dot_tile's code for n_rows (8 or 16) x n_columns of a format in ROWS_DOT: one
+    <n_rows x float> accumulator per column, its lanes the rows."""
     emit = ROWS_DOT[fmt.qtype]
 
     def codegen(context, builder, signature, args):
-        rows = _tile_rows(builder, args[2], args[11], EIGHT)
+        rows = _tile_rows(builder, args[2], args[11], n_rows)
         blocks0 = [lanes.byte_pointer(context, builder, signature.args[1], args[1], row) for row in rows]
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
-        row_vector = ir.VectorType(lanes.F32, EIGHT)
+        row_vector = ir.VectorType(lanes.F32, n_rows)
+        no_sums = ir.Constant(ir.VectorType(I32, n_rows), None)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(row_vector, None)) for _ in range(n_columns)]
-        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt, n_columns)
+        prefetch = _next_tile_prefetch(context, builder, signature, args, rows, fmt)
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             prefetch(b)
             xq, xd, xs, xsum = at_block(b)
             block = emit(builder, [builder.gep(row, [builder.mul(b, ir.Constant(b.type, fmt.type_size))])
                                    for row in blocks0])
-            for j in range(n_columns):
-                column = lambda array, at, kind: lanes.splat(builder, lanes.load(builder, array, at, kind), 8)  # noqa: E731
-                sums = ZERO_SUMS
-                for weights, group_scale in block.groups:
-                    dots = ZERO_SUMS
+            column = lambda array, at, kind: lanes.splat(builder, lanes.load(builder, array, at, kind), n_rows)  # noqa: E731
+            # Group by group, every column: only one group's weights are live (column by column,
+            # LLVM kept all 64 vectors of a Q4_K super-block and reloaded them from the stack).
+            column_sums = [no_sums] * n_columns
+            for group in block.groups:
+                weights, group_scale = group()
+                for j in range(n_columns):
+                    dots = column_sums[j] if group_scale is None else no_sums
                     for w, at in weights:
-                        x = _as_bytes(builder, column(xq, j * fmt.block_size + at, I32))
+                        x = builder.bitcast(column(xq, j * fmt.block_size + at, I32), w.type)
                         dots = lanes.dot_bytes(builder, dots, w, x)
-                    sums = builder.add(sums, dots if group_scale is None else builder.mul(dots, group_scale))
+                    column_sums[j] = dots if group_scale is None else builder.add(
+                        column_sums[j], builder.mul(dots, group_scale))
+            for j in range(n_columns):
+                sums = column_sums[j]
                 if block.offset:
                     x_sum = builder.sext(lanes.load(builder, xsum, 2 * j, I16), I32)
-                    sums = builder.sub(sums, lanes.splat(builder, builder.mul(x_sum, ir.Constant(I32, block.offset)), 8))
-                bsum_dot = ZERO_SUMS
+                    sums = builder.sub(sums, lanes.splat(builder, builder.mul(x_sum, ir.Constant(I32, block.offset)),
+                                                         n_rows))
+                bsum_dot = no_sums
                 for coefficients, p in block.bsum_pairs:
-                    bsums = builder.bitcast(column(xsum, 32 * j + 4 * p, I32), ir.VectorType(I16, 16))
+                    bsums = builder.bitcast(column(xsum, 32 * j + 4 * p, I32), coefficients.type)
                     bsum_dot = lanes.dot_words(builder, bsum_dot, coefficients, bsums)
                 d_x = column(xd, 4 * j, lanes.F32)
                 acc = lanes.fma(builder, builder.sitofp(sums, row_vector), builder.fmul(block.d, d_x),
@@ -499,7 +524,7 @@ def _eight_rows_codegen(fmt, n_columns):
                     acc = lanes.fma(builder, builder.sitofp(bsum_dot, row_vector), builder.fmul(block.bsum_scale, d_x), acc)
                 builder.store(acc, accs[j])
         totals = [builder.load(acc) for acc in accs]
-        _store_outputs(context, builder, signature, args, EIGHT, n_columns,
+        _store_outputs(context, builder, signature, args, n_rows, n_columns,
                        lambda i, j: builder.extract_element(totals[j], ir.Constant(I32, i)))
         return context.get_dummy_value()
     return codegen
@@ -524,15 +549,13 @@ def _tile_rows(builder, r, spacing, n_rows):
     return [builder.add(r, builder.mul(builder.sext(spacing, r.type), ir.Constant(r.type, i))) for i in range(n_rows)]
 
 
-def _next_tile_prefetch(context, builder, signature, args, rows, fmt, n_columns):
+def _next_tile_prefetch(context, builder, signature, args, rows, fmt):
     """prefetch(b) hints block b of the next tile's rows: one tile ahead, a block at a time, as
     decode streams its rows (a burst of whole rows at the start of a tile hid less of the memory
-    latency: the 7B shape's decode step 236 -> 207-212 ms). The next tile's rows are each one row
-    further when the rows are spaced (matvec's bands), else the ones after these. Only for one
-    column: tiles of several read rows that matmul_tiles' prefetch_unit asked for already (and
-    are then read again from the caches), so for them prefetch(b) emits nothing."""
-    if n_columns != 1:
-        return lambda b: None
+    latency: the 7B shape's decode step 236 -> 207-212 ms; the 1B shape's batch of 8 decode steps
+    77 -> 66 ms). The next tile's rows are each one row further when the rows are spaced
+    (matvec's bands), else the ones after these. Tiles of several columns after a unit's first
+    read its rows from the caches; prefetching the next unit again is cheap next to their work."""
     spacing, r_ = args[11], args[2]
     one = ir.Constant(spacing.type, 1)
     ahead = builder.select(builder.icmp_signed("==", spacing, one), ir.Constant(r_.type, len(rows)),
@@ -577,8 +600,8 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out,
         return None
     fmt = FORMATS[QType(qtype.literal_value)]
     n_rows, n_columns = height.literal_value, width.literal_value
-    if n_rows == EIGHT and fmt.qtype in ROWS_DOT:
-        codegen = _eight_rows_codegen(fmt, n_columns)
+    if n_rows in (EIGHT, 2 * EIGHT) and fmt.qtype in ROWS_DOT:
+        codegen = _rows_in_lanes_codegen(fmt, n_rows, n_columns)
     else:  # row-major tiles of at most 8 lanes, one after another
         per_pass = min(n_rows, EIGHT // n_columns)
         passes = [(first, _row_major_codegen(fmt, per_pass, n_columns)) for first in range(0, n_rows, per_pass)]
@@ -597,7 +620,7 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out,
 # Matrices one kernel call takes (q, k and v): a smaller group is padded with empty ones, so each
 # format compiles one specialization, not one per group size (a tuple's length is part of its type).
 FUSED = 3
-EIGHTS_PER_TASK = 2  # 8-row units a task: their rows stay in L1/L2 while every column tile runs
+UNITS_PER_TASK = 16 // TILE_ROWS  # 16 rows a task: they stay in L1/L2 while every column tile runs
 # Columns per pass over a unit of rows, row-major tiles (measured: 4 -> 8 is 1.2-1.4x, 16 worse)
 # and rows across the lanes (8 -> 16: Q4_0 4096 x 4096, T = 128, 410 -> 459 GOPS; Q4_K 299 -> 325).
 COLUMN_TILE = {False: 8, True: 16}
@@ -649,15 +672,6 @@ def n_units(matrices, rows_per_unit):
 
 
 @numba.njit(cache=True)
-def prefetch_unit(matrices, i):
-    """Prefetch the rows of EIGHT-row unit i of `matrices`, when there is one."""
-    if i < n_units(matrices, EIGHT):
-        m, r = unit(matrices, EIGHT, i)
-        for k in range(EIGHT):
-            lanes.prefetch_row(matrices[m], EIGHT * r + k)
-
-
-@numba.njit(cache=True)
 def unit(matrices, rows_per_unit, i):
     """(matrix, its unit) of work unit i, the units counted matrix by matrix. A function of its
     own, not inlined (parfors reject an inlined body that reassigns the loop index) and no
@@ -673,11 +687,12 @@ def _matmul_q8_kernel(qtype: int):
     """The q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
     matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
     up) in one parallel loop: one fork and join per group instead of one per matrix, and the
-    rows of all of them split evenly between the threads. Several columns run COLUMN_TILE at a
-    time (8, or 16 for the formats whose rows go across the lanes), then 8, 4, 2, and one at a
-    time; one column (decode) runs `step` rows a tile, with
-    the next tile's rows prefetched, in a parallel loop of its own (inside the tiled kernel's loop
-    LLVM kept the wide tiles' pointers live and the one-column path ran from the stack). Every
+    rows of all of them split evenly between the threads. Several columns run TILE_ROWS rows
+    against COLUMN_TILE columns at a time (8, or 16 for the formats whose rows go across the
+    lanes), then 8, 4, 2, and one at a time; one column (decode) runs `step` rows a tile in
+    bands, in a parallel loop of its own (inside the tiled kernel's loop LLVM kept the wide
+    tiles' pointers live and the one-column path ran from the stack). Every tile prefetches the
+    next tile's rows block by block (_next_tile_prefetch). Every
     tile shape gives each (row, column) the same result (dot_tile). Each kernel quantizes x
     first, once for all its matrices: in the same compiled call, because a decode step makes ~120
     of these calls and a separate call (with its four arrays to box) cost ~5 us each."""
@@ -695,26 +710,30 @@ def _matmul_q8_kernel(qtype: int):
         half = tiled + (n_columns - tiled) // half_wide * half_wide
         quad = half + (n_columns - half) // 4 * 4
         pair = quad + (n_columns - quad) // 2 * 2
-        n_eights = n_units(matrices, EIGHT)
-        for task in prange((n_eights + EIGHTS_PER_TASK - 1) // EIGHTS_PER_TASK):
-            first, last = task * EIGHTS_PER_TASK, min(n_eights, (task + 1) * EIGHTS_PER_TASK)
+        n_tiles = n_units(matrices, TILE_ROWS)
+        for task in prange((n_tiles + UNITS_PER_TASK - 1) // UNITS_PER_TASK):
+            first, last = task * UNITS_PER_TASK, min(n_tiles, (task + 1) * UNITS_PER_TASK)
             for i in range(first, last):
-                m, r = unit(matrices, EIGHT, i)
-                r *= EIGHT
-                prefetch_unit(matrices, i + 1)  # the first pass streams the rows from memory
+                m, r = unit(matrices, TILE_ROWS, i)
+                r *= TILE_ROWS
                 for t in range(0, tiled, wide):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, wide, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, wide, outs[m], 1)
                 for t in range(tiled, half, half_wide):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, half_wide, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, half_wide, outs[m], 1)
                 for t in range(half, quad, 4):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 4, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 4, outs[m], 1)
                 for t in range(quad, pair, 2):
-                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 2, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 2, outs[m], 1)
                 for t in range(pair, n_columns):
-                    for k in range(0, EIGHT, step):
+                    for k in range(0, TILE_ROWS, step):
                         dot_tile(qtype, matrices[m], r + k, step, xq, xd, xs, xsum, t, 1, outs[m], 1)
-        for m in range(len(matrices)):  # the rows past each matrix's last whole unit
-            for r in range(matrices[m].shape[0] // EIGHT * EIGHT, matrices[m].shape[0]):
+        for m in range(len(matrices)):  # the rows past each matrix's last whole unit: 8, then 1 at a time
+            n_rows = matrices[m].shape[0]
+            eights = n_rows // EIGHT * EIGHT
+            for r in range(n_rows // TILE_ROWS * TILE_ROWS, eights, EIGHT):
+                for t in range(n_columns):
+                    dot_tile(qtype, matrices[m], r, EIGHT, xq, xd, xs, xsum, t, 1, outs[m], 1)
+            for r in range(eights, n_rows):
                 for t in range(n_columns):
                     dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, t, 1, outs[m], 1)
 
