@@ -352,6 +352,13 @@ def store_scaled(context, builder, array_type, out, at, weights, scale, bias):
                                           ir.VectorType(F32, n).as_pointer()), align=4)
 
 
+def memory_fence(builder):
+    """An empty inline asm that clobbers memory: no instruction, but LLVM moves no load or store
+    across it, so the code after it is scheduled after the loads before it (a compiler-only
+    barrier)."""
+    builder.asm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", [], side_effect=True)
+
+
 def prefetch_address(builder, pointer):
     """Emit a hint to load the cache line holding the i8* `pointer` (llvm.prefetch: read, keep in
     all cache levels); no fault on any address."""
