@@ -12,10 +12,10 @@ for bit. Types without a q8 path here (F32, F16, BF16, Q2_K, Q3_K) use the float
 
 The work is one intrinsic, `dot_tile`, that runs a few rows against a few columns in LLVM vector
 IR (TILE_ROWS = 16 rows with AVX-512 VNNI, else 8, x 16 or 8 columns for prefill, x 2-8 for a
-batch of decode steps; 8 x 1 in decode, Q6_K's decode 4 x 1); decode takes its rows in bands (`band_tile`), each of a tile's rows a long run
-of memory. In its row-major tiles (Q6_K, Q8_0 without VNNI, a matrix's rows past its last whole
-tile) per block it loads and unpacks
-each row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
+batch of decode steps; 8 x 1 in decode, Q6_K's decode 4 x 1); decode takes its rows in bands
+(`band_tile`), each of a tile's rows a long run of memory. In its row-major tiles (Q6_K's decode,
+Q8_0 without VNNI, a matrix's rows past its last whole tile) per block it loads and unpacks each
+row's weights once (kernels.cpu.lanes), multiplies them with each column's int8 block in
 byte lanes (`vpmaddubsw`, unsigned by signed, pairs into int16; Q8_0's signed weights pass as
 |w| with x taking w's sign), scales pairs into int32 lanes (`vpmaddwd`, by 1 or by the k-quant group scales), reduces
 the whole tile's int32 lanes together and folds them into one float32 accumulator per (row,
@@ -363,10 +363,9 @@ TILE_ROWS = 16 if lanes.VNNI_512 else EIGHT
 class RowLanes(NamedTuple):
     """A block of n rows (8 or 16) as the transposed tile multiplies it, lane r of every vector
     row r's. The integer sum is sum over groups of scale * sum(w . x[at..at + 3]) (scale None: 1)
-    - offset * sum(x); it adds float(sum) * (d * d_x) to the accumulator, then m * s_x (Q4_1,
-    Q5_1), then float(bsum_dot) * (bsum_scale * d_x) (Q4_K, Q5_K: -dmin), bsum_dot the sum over
-    bsum_pairs of coefficients . Q8_K's bsums 2p, 2p + 1. (Q6_K stays row-major: its 16 group
-    scales a row made this layout slower, 287 -> 245 GOPS at T = 128.)"""
+    - offset * sum(x) (- bsum_dot << bsum_shift, Q6_K's - 32); it adds float(sum) * (d * d_x) to
+    the accumulator, then m * s_x (Q4_1, Q5_1), then float(bsum_dot) * (bsum_scale * d_x) (Q4_K,
+    Q5_K: -dmin), bsum_dot the sum over bsum_pairs of coefficients . Q8_K's bsums 2p, 2p + 1."""
 
     groups: list        # [() -> ([(<4n x i8> unsigned weights, at)], <n x i32> scale or None)]
     d: Any              # <n x float>
@@ -374,6 +373,7 @@ class RowLanes(NamedTuple):
     m: Any = None       # <n x float>
     bsum_pairs: list = ()  # [(<2n x i16> coefficients, p)]
     bsum_scale: Any = None  # <n x float>
+    bsum_shift: int | None = None  # the bsum term in the integer sum instead
 
 
 def _as_bytes(builder, vector):
@@ -466,9 +466,40 @@ def _rows_k_quant(layout):
     return emit
 
 
+def _rows_q6_k(builder, blocks):
+    """A Q6_K super-block of n rows: 16 groups of 16 weights q - 32 (q: a nibble of ql, 2 bits of
+    qh; lanes.q6_k_half's layout, as _q6_k reads it), an int8 scale each per row; the - 32 goes
+    through Q8_K's bsums into the integer sum, as in the row-major tile, so the results are the
+    same bits."""
+    n = len(blocks)
+    scale_bytes = _transposed(builder, blocks, Q6_K.scales, 4)  # group g's: byte g % 4 of vector g // 4
+    scales = [builder.ashr(builder.shl(scale_bytes[g // 4], lanes.constant(n, 24 - 8 * (g % 4), I32)),
+                           lanes.constant(n, 24, I32)) for g in range(16)]
+    chunks = {}  # 32 bytes a row at byte `at`, transposed when a group first needs them
+
+    def chunk(at):
+        if at not in chunks:
+            chunks[at] = [_as_bytes(builder, v) for v in _transposed(builder, blocks, at, 8)]
+        return chunks[at]
+
+    def group(g):
+        h, c = divmod(g // 2, 4)  # 32 weights: groups 2u and 2u + 1, quarter c of half h
+        low, high = chunk(Q6_K.ql + 64 * h + 32 * (c % 2)), chunk(Q6_K.qh + 32 * h)
+        dwords = range(4 * (g % 2), 4 * (g % 2) + 4)
+        return [(lanes.fields(builder, low[k], ir.Constant(I8, 4 * (c // 2)), ir.Constant(I8, 15), high[k],
+                              ir.Constant(I8, 2 * c), ir.Constant(I8, 3), 4), 16 * g + 4 * (k % 4))
+                for k in dwords], scales[g]
+    sixteen = lanes.constant(n, 16, I32)  # scales 2p and 2p + 1 in the int16 halves of a lane
+    pairs = [(builder.bitcast(builder.or_(builder.and_(scales[2 * p], lanes.constant(n, 0xFFFF, I32)),
+                                          builder.shl(scales[2 * p + 1], sixteen)), ir.VectorType(I16, 2 * n)), p)
+             for p in range(8)]
+    return RowLanes([functools.partial(group, g) for g in range(16)], _per_row(builder, blocks, Q6_K.d),
+                    bsum_pairs=pairs, bsum_shift=5)
+
+
 ROWS_DOT = {QType.Q4_0: _rows_legacy(Q4_0, offset=8), QType.Q4_1: _rows_legacy(Q4_1, affine=True),
             QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True),
-            QType.Q4_K: _rows_k_quant(Q4_K), QType.Q5_K: _rows_k_quant(Q5_K)}
+            QType.Q4_K: _rows_k_quant(Q4_K), QType.Q5_K: _rows_k_quant(Q5_K), QType.Q6_K: _rows_q6_k}
 if lanes.VNNI:  # Q8_0's w + 128 (up to 255) would saturate vpmaddubsw's int16 pairs without it
     ROWS_DOT[QType.Q8_0] = _rows_legacy(Q8_0)
 
@@ -519,12 +550,14 @@ def _rows_in_lanes_codegen(fmt, n_rows, n_columns):
                 for coefficients, p in block.bsum_pairs:
                     bsums = builder.bitcast(column(xsum, 32 * j + 4 * p, I32), coefficients.type)
                     bsum_dot = lanes.dot_words(builder, bsum_dot, coefficients, bsums)
+                if block.bsum_shift is not None:
+                    sums = builder.sub(sums, builder.shl(bsum_dot, lanes.constant(n_rows, block.bsum_shift, I32)))
                 d_x = column(xd, 4 * j, lanes.F32)
                 acc = lanes.fma(builder, builder.sitofp(sums, row_vector), builder.fmul(block.d, d_x),
                                 builder.load(accs[j]))
                 if block.m is not None:
                     acc = lanes.fma(builder, block.m, column(xs, 4 * j, lanes.F32), acc)
-                if block.bsum_pairs:
+                if block.bsum_scale is not None:
                     acc = lanes.fma(builder, builder.sitofp(bsum_dot, row_vector), builder.fmul(block.bsum_scale, d_x), acc)
                 builder.store(acc, accs[j])
         totals = [builder.load(acc) for acc in accs]
@@ -635,16 +668,16 @@ NO_ROWS.flags.writeable = False
 
 # Decode: 8 rows across the lanes for the formats in ROWS_DOT (the 1B shape's decode step: 47.3 ->
 # 41.3 ms for Q4_K; the 32-weight formats gained as much only once decode read in bands: Q4_0
-# 14336 x 4096 from memory 19.8 -> 27.8 GB/s); row-major tiles of 4 rows for the others (Q6_K,
-# Q8_0 without VNNI), whose integer sums are then reduced together. Q6_K 14336 x 4096 from memory
-# in bands, prefetched block by block: 24.0 GB/s with 1 row a tile, 32.6 with 4 (before either,
-# 4 rows had measured 11 against 1's 18).
+# 14336 x 4096 from memory 19.8 -> 27.8 GB/s) but Q6_K; row-major tiles of 4 rows for the others
+# (Q6_K, Q8_0 without VNNI), whose integer sums are then reduced together. Q6_K 14336 x 4096 from
+# memory in bands, prefetched block by block: 24.0 GB/s with 1 row a tile, 32.6 with 4 (before
+# either, 4 rows had measured 11 against 1's 18), 30.7 with 8 rows across the lanes.
 ROW_MAJOR_DECODE_ROWS = 4
 
 
 def decode_rows(qtype: QType) -> int:
     """Rows a tile of the one-column kernel runs, for format `qtype`."""
-    return EIGHT if qtype in ROWS_DOT else ROW_MAJOR_DECODE_ROWS
+    return EIGHT if qtype in ROWS_DOT and qtype != QType.Q6_K else ROW_MAJOR_DECODE_ROWS
 
 
 # Decode reads a matrix in bands of BAND_SPACING tiles: a tile takes rows r, r + BAND_SPACING, ...,
