@@ -499,7 +499,9 @@ def _rows_q6_k(builder, blocks):
 
 ROWS_DOT = {QType.Q4_0: _rows_legacy(Q4_0, offset=8), QType.Q4_1: _rows_legacy(Q4_1, affine=True),
             QType.Q5_0: _rows_legacy(Q5_0, offset=16), QType.Q5_1: _rows_legacy(Q5_1, affine=True),
-            QType.Q4_K: _rows_k_quant(Q4_K), QType.Q5_K: _rows_k_quant(Q5_K), QType.Q6_K: _rows_q6_k}
+            QType.Q4_K: _rows_k_quant(Q4_K), QType.Q5_K: _rows_k_quant(Q5_K)}
+if TILE_ROWS == 16:  # on 8 lanes Q6_K's 16 group scales a row made this layout slower (287 -> 245 GOPS, T = 128)
+    ROWS_DOT[QType.Q6_K] = _rows_q6_k
 if lanes.VNNI:  # Q8_0's w + 128 (up to 255) would saturate vpmaddubsw's int16 pairs without it
     ROWS_DOT[QType.Q8_0] = _rows_legacy(Q8_0)
 
