@@ -151,6 +151,24 @@ def half(builder, pointer, at):
     return builder.load(builder.gep(table, [ir.Constant(I32, 0), index]))
 
 
+def gather(builder, addresses, element):
+    """<n x element>: the element at each of the n byte addresses (<n x i64>), in one gather
+    instruction (vpgatherdd / vpgatherqd on AVX2 and AVX-512)."""
+    n = addresses.type.count
+    kind, pointers = ir.VectorType(element, n), ir.VectorType(element.as_pointer(), n)
+    function = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(kind, [pointers, I32, ir.VectorType(ir.IntType(1), n), kind]),
+        f"llvm.masked.gather.v{n}i{element.width}.v{n}p0")
+    return builder.call(function, [builder.inttoptr(addresses, pointers), ir.Constant(I32, 1),
+                                   ir.Constant(ir.VectorType(ir.IntType(1), n), [1] * n), ir.Constant(kind, None)])
+
+
+def halves_to_float(builder, words):
+    """<n x float> of the fp16 bits in <n x i16> `words` (vcvtph2ps: exact)."""
+    n = words.type.count
+    return builder.fpext(builder.bitcast(words, ir.VectorType(ir.HalfType(), n)), ir.VectorType(F32, n))
+
+
 def vector_at(context, builder, array_type, array, at, n):
     """<n x T> loaded from array[at:at + n], T the array's element type."""
     data = context.make_array(array_type)(context, builder, array).data
