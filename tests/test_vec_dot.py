@@ -176,9 +176,10 @@ def test_numba_matmul_matches_reference(qtype, n_columns):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_numba_matmul_columns_equal_decode(qtype):
     """Each column of a 300-column matmul (full tiles of COLUMN_TILE and a ragged tail) is bit
-    for bit the one-column (decode) kernel's result for that column alone."""
+    for bit the one-column (decode) kernel's result for that column alone. 29 rows: a unit of
+    16, a unit of 8 after it (on targets whose units are 16 rows) and 5 rows alone."""
     n = 512
-    rows = random_rows(qtype, 21, n, seed=11)
+    rows = random_rows(qtype, 29, n, seed=11)
     x = np.stack([activations(t, n) for t in range(300)])
     together = cpu.matmul_q8(rows, qtype, x)
     for t in range(300):
@@ -330,3 +331,44 @@ def test_generic_lanes_equal_avx2_instructions():
     steps = np.arange(-8, 8, dtype=np.int32)
     np.testing.assert_array_equal(outs[0][128:].view(np.int32),
                                   start + (pairs.astype(np.int32) * steps).reshape(8, 2).sum(axis=1))
+
+
+@pytest.mark.skipif(not AVX2, reason="the native path is x86 AVX2")
+def test_vnni_on_16_lanes():
+    """dot_bytes and dot_words on 16 int32 lanes (one 512-bit instruction with AVX-512 VNNI, else
+    two 8-lane halves) compute the sums NumPy does."""
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+    from mistral_ref_kernels.cpu import lanes
+
+    @intrinsic
+    def ops(typingctx, u, s, out):
+        def codegen(context, builder, signature, args):
+            u_, s_ = (lanes.bytes_at(context, builder, signature.args[i], args[i],
+                                     ir.Constant(ir.IntType(64), 0), 64) for i in range(2))
+            start = builder.bitcast(s_, ir.VectorType(lanes.I32, 16))
+            words = ir.VectorType(lanes.I16, 32)
+            byte_dots = lanes.dot_bytes(builder, start, u_, s_)
+            word_dots = lanes.dot_words(builder, start, builder.bitcast(u_, words), builder.bitcast(s_, words))
+            target = lanes.byte_pointer(context, builder, signature.args[2], args[2])
+            for at, value in ((0, byte_dots), (64, word_dots)):
+                pointer = builder.bitcast(builder.gep(target, [ir.Constant(lanes.I32, at)]), value.type.as_pointer())
+                builder.store(value, pointer, align=1)
+            return context.get_dummy_value()
+        return types.none(u, s, out), codegen
+
+    @numba.njit
+    def run(u, s, out):
+        ops(u, s, out)
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 256, 64).astype(np.uint8)
+    s = rng.integers(-128, 128, 64).astype(np.int8)
+    out = np.zeros(128, np.uint8)
+    run(u, s, out)
+    start = s.view(np.int32).astype(np.int64)
+    np.testing.assert_array_equal(out[:64].view(np.int32),
+                                  start + (u.astype(np.int64) * s).reshape(16, 4).sum(axis=1))
+    word_sums = start + (u.view(np.int16).astype(np.int64) * s.view(np.int16)).reshape(16, 2).sum(axis=1)
+    np.testing.assert_array_equal(out[64:].view(np.int32), word_sums.astype(np.int32))  # wraps as int32 does
