@@ -6,8 +6,10 @@ activation columns, next to llama.cpp's ggml_mul_mat on the same weights and thi
 
 GOPS = 2 * rows * n * T / seconds (a multiply and an add per weight and column), best of
 --repeats calls; both sides include quantizing x to 8 bits, as a mul_mat does. The peak is
-measured here: `vpmaddubsw` (32 int8 multiply-adds an instruction, the instruction both engines'
-AVX2 kernels are built on) in 8 independent chains per core, on every thread. llama.cpp's side is a
+measured here, in 12 independent chains per core on every thread, of the int8 instruction our
+tiles are built on: `vpdpbusd` on the lanes of a tile (64 multiply-adds an instruction on 512-bit
+lanes with AVX-512 VNNI, 32 on 256-bit with AVX-VNNI), else `vpmaddubsw` (32, the instruction
+both engines' AVX2 kernels are built on). llama.cpp's side is a
 one-node ggml graph through the libggml-cpu that llama-cpp-python ships, on the weights as files
 store them: a model llama.cpp loads itself may repack Q4_0 / Q4_K rows for a gemm of its own
 (bench/generate.py --compare measures that whole path).
@@ -28,27 +30,32 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mistral_ref_kernels.cpu import lanes
-from mistral_ref_kernels.cpu.vec_dot import MATMUL_Q8, matmul_q8
+from mistral_ref_kernels.cpu.vec_dot import MATMUL_Q8, TILE_ROWS, matmul_q8
 
 sys.path.insert(0, os.path.dirname(__file__))
 from matvec import LlamaCppMatmul, best_seconds, random_rows  # noqa: E402
 
-PEAK_CHAINS = 8  # independent vpmaddubsw chains: more than latency x throughput (3 x 2) on these CPUs
+PEAK_CHAINS = 12  # independent chains: more than latency x throughput (vpdpbusd: 5 x 2) on these CPUs
+PEAK_LANES = TILE_ROWS if lanes.VNNI else 8  # int32 lanes of the peak's instruction
+PEAK_INSTRUCTION = f"vpdpbusd {32 * PEAK_LANES}-bit" if lanes.VNNI else "vpmaddubsw"
 
 
 @intrinsic
-def _maddubs_chains(typingctx, iterations):
-    """Runs PEAK_CHAINS chains of `iterations` dependent maddubs each; returns a lane of the
-    result so that nothing is optimized away."""
+def _dot_chains(typingctx, iterations):
+    """Runs PEAK_CHAINS chains of `iterations` dependent PEAK_INSTRUCTIONs each; returns a lane
+    of the result so that nothing is optimized away."""
     def codegen(context, builder, signature, args):
-        bytes32 = ir.VectorType(lanes.I8, 32)
-        weights = lanes.constant(32, 3)
-        chains = [cgutils.alloca_once_value(builder, lanes.constant(32, k + 1))
+        weights = lanes.constant(4 * PEAK_LANES, 3)
+        chains = [cgutils.alloca_once_value(builder, lanes.constant(4 * PEAK_LANES, k + 1))
                   for k in range(PEAK_CHAINS)]
         with cgutils.for_range(builder, args[0]):
             for chain in chains:
-                pairs = lanes.maddubs(builder, weights, builder.load(chain))
-                builder.store(builder.bitcast(pairs, bytes32), chain)
+                x = builder.load(chain)
+                if lanes.VNNI:
+                    sums = lanes.dot_bytes(builder, builder.bitcast(x, ir.VectorType(lanes.I32, PEAK_LANES)), weights, x)
+                else:
+                    sums = lanes.maddubs(builder, weights, x)
+                builder.store(builder.bitcast(sums, x.type), chain)
         total = builder.load(chains[0])
         for chain in chains[1:]:
             total = builder.add(total, builder.load(chain))
@@ -60,15 +67,15 @@ def _maddubs_chains(typingctx, iterations):
 def _peak_run(iterations, threads):
     out = np.zeros(threads, np.int64)
     for t in prange(threads):
-        out[t] = _maddubs_chains(iterations)
+        out[t] = _dot_chains(iterations)
     return out
 
 
 def int8_peak_gops(threads: int) -> float:
-    """Measured int8 GOPS of vpmaddubsw on `threads` threads (2 ops per multiply-add)."""
+    """Measured int8 GOPS of PEAK_INSTRUCTION on `threads` threads (2 ops per multiply-add)."""
     iterations = 20_000_000
     seconds = best_seconds(lambda: _peak_run(iterations, threads), 3)
-    return 2 * 32 * PEAK_CHAINS * iterations * threads / seconds / 1e9
+    return 2 * 4 * PEAK_LANES * PEAK_CHAINS * iterations * threads / seconds / 1e9
 
 
 def cpu_name() -> str:
@@ -94,7 +101,7 @@ def main() -> None:
     except (ImportError, IndexError, OSError, AttributeError):
         llama = None
     peak = int8_peak_gops(args.threads)
-    print(f"{cpu_name()}, {args.threads} threads: vpmaddubsw peak {peak:.0f} GOPS (measured)")
+    print(f"{cpu_name()}, {args.threads} threads: {PEAK_INSTRUCTION} peak {peak:.0f} GOPS (measured)")
     print(f"{'type':6} {'shape':>11} {'T':>4} {'ours GOPS':>10} {'llama.cpp':>10} {'ours/llama':>10} "
           f"{'% peak':>7}")
     rng = np.random.default_rng(0)
@@ -130,7 +137,7 @@ def plot(results: dict, shapes: list[str], peak: float, title: str, path: str) -
             color = f"C{k}"
             ax.plot(columns, ours, "o-", color=color, label=f"{name} ours")
             ax.plot(columns, theirs, "x--", color=color, alpha=0.6, label=f"{name} llama.cpp")
-        ax.axhline(peak, color="black", linestyle=":", label="int8 peak (vpmaddubsw)")
+        ax.axhline(peak, color="black", linestyle=":", label=f"int8 peak ({PEAK_INSTRUCTION})")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("activation columns T (tokens)")
         ax.set_ylabel("integer GOPS")
