@@ -14,7 +14,8 @@ computes the same values.
 Conventions: `builder` is an llvmlite IRBuilder; byte vectors are <n x i8>; no bounds checks
 (callers index whole blocks inside tensors whose size the dispatch checked).
 
-The memory hints are here too: `prefetch_address` (one cache line, from IR) and `prefetch_row`.
+The memory hints are here too: `prefetch_address` (one cache line, from IR) and `prefetch_row`;
+and `gather` (a vector of loads from n addresses) and `memory_fence` (a compiler-only barrier).
 """
 import numba
 import numpy as np

@@ -544,10 +544,10 @@ def _rows_in_lanes_codegen(fmt, n_rows, n_columns):
     def codegen(context, builder, signature, args):
         rows = _tile_rows(builder, args[2], args[11], n_rows)
         blocks0 = [lanes.byte_pointer(context, builder, signature.args[1], args[1], row) for row in rows]
+        gather = n_columns > 1  # the per-row fields by gathers (RowBlocks), from these addresses
         addresses0 = ir.Constant(ir.VectorType(I64, n_rows), None)
-        for r, block in enumerate(blocks0):
+        for r, block in enumerate(blocks0 if gather else ()):
             addresses0 = builder.insert_element(addresses0, builder.ptrtoint(block, I64), ir.Constant(I32, r))
-        gather = n_columns > 1
         n_blocks, at_block = _activation_blocks(context, builder, signature, args, fmt)
         row_vector = ir.VectorType(lanes.F32, n_rows)
         no_sums = ir.Constant(ir.VectorType(I32, n_rows), None)
@@ -563,9 +563,9 @@ def _rows_in_lanes_codegen(fmt, n_rows, n_columns):
                                             fmt.type_size))
             column = lambda array, at, kind: lanes.splat(builder, lanes.load(builder, array, at, kind), n_rows)  # noqa: E731
             # Group by group, every column: only one group's weights are live. Column by column,
-            # LLVM kept all 64 vectors of a Q4_K super-block and reloaded them from the stack, and
-            # it reorders the groups so unless a fence between them keeps each group's loads in
-            # its place (the 1B shape's batch of 8 decode steps 62-67 -> 57-59 ms).
+            # LLVM kept all 64 vectors of a Q4_K super-block and reloaded them from the stack; and
+            # it interleaves the groups again unless a fence between them keeps each group's loads
+            # in place (the 1B shape's batch of 8 decode steps 62-67 -> 57-59 ms).
             column_sums = [no_sums] * n_columns
             for k, group in enumerate(block.groups):
                 if k:
@@ -667,8 +667,8 @@ def dot_tile(typingctx, qtype, rows, r, height, xq, xd, xs, xsum, t, width, out,
     """out[t + j, r_i] = row r_i of `rows` (uint8 (n_rows, row_bytes), format `qtype`) . column
     t + j of the activations (quantize_activations' arrays, as it makes them), r_i = r + i *
     spacing, i < height, j < width. qtype, height, width: literals, each a power of 2, height *
-    width <= 8 or height 8 (8 rows across the lanes for the formats in ROWS_DOT, else row-major
-    tiles one after another).
+    width <= 8 or height 8 or 16 (rows across the lanes for the formats in ROWS_DOT, else
+    row-major tiles one after another).
 
     Row-major: one float32 accumulator per (row, column), lanes of a vector (an alloca, which LLVM keeps in
     a register); per block, the integer sums of every term and every lane of the tile are reduced
