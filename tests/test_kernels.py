@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import mistral_ref_kernels as kernels
 from mistral_ref_kernels.cpu.matvec import MATVEC
+from mistral_ref_kernels.cpu.ops import SERIAL_ELEMENTS
 from mistral_ref_kernels.formats import FORMATS
 from mistral_ref_kernels.reference import ops as ref
 from conftest import random_rows
@@ -80,16 +81,20 @@ def test_matmul_rejects_mismatched_shapes():
 
 
 def test_rmsnorm():
-    x = rng.standard_normal((5, 96)).astype(np.float32) * 3
+    """Enough tokens for the parallel path (cpu.ops.SERIAL_ELEMENTS); a few of them alone take the
+    serial one, with the same bits."""
+    x = rng.standard_normal((SERIAL_ELEMENTS // 96 + 5, 96)).astype(np.float32) * 3
     w = rng.standard_normal(96).astype(np.float32)
     got = kernels.rmsnorm(x, w, 1e-5)
     np.testing.assert_allclose(got, ref.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
-    assert np.array_equal(kernels.rmsnorm(x[3:4], w, 1e-5), got[3:4])  # one token: the serial path
+    assert np.array_equal(kernels.rmsnorm(x[3:4], w, 1e-5), got[3:4])
+    assert np.array_equal(kernels.rmsnorm(x[3:7], w, 1e-5), got[3:7])
 
 
 def test_rope_rotates_pairs_and_keeps_the_rest():
-    x = rng.standard_normal((6, 3, 16)).astype(np.float32)
-    positions = np.array([0, 1, 2, 500, 8191, 32767], np.int64)
+    n_tokens = SERIAL_ELEMENTS // 48 + 6  # the parallel path; token 3 alone the serial one
+    x = rng.standard_normal((n_tokens, 3, 16)).astype(np.float32)
+    positions = np.concatenate([[0, 1, 2, 500, 8191, 32767], rng.integers(0, 32768, n_tokens - 6)]).astype(np.int64)
     inv_freq = 10000.0 ** (-np.arange(0, 12, 2) / 12)  # rope_dim 12 < head_dim 16
     want = ref.rope(x, positions, inv_freq)
     got = kernels.rope(x.copy(), positions, inv_freq)
@@ -100,10 +105,10 @@ def test_rope_rotates_pairs_and_keeps_the_rest():
 
 
 def test_swiglu():
-    gate, up = rng.standard_normal((2, 2, 64)).astype(np.float32) * 4
-    got = kernels.swiglu(gate, up)
+    gate, up = rng.standard_normal((2, SERIAL_ELEMENTS // 8 // 64 + 2, 64)).astype(np.float32) * 4
+    got = kernels.swiglu(gate, up)  # the parallel path; one token alone the serial one
     np.testing.assert_allclose(got, ref.swiglu(gate, up), rtol=1e-5, atol=1e-6)
-    assert np.array_equal(kernels.swiglu(gate[1:], up[1:]), got[1:])  # one token: the serial path
+    assert np.array_equal(kernels.swiglu(gate[1:2], up[1:2]), got[1:2])
 
 
 @settings(max_examples=60, deadline=None)

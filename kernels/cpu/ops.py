@@ -16,9 +16,12 @@ from numba.extending import intrinsic
 from . import FASTMATH
 
 F32 = np.float32
-# SERIAL: a one-token call (decode) runs on the calling thread. A parallel loop of one iteration
-# still starts and joins the OpenMP team (~5 us), and a decode step of SmolLM2 makes 150 of these
-# calls (rmsnorm, rope, swiglu).
+# SERIAL: a call on fewer than SERIAL_ELEMENTS values (decode; a batch of a few decode steps of a
+# small model) runs on the calling thread, swiglu (an exp a value) below an eighth of that. A
+# parallel loop still starts and joins the OpenMP team (~5 us), and a decode step of SmolLM2 makes
+# 150 of these calls: with only T = 1 serial, SmolLM2's batch of 4 steps spent 1.0 ms of its 8.9
+# in them against 0.4 for one step, and swiglu took 6 us serial on 1536 values.
+SERIAL_ELEMENTS = 1 << 14
 
 
 @numba.njit(inline="always", fastmath=FASTMATH, cache=True)
@@ -34,8 +37,9 @@ def _rmsnorm_row(x, weight, eps, out):
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight. x, out: float32 (T, dim)."""
-    if x.shape[0] == 1:  # decode: starting the threads costs more than one row (see SERIAL)
-        _rmsnorm_row(x[0], weight, eps, out[0])
+    if x.size < SERIAL_ELEMENTS:  # starting the threads costs more than these rows (see SERIAL)
+        for t in range(x.shape[0]):
+            _rmsnorm_row(x[t], weight, eps, out[t])
     else:
         for t in prange(x.shape[0]):
             _rmsnorm_row(x[t], weight, eps, out[t])
@@ -62,8 +66,9 @@ def rope(x, positions, inv_freq, out):
     Pairs past rope_dim are copied unchanged. Angles are computed in float64 so long positions
     stay exact.
     """
-    if x.shape[0] == 1:  # decode: see SERIAL
-        _rope_token(x[0], positions[0], inv_freq, out[0])
+    if x.size < SERIAL_ELEMENTS:  # see SERIAL
+        for t in range(x.shape[0]):
+            _rope_token(x[t], positions[t], inv_freq, out[t])
     else:
         for t in prange(x.shape[0]):
             _rope_token(x[t], positions[t], inv_freq, out[t])
@@ -323,8 +328,9 @@ def _swiglu_row(gate, up, out):
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise. All float32 (T, ffn_dim)."""
-    if gate.shape[0] == 1:  # decode: see SERIAL
-        _swiglu_row(gate[0], up[0], out[0])
+    if gate.size < SERIAL_ELEMENTS // 8:  # see SERIAL
+        for t in range(gate.shape[0]):
+            _swiglu_row(gate[t], up[t], out[t])
     else:
         for t in prange(gate.shape[0]):
             _swiglu_row(gate[t], up[t], out[t])
