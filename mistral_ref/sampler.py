@@ -212,7 +212,8 @@ class Sampler:
         x = logits if plain else apply_penalties(logits, context, prompt_len, p)
         if allowed is not None:
             x[~allowed] = -np.inf
-        if not np.isfinite(np.max(x)):
+        largest = np.max(x)
+        if not np.isfinite(largest):
             if allowed is not None and not allowed.any():
                 raise GrammarError("no token is allowed at this point (the grammar cannot continue)")
             raise InputError("no token can be sampled: the logits are NaN, +inf or all -inf")
@@ -221,21 +222,24 @@ class Sampler:
             if not (p.logprob or p.top_logprobs):  # nobody reads it: skip the exp over the vocabulary
                 return Sample(token, math.nan, [])
             logp = log_softmax(x)
+            top = top_sorted(logp, p.top_logprobs) if p.top_logprobs > 0 else np.empty(0, np.int64)
+            return Sample(token, float(logp[token]), [(int(i), float(logp[i])) for i in top])
+        # x is apply_penalties' own float64 copy: scaled and shifted in place (the max of x / t is
+        # max(x) / t, the same float), a vocabulary pass fewer each (n choices sample n times a step)
+        shifted = np.divide(x, p.temperature, out=x)
+        shifted -= largest / p.temperature
+        weights = np.exp(shifted)  # unnormalised probs: sampling does not need the division
+        total = np.sum(weights)
+        if p.truncates:
+            support = truncated_support(weights / total, p.top_k, p.top_p, p.min_p)
+            cdf = np.cumsum(weights[support])
+            token = int(support[np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")])
         else:
-            shifted = x / p.temperature
-            shifted -= np.max(shifted)
-            weights = np.exp(shifted)  # unnormalised probs: sampling does not need the division
-            total = np.sum(weights)
-            logp = shifted - np.log(total)
-            if p.truncates:
-                support = truncated_support(weights / total, p.top_k, p.top_p, p.min_p)
-                cdf = np.cumsum(weights[support])
-                token = int(support[np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")])
-            else:
-                cdf = np.cumsum(weights)
-                token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        top = top_sorted(logp, p.top_logprobs) if p.top_logprobs > 0 else np.empty(0, np.int64)
-        return Sample(token, float(logp[token]), [(int(i), float(logp[i])) for i in top])
+            cdf = np.cumsum(weights)
+            token = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        log_total = np.log(total)
+        top = top_sorted(shifted - log_total, p.top_logprobs) if p.top_logprobs > 0 else np.empty(0, np.int64)
+        return Sample(token, float(shifted[token] - log_total), [(int(i), float(shifted[i] - log_total)) for i in top])
 
 
 class StopStrings:
