@@ -17,8 +17,8 @@ jit_cache.install(Path(__file__).parent)  # before any kernel module is compiled
 from .device import DEVICES, Device, HostDevice, device  # noqa: E402
 from .dispatch import (ACTIVATIONS, BACKENDS, FORMATS, IMPORTANCE_WEIGHTED, QK, QK_K, QUANTIZABLE,  # noqa: E402
                        BlockFormat, add_, attention, block_format, dequantize, kv_write_, matmul,
-                       quantize, rmsnorm, rope, swiglu)
+                       quantize, rmsnorm, rope, rope_rotations, swiglu)
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "DEVICES", "FORMATS", "IMPORTANCE_WEIGHTED", "QK", "QK_K", "QUANTIZABLE",
            "BlockFormat", "Device", "HostDevice", "add_", "attention", "block_format", "device",
-           "dequantize", "kv_write_", "matmul", "quantize", "rmsnorm", "rope", "swiglu"]
+           "dequantize", "kv_write_", "matmul", "quantize", "rmsnorm", "rope", "rope_rotations", "swiglu"]

@@ -73,9 +73,14 @@ class Device(Protocol):
     def rmsnorm(self, x: Array, weight: Array, eps: float) -> Array:
         """x / sqrt(mean(x^2) + eps) * weight per row. x (T, dim); weight (dim,)."""
 
-    def rope(self, x: Array, positions: np.ndarray, inv_freq: Array) -> Array:
-        """x (T, heads, D) with pairs (2i, 2i+1) rotated by positions (int64 (T,), host) times
-        inv_freq (float64 (rope_dim // 2,)); pairs past rope_dim unchanged."""
+    def rope_rotations(self, positions: np.ndarray, inv_freq: Array) -> Any:
+        """The rotations of tokens at positions (int64 (T,), host) by inv_freq (float64
+        (rope_dim // 2,)), in the form `rope` takes: made once per forward pass, used by every
+        layer."""
+
+    def rope(self, x: Array, rotations: Any) -> Array:
+        """x (T, heads, D) with pairs (2i, 2i+1) of token t rotated by position t's angles
+        (`rope_rotations`); pairs past rope_dim unchanged."""
 
     def attention(self, q: Array, k_new: Array, v_new: Array, k_cache: Array, v_cache: Array,
                   start_pos: int, window: int) -> Array:
@@ -156,8 +161,11 @@ class HostDevice:
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         return dispatch.rmsnorm(x, weight, eps, self.backend)
 
-    def rope(self, x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
-        return dispatch.rope(x, positions, inv_freq, self.backend)
+    def rope_rotations(self, positions: np.ndarray, inv_freq: np.ndarray):
+        return dispatch.rope_rotations(positions, inv_freq, self.backend)
+
+    def rope(self, x: np.ndarray, rotations) -> np.ndarray:
+        return dispatch.rope(x, rotations, self.backend)
 
     def attention(self, q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,
                   v_cache: np.ndarray, start_pos: int, window: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numba
 import numpy as np
@@ -36,7 +37,7 @@ _THREADPOOLS = ThreadpoolController()
 
 __all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "QK", "QK_K", "QUANTIZABLE", "BlockFormat",
            "Matmuls", "add_", "attention", "block_format", "cache_list", "decode_attention", "dequantize",
-           "kv_write_", "matmul", "matmuls", "quantize", "rmsnorm", "rope", "swiglu"]
+           "kv_write_", "matmul", "matmuls", "quantize", "rmsnorm", "rope", "rope_rotations", "swiglu"]
 
 
 def check_backend(backend: str) -> None:
@@ -287,13 +288,24 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, backend: str = "cpu")
     return out
 
 
-def rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, backend: str = "cpu") -> np.ndarray:
-    """Rotate adjacent pairs of each head of x (float32 (T, heads, D)) by positions (int64 (T,))
-    times inv_freq (float64 (rope_dim // 2,)). Returns a new float32 (T, heads, D)."""
+def rope_rotations(positions: np.ndarray, inv_freq: np.ndarray, backend: str = "cpu") -> Any:
+    """The rotations of tokens at positions (int64 (T,)) by inv_freq (float64 (rope_dim // 2,)),
+    in the form `rope` takes: made once per forward pass, used by every layer. "cpu": float32
+    (T, rope_dim // 2, 2), the (cos, sin) of each angle; "reference": (positions, inv_freq)."""
     if backend == "reference":
-        return reference_ops.rope(x, positions, inv_freq)
+        return positions, inv_freq
+    out = np.empty((len(positions), len(inv_freq), 2), np.float32)
+    cpu_ops.rope_rotations(np.ascontiguousarray(positions, np.int64), inv_freq, out)
+    return out
+
+
+def rope(x: np.ndarray, rotations: Any, backend: str = "cpu") -> np.ndarray:
+    """Rotate adjacent pairs of each head of x (float32 (T, heads, D)) by `rope_rotations`;
+    pairs past rope_dim unchanged. Returns a new float32 (T, heads, D)."""
+    if backend == "reference":
+        return reference_ops.rope(x, *rotations)
     out = np.empty_like(x)
-    cpu_ops.rope(x, positions, inv_freq, out)
+    cpu_ops.rope(x, rotations, out)
     return out
 
 

@@ -232,12 +232,13 @@ class Model:
             k_caches = dev.cache_list([cache.k for _, cache in decoding])
             v_caches = dev.cache_list([cache.v for _, cache in decoding])
             starts = np.array([cache.length for _, cache in decoding], dtype=np.int64)
+        rotations = dev.rope_rotations(positions, self.inv_freq)
         x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
             q, k, v = dev.matmuls(layer.qkv, h)
-            q = self._position(layer, q.reshape(n_tokens, c.n_heads, c.head_dim), layer.q_norm, positions)
-            k = self._position(layer, k.reshape(n_tokens, c.n_kv_heads, c.head_dim), layer.k_norm, positions)
+            q = self._position(layer, q.reshape(n_tokens, c.n_heads, c.head_dim), layer.q_norm, rotations)
+            k = self._position(layer, k.reshape(n_tokens, c.n_kv_heads, c.head_dim), layer.k_norm, rotations)
             v = v.reshape(n_tokens, c.n_kv_heads, c.head_dim)
             parts = [self._attend(i, q[a:b], k[a:b], v[a:b], cache)
                      for a, b, (_, cache) in zip(bounds[n_decode:], bounds[n_decode + 1:], batch[n_decode:])]
@@ -253,12 +254,13 @@ class Model:
             cache.length += len(t)
         return dev.rmsnorm(x, self.output_norm, c.norm_eps)
 
-    def _position(self, layer: Layer, x, norm, positions: np.ndarray):
+    def _position(self, layer: Layer, x, norm, rotations):
         """Queries or keys x (T, heads, D) as attention takes them: normed per head where the
-        architecture does (Qwen3), then rotated where the layer has RoPE."""
+        architecture does (Qwen3), then rotated (`rotations`: the tokens' positions, as
+        device.rope_rotations made them) where the layer has RoPE."""
         if norm is not None:
             x = self.device.rmsnorm(x.reshape(-1, x.shape[-1]), norm, self.config.norm_eps).reshape(x.shape)
-        return self.device.rope(x, positions, self.inv_freq) if layer.rope else x
+        return self.device.rope(x, rotations) if layer.rope else x
 
     def _attend(self, layer: int, q, k, v, cache: KVCache):
         """One sequence's attention in `layer` (q (T, H, D); k, v (T, KV, D), rotated), then its

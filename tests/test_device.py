@@ -36,7 +36,7 @@ def test_out_of_place_operations_leave_their_input_alone(name):
     x = np.random.default_rng(0).standard_normal((3, 2, 10)).astype(np.float32)
     x_dev = device.upload(x)
     inv_freq = device.upload(10000.0 ** -(np.arange(0, 8, 2) / 8))  # rope_dim 8 of 10
-    rotated = device.to_host(device.rope(x_dev, np.arange(3), inv_freq))
+    rotated = device.to_host(device.rope(x_dev, device.rope_rotations(np.arange(3), inv_freq)))
     assert np.array_equal(device.to_host(x_dev), x)
     assert not np.allclose(rotated[1:, :, :8], x[1:, :, :8]) and np.array_equal(rotated[..., 8:], x[..., 8:])
     copied = device.copy(device.upload(x.reshape(6, 10)))

@@ -97,18 +97,26 @@ def test_rope_rotates_pairs_and_keeps_the_rest():
     positions = np.concatenate([[0, 1, 2, 500, 8191, 32767], rng.integers(0, 32768, n_tokens - 6)]).astype(np.int64)
     inv_freq = 10000.0 ** (-np.arange(0, 12, 2) / 12)  # rope_dim 12 < head_dim 16
     want = ref.rope(x, positions, inv_freq)
-    got = kernels.rope(x.copy(), positions, inv_freq)
+    rotations = kernels.rope_rotations(positions, inv_freq)
+    angles = positions[:, None] * inv_freq  # float64, rounded once to float32
+    assert np.array_equal(rotations, np.stack([np.cos(angles), np.sin(angles)], -1).astype(np.float32))
+    got = kernels.rope(x.copy(), rotations)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.array_equal(got[..., 12:], x[..., 12:])
     assert np.array_equal(got[0], x[0])  # position 0: no rotation
-    assert np.array_equal(kernels.rope(x[3:4], positions[3:4], inv_freq), got[3:4])  # one token
+    assert np.array_equal(kernels.rope(x[3:4], rotations[3:4]), got[3:4])  # one token
 
 
 def test_swiglu():
     gate, up = rng.standard_normal((2, SERIAL_ELEMENTS // 8 // 64 + 2, 64)).astype(np.float32) * 4
+    gate[0, :8] = [0.0, -0.0, 30.0, -30.0, 100.0, -100.0, 1e-30, -1e-30]  # both signs' branches, both tails
     got = kernels.swiglu(gate, up)  # the parallel path; one token alone the serial one
     np.testing.assert_allclose(got, ref.swiglu(gate, up), rtol=1e-5, atol=1e-6)
     assert np.array_equal(kernels.swiglu(gate[1:2], up[1:2]), got[1:2])
+    special = np.array([[np.inf, -np.inf, np.nan, -88.0, 88.0]], np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.testing.assert_allclose(kernels.swiglu(special, np.ones_like(special)), ref.swiglu(special, np.ones_like(special)),
+                                   rtol=1e-6, atol=1e-30)  # NaN where the reference has (-inf * 0); silu(-88) ~ -5e-37
 
 
 @settings(max_examples=60, deadline=None)

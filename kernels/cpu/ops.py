@@ -45,12 +45,24 @@ def rmsnorm(x, weight, eps, out):
             _rmsnorm_row(x[t], weight, eps, out[t])
 
 
+@numba.njit(nogil=True, cache=True)
+def rope_rotations(positions, inv_freq, out):
+    """out[t, i] = (cos, sin) of the angle positions[t] * inv_freq[i], computed in float64 so long
+    positions stay exact, then rounded to float32: once per forward pass, for every layer's
+    queries and keys (a sine and cosine per pair in each `rope` call had cost SmolLM2's 40-token
+    prefill 1.3 of its 34 ms). positions: int64 (T,); inv_freq: float64 (rope_dim // 2,);
+    out: float32 (T, rope_dim // 2, 2)."""
+    for t in range(positions.size):
+        for i in range(inv_freq.size):
+            angle = positions[t] * inv_freq[i]
+            out[t, i, 0], out[t, i, 1] = math.cos(angle), math.sin(angle)
+
+
 @numba.njit(inline="always", cache=True)
-def _rope_token(x, position, inv_freq, out):
+def _rope_token(x, rotation, out):
     out[:] = x
-    for i in range(inv_freq.size):
-        angle = position * inv_freq[i]
-        c, s = F32(math.cos(angle)), F32(math.sin(angle))
+    for i in range(rotation.shape[0]):
+        c, s = rotation[i, 0], rotation[i, 1]
         for h in range(x.shape[0]):
             a, b = x[h, 2 * i], x[h, 2 * i + 1]
             out[h, 2 * i] = a * c - b * s
@@ -58,20 +70,19 @@ def _rope_token(x, position, inv_freq, out):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def rope(x, positions, inv_freq, out):
-    """out = x with adjacent pairs (x[2i], x[2i+1]) of each head rotated by positions[t] *
-    inv_freq[i].
+def rope(x, rotations, out):
+    """out = x with adjacent pairs (x[2i], x[2i+1]) of each head of token t rotated by the angle
+    whose (cos, sin) is rotations[t, i] (`rope_rotations`).
 
-    x, out: float32 (T, heads, D); positions: int64 (T,); inv_freq: float64 (rope_dim // 2,).
-    Pairs past rope_dim are copied unchanged. Angles are computed in float64 so long positions
-    stay exact.
+    x, out: float32 (T, heads, D); rotations: float32 (T, rope_dim // 2, 2). Pairs past rope_dim
+    are copied unchanged.
     """
     if x.size < SERIAL_ELEMENTS:  # see SERIAL
         for t in range(x.shape[0]):
-            _rope_token(x[t], positions[t], inv_freq, out[t])
+            _rope_token(x[t], rotations[t], out[t])
     else:
         for t in prange(x.shape[0]):
-            _rope_token(x[t], positions[t], inv_freq, out[t])
+            _rope_token(x[t], rotations[t], out[t])
 
 
 @numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
@@ -318,14 +329,20 @@ def _add_weighted(typingctx, acc, weights, at, rows, a, b, step_a, step_b, n):
                       types.intp), codegen
 
 
-@numba.njit(inline="always", fastmath=FASTMATH, cache=True)
+@numba.njit(inline="always", cache=True)
 def _swiglu_row(gate, up, out):
+    # silu(g) = g * sigmoid(g) with sigmoid from e = e^-|g| (<= 1: `_exp`'s domain, which
+    # vectorizes; libm's expf was a call per value, 1.6 ns each in SmolLM2's 40-token prefill).
+    # Below g = -87 it is -0 (_exp's 0), where silu is under 1e-36 in magnitude.
+    # Not fastmath: its reciprocal for the division gave the vector loop and its scalar tail
+    # different bits, so a value's result depended on where in the row it sat.
     for i in range(gate.size):
         g = gate[i]
-        out[i] = g / (F32(1) + math.exp(-g)) * up[i]
+        e = _exp(-abs(g))
+        out[i] = g * ((F32(1) if g >= F32(0) else e) / (F32(1) + e)) * up[i]
 
 
-@numba.njit(parallel=True, nogil=True, fastmath=FASTMATH, cache=True)
+@numba.njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise. All float32 (T, ffn_dim)."""
     if gate.size < SERIAL_ELEMENTS // 8:  # see SERIAL

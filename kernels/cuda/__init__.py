@@ -90,8 +90,11 @@ class CUDADevice:
     def embed(self, rows, qtype, tokens: np.ndarray, dim: int):
         return embed(rows, qtype, tokens, dim)
 
-    def rope(self, x, positions: np.ndarray, inv_freq):
-        return rope(x, cuda.to_device(np.ascontiguousarray(positions, np.int64)), inv_freq)
+    def rope_rotations(self, positions: np.ndarray, inv_freq) -> tuple:
+        return cuda.to_device(np.ascontiguousarray(positions, np.int64)), inv_freq  # angles per element
+
+    def rope(self, x, rotations: tuple):
+        return rope(x, *rotations)
 
     matmul, add_, rmsnorm = staticmethod(matmul), staticmethod(add_), staticmethod(rmsnorm)
     attention, swiglu, kv_write_ = staticmethod(attention), staticmethod(swiglu), staticmethod(kv_write_)
