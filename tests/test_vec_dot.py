@@ -138,6 +138,9 @@ def test_reference_is_dequantized_w_times_round_tripped_x(qtype):
 @pytest.mark.parametrize("n_columns", [1, 3])  # one column runs serially, more in parallel
 def test_numba_activations_bit_identical(qtype, n_columns):
     x = np.stack([activations(5 + t, 1024) for t in range(n_columns)])
+    x[0, :32] = 0  # an all-zero block (d = 0)
+    x[0, 32:64] = np.r_[127, np.arange(31) - 14.5].astype(np.float32)  # d = 1: x.5 ties round away from 0
+    x[0, 256 + 5], x[0, 256 + 100] = -50, 50  # a tie in magnitude: Q8_K's scale takes the first
     xq, xd, xs, xsum = cpu.quantize_activations(x, qtype in cpu.SUPER_BLOCK_TYPES)
     for t in range(n_columns):  # block-major: column t is [:, t]
         y = ref.quantize_activations(x[t], qtype)

@@ -39,7 +39,7 @@ from numba.extending import intrinsic
 from . import lanes
 from .fp16 import f32_to_fp16_bits, half_to_float
 from .lanes import I8, I16, I32
-from .quant import inverse, nearest_int, roundf
+from .quant import ROUNDING_MAGIC, inverse
 from ..formats import FORMATS, QK, QK_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
 
 F32 = np.float32
@@ -53,46 +53,99 @@ ZERO_SUMS = ir.Constant(I32X8, None)
 # fp16-rounded value the dot product uses); s[b] float32 (Q8_1's fp16 d * sum(q)); sums[b]
 # int16: sum(q) (1,) for Q8_0, llama.cpp's bsums (16,) for Q8_K.
 
+@intrinsic
+def _abs_max_q8_0(typingctx, x, b):
+    """max |x[32b:32b + 32]| (float32 x, C-contiguous) in one vector: the same value as the
+    running maximum from 0 for any floats but NaN (whose outcome depends on the order anyway)."""
+    def codegen(context, builder, signature, args):
+        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], args[0]),
+                            builder.mul(args[1], ir.Constant(args[1].type, 4 * QK)), lanes.F32, QK)
+        magnitudes = lanes.call(builder, f"llvm.fabs.v{QK}f32", values.type, values)
+        return lanes.call(builder, f"llvm.vector.reduce.fmax.v{QK}f32", lanes.F32, magnitudes)
+    return types.float32(x, b), codegen
+
+
+@intrinsic
+def _round_q8_0(typingctx, x, b, inv, qs):
+    """qs[b, :] = roundf(x[32b + j] * inv) as int8 (C's roundf: halves away from zero,
+    llvm.round), j < 32, in vectors; returns their int32 sum. qs: int8 (blocks, 32), rows
+    contiguous."""
+    def codegen(context, builder, signature, args):
+        x_, b_, inv_, qs_ = args
+        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], x_),
+                            builder.mul(b_, ir.Constant(b_.type, 4 * QK)), lanes.F32, QK)
+        scaled = builder.fmul(values, lanes.splat(builder, inv_, QK))
+        q = builder.fptosi(lanes.call(builder, f"llvm.round.v{QK}f32", scaled.type, scaled), ir.VectorType(I32, QK))
+        row = lanes.byte_pointer(context, builder, signature.args[3], qs_, b_)
+        builder.store(builder.trunc(q, ir.VectorType(I8, QK)), builder.bitcast(row, ir.VectorType(I8, QK).as_pointer()),
+                      align=1)
+        return lanes.reduce_add(builder, q)
+    return types.int32(x, b, inv, qs), codegen
+
+
 @numba.njit(cache=True)
 def quantize_q8_0(x, qs, d, s, sums):
     for b in range(x.size // QK):
-        block = x[b * QK:(b + 1) * QK]
-        amax = F32(0)
-        for j in range(QK):
-            amax = max(amax, abs(block[j]))
-        scale = amax / F32(127)
-        inv = inverse(scale)
-        total = 0
-        for j in range(QK):
-            q = int(roundf(block[j] * inv))
-            qs[b, j] = q
-            total += q
+        scale = _abs_max_q8_0(x, b) / F32(127)
+        total = _round_q8_0(x, b, inverse(scale), qs)
         d[b] = half_to_float(f32_to_fp16_bits(scale))
         s[b] = half_to_float(f32_to_fp16_bits(F32(total) * scale))
         sums[b, 0] = total
 
 
+@intrinsic
+def _peak_q8_k(typingctx, x, b):
+    """The first of x[256b:256b + 256] (float32, C-contiguous) of largest magnitude, sign kept
+    (+0.0 when all are zero), in vectors: the largest magnitude, then the first lane holding it."""
+    def codegen(context, builder, signature, args):
+        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], args[0]),
+                            builder.mul(args[1], ir.Constant(args[1].type, 4 * QK_K)), lanes.F32, QK_K)
+        magnitudes = lanes.call(builder, f"llvm.fabs.v{QK_K}f32", values.type, values)
+        amax = lanes.call(builder, f"llvm.vector.reduce.fmax.v{QK_K}f32", lanes.F32, magnitudes)
+        at_max = builder.bitcast(builder.fcmp_ordered("==", magnitudes, lanes.splat(builder, amax, QK_K)),
+                                 ir.IntType(QK_K))
+        first = lanes.call(builder, f"llvm.cttz.i{QK_K}", at_max.type, at_max, ir.Constant(ir.IntType(1), 0))
+        peak = builder.extract_element(values, builder.trunc(first, I32))
+        return builder.select(builder.fcmp_ordered("==", amax, ir.Constant(lanes.F32, 0)), ir.Constant(lanes.F32, 0), peak)
+    return types.float32(x, b), codegen
+
+
+@intrinsic
+def _round_q8_k(typingctx, x, b, iscale, qs, sums):
+    """qs[b, j] = min(127, nearest_int(iscale * x[256b + j])) (llama.cpp's rounding: through the
+    float adder, half to even), j < 256, and sums[b, g] = the sum of group g's 16, in vectors.
+    qs: int8 (blocks, 256), sums: int16 (blocks, 16), rows contiguous."""
+    def codegen(context, builder, signature, args):
+        x_, b_, iscale_, qs_, sums_ = args
+        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], x_),
+                            builder.mul(b_, ir.Constant(b_.type, 4 * QK_K)), lanes.F32, QK_K)
+        magic = lanes.constant(QK_K, float(ROUNDING_MAGIC), lanes.F32)
+        rounded = builder.fsub(builder.fadd(builder.fmul(lanes.splat(builder, iscale_, QK_K), values), magic), magic)
+        q = builder.fptosi(rounded, ir.VectorType(I32, QK_K))
+        q = lanes.call(builder, f"llvm.smin.v{QK_K}i32", q.type, q, lanes.constant(QK_K, 127, I32))
+        row = lanes.byte_pointer(context, builder, signature.args[3], qs_, b_)
+        builder.store(builder.trunc(q, ir.VectorType(I8, QK_K)), builder.bitcast(row, ir.VectorType(I8, QK_K).as_pointer()),
+                      align=1)
+        group_sums = lanes.byte_pointer(context, builder, signature.args[4], sums_, b_)
+        for g in range(QK_K // 16):
+            total = lanes.reduce_add(builder, lanes.pick(builder, q, list(range(16 * g, 16 * g + 16))))
+            builder.store(builder.trunc(total, I16), builder.bitcast(builder.gep(group_sums, [ir.Constant(I32, 2 * g)]),
+                                                                     I16.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.none(x, b, iscale, qs, sums), codegen
+
+
 @numba.njit(cache=True)
 def quantize_q8_k(x, qs, d, sums):
     for b in range(x.size // QK_K):
-        block = x[b * QK_K:(b + 1) * QK_K]
-        amax, peak = F32(0), F32(0)
-        for j in range(QK_K):
-            if abs(block[j]) > amax:
-                amax, peak = abs(block[j]), block[j]
-        if amax == 0:
+        peak = _peak_q8_k(x, b)
+        if peak == 0:
             qs[b] = 0
             sums[b] = 0
             d[b] = 0
             continue
         iscale = F32(-127) / peak
-        for g in range(16):
-            total = 0
-            for j in range(16 * g, 16 * g + 16):
-                q = min(127, nearest_int(iscale * block[j]))
-                qs[b, j] = q
-                total += q
-            sums[b, g] = total
+        _round_q8_k(x, b, iscale, qs, sums)
         d[b] = F32(1) / iscale
 
 
