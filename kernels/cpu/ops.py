@@ -60,13 +60,15 @@ def rope_rotations(positions, inv_freq, out):
 
 @numba.njit(inline="always", cache=True)
 def _rope_token(x, rotation, out):
-    out[:] = x
-    for i in range(rotation.shape[0]):
-        c, s = rotation[i, 0], rotation[i, 1]
-        for h in range(x.shape[0]):
+    rotated = 2 * rotation.shape[0]
+    for h in range(x.shape[0]):  # a head's pairs in one loop over memory in order: it vectorizes
+        for i in range(rotation.shape[0]):
+            c, s = rotation[i, 0], rotation[i, 1]
             a, b = x[h, 2 * i], x[h, 2 * i + 1]
             out[h, 2 * i] = a * c - b * s
             out[h, 2 * i + 1] = a * s + b * c
+        for d in range(rotated, x.shape[1]):
+            out[h, d] = x[h, d]
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
