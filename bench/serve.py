@@ -7,8 +7,10 @@ the prefix cache helps only where it is measured (the chat's second turn). With
 `--llama-server PATH` llama.cpp's own server (continuous batching, `-np` slots, its prompt cache)
 runs the same measurements on the same file, one engine at a time. (mistralrs 0.9.5's Python
 Runner is not safe to call from several threads, "RuntimeError: Already borrowed", and
-llama-cpp-python's server runs one request at a time.) TTFT: from sending the
-request (a new connection, but from a client already made) to the first `data:` line with text. Saves a plot to docs/figures. Usage:
+llama-cpp-python's server runs one request at a time.) The streams are one asyncio client's
+(`async_client`, as the official openai client's), so the bench takes little of the CPUs it
+shares with the server. TTFT: from sending the request to the first `data:` line with text.
+Saves a plot to docs/figures. Usage:
 
     python bench/serve.py                      # tiny random Mistral (real Mistral tokenizer)
     python bench/serve.py --model default      # SmolLM2-135M-Instruct Q4_1
@@ -18,6 +20,7 @@ request (a new connection, but from a client already made) to the first `data:` 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import os
@@ -27,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -80,23 +82,15 @@ def fresh(text: str = STORY) -> list[dict]:
     return [{"role": "user", "content": f"({next(_nonce)}) {text}"}]
 
 
-def stream_chat(url: str, messages: list[dict], max_tokens: int, started: threading.Event | None = None
-                ) -> tuple[float, float, int, str]:
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
+                      started: asyncio.Event | None = None) -> tuple[float, float, int, str]:
     """(TTFT s, total s, completion tokens, text) of one greedy streamed chat request."""
     body = {"model": "", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    # The client is made before the clock starts: httpx builds an SSL context for every new client
-    # (~20 ms here, more with other threads busy), which a real client does once, not per request.
-    with httpx.Client(timeout=600) as client:
-        return _stream_chat(client, url, body, started)
-
-
-def _stream_chat(client: httpx.Client, url: str, body: dict, started: threading.Event | None
-                 ) -> tuple[float, float, int, str]:
     start = time.perf_counter()
     ttft, tokens, text, pieces = None, 0, "", 0
-    with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        for line in r.iter_lines():
+        async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -113,42 +107,51 @@ def _stream_chat(client: httpx.Client, url: str, body: dict, started: threading.
     return (ttft if ttft is not None else float("nan")), time.perf_counter() - start, tokens or pieces, text
 
 
+def async_client(connections: int = 1) -> httpx.AsyncClient:
+    """An async HTTP client (what the official openai client uses) with a pool of `connections`:
+    every stream in one thread, one event loop. (A thread per stream, each with its own client,
+    had cost this process a third of a core at 8 streams, taken from the server on these 2 cores;
+    and httpx builds an SSL context for every new client, ~20 ms, once counted in each TTFT.)"""
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=connections))
+
+
 def throughput(url: str, clients: int, requests: int, max_tokens: int) -> dict:
-    """`clients` threads, each sending `requests` streamed requests one after another."""
-    results, lock = [], threading.Lock()
-
-    def client() -> None:
-        for _ in range(requests):
-            r = stream_chat(url, fresh(), max_tokens)
-            with lock:
-                results.append(r)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    """`clients` concurrent streams, each sending `requests` streamed requests one after another."""
+    async def run() -> tuple[list, float]:
+        async with async_client(clients) as http:
+            async def one_client() -> list:
+                return [await stream_chat(http, url, fresh(), max_tokens) for _ in range(requests)]
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one_client() for _ in range(clients)))
+            return [r for rs in results for r in rs], time.perf_counter() - start
+    results, wall = asyncio.run(run())
     return {"clients": clients, "tok_per_s": sum(r[2] for r in results) / wall,
             "ttft_p50_s": statistics.median(r[0] for r in results)}
 
 
 def ttft_under_load(url: str, others: int, repeats: int = 3) -> tuple[float, float]:
     """Median TTFT of a request alone, and of one sent while `others` streams are generating."""
-    alone = statistics.median(stream_chat(url, fresh(), 1)[0] for _ in range(repeats))
-    loaded = []
-    for _ in range(repeats):
-        events = [threading.Event() for _ in range(others)]
-        threads = [threading.Thread(target=stream_chat, args=(url, fresh(), 96, e)) for e in events]
-        for t in threads:
-            t.start()
-        for e in events:
-            e.wait(120)
-        loaded.append(stream_chat(url, fresh(), 1)[0])
-        for t in threads:
-            t.join()
-    return alone, statistics.median(loaded)
+    async def run() -> tuple[list, list]:
+        async with async_client(others + 1) as http:
+            alone = [(await stream_chat(http, url, fresh(), 1))[0] for _ in range(repeats)]
+            loaded = []
+            for _ in range(repeats):
+                events = [asyncio.Event() for _ in range(others)]
+                streams = [asyncio.create_task(stream_chat(http, url, fresh(), 96, e)) for e in events]
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 120)
+                loaded.append((await stream_chat(http, url, fresh(), 1))[0])
+                await asyncio.gather(*streams)
+            return alone, loaded
+    alone, loaded = asyncio.run(run())
+    return statistics.median(alone), statistics.median(loaded)
+
+
+def chat(url: str, messages: list[dict], max_tokens: int) -> tuple[float, float, int, str]:
+    """stream_chat alone, from synchronous code."""
+    async def run() -> tuple[float, float, int, str]:
+        async with async_client() as http:
+            return await stream_chat(http, url, messages, max_tokens)
+    return asyncio.run(run())
 
 
 def n_choices_cost(url: str, n: int, max_tokens: int) -> float:
@@ -167,9 +170,9 @@ def second_turn(url: str) -> tuple[float, float]:
     """TTFT of a chat's first turn (a ~550-token prompt) and of its second turn."""
     turn1 = [{"role": "system", "content": f"({next(_nonce)}) {LONG_CONTEXT}"},
              {"role": "user", "content": "How many steps did the keeper climb?"}]
-    ttft1, _, _, reply = stream_chat(url, turn1, 16)
+    ttft1, _, _, reply = chat(url, turn1, 16)
     turn2 = [*turn1, {"role": "assistant", "content": reply}, {"role": "user", "content": "And why?"}]
-    return ttft1, stream_chat(url, turn2, 1)[0]
+    return ttft1, chat(url, turn2, 1)[0]
 
 
 def measure(name: str, command: list[str], port: int, levels: list[int], args) -> dict:
@@ -177,7 +180,7 @@ def measure(name: str, command: list[str], port: int, levels: list[int], args) -
     proc, url = start_server(command, port)
     nan = float("nan")
     try:
-        stream_chat(url, fresh(), 4)  # warm up: kernels loaded, first-call dispatch done
+        chat(url, fresh(), 4)  # warm up: kernels loaded, first-call dispatch done
         print(f"-- {name}\n{'streams':>7} {'tok/s':>8} {'x one':>6} {'TTFT p50':>9}")
         levels_out = []
         for c in levels:
