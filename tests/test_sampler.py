@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mistral_ref.sampler import (Sampler, SamplingParams, StopStrings, apply_penalties,
+from mistral_ref.sampler import (DRAW_BLOCK, Sampler, SamplingParams, StopStrings, apply_penalties, draw,
                                  log_softmax, top_sorted, truncated_support)
 
 finite = st.floats(-30, 30, allow_nan=False, width=32)
@@ -99,6 +99,24 @@ def test_sampling_frequencies_follow_the_distribution():
     sampler = Sampler(SamplingParams(temperature=1.0), np.random.default_rng(0))
     counts = np.bincount([sampler.sample(logits, [0], 1).token for _ in range(20000)], minlength=4)
     np.testing.assert_allclose(counts / 20000, [0.5, 0.3, 0.2, 0.0], atol=0.015)
+
+
+@settings(deadline=None)
+@given(st.integers(1, 3 * DRAW_BLOCK + 5), st.floats(0, 0.5), st.integers(0, 2**32 - 1))
+def test_draw_is_the_first_running_sum_past_the_target(n, zero_share, seed):
+    """Against the plain inverse CDF: the first index whose running sum exceeds u * total; whole
+    blocks and scattered weights of zero, and u up to the largest below 1, never pick a zero."""
+    rng = np.random.default_rng(seed)
+    weights = rng.exponential(size=n) * (rng.random(n) >= zero_share)
+    weights[rng.integers(0, n):][:DRAW_BLOCK] = 0
+    weights[rng.integers(0, n)] = 0.5  # some weight is left
+    for u in [*rng.random(20), 0.0, np.nextafter(1.0, 0.0)]:
+        picked = draw(weights, u)
+        assert weights[picked] > 0
+        cdf = np.cumsum(weights)
+        plain = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), n - 1)
+        if abs(cdf[plain] - u * cdf[-1]) > 1e-9 * cdf[-1] and abs(cdf[plain - 1] - u * cdf[-1]) > 1e-9 * cdf[-1]:
+            assert picked == plain  # (the same but where the two sums round differently at an edge)
 
 
 @given(logit_vectors, st.data())
