@@ -154,6 +154,16 @@ def test_numba_activations_bit_identical(qtype, n_columns):
             assert np.array_equal(xs[:, t].view(np.uint32), y["s"].astype(np.float32).view(np.uint32))
 
 
+def test_q8_k_block_of_nan_quantizes_to_zero():
+    """A Q8_K block with no largest magnitude (all NaN) is an all-zero block, d = 0, as llama.cpp's
+    scan from 0 leaves it; the next block is quantized as usual."""
+    x = activations(7, 512)[None].copy()
+    x[0, :256] = np.nan
+    xq, xd, _, xsum = cpu.quantize_activations(x, True)
+    assert not xq[0].any() and xd[0, 0] == 0 and not xsum[0].any()
+    assert np.array_equal(xq[1, 0], ref.quantize_activations(x[0, 256:], QType.Q4_K)["qs"][0])
+
+
 def reference_columns(rows: np.ndarray, qtype: QType, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The reference's x @ W.T for x (T, n), column by column, and each entry's rounding bound."""
     expected, bound = [], []

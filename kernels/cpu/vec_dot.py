@@ -53,13 +53,25 @@ ZERO_SUMS = ir.Constant(I32X8, None)
 # fp16-rounded value the dot product uses); s[b] float32 (Q8_1's fp16 d * sum(q)); sums[b]
 # int16: sum(q) (1,) for Q8_0, llama.cpp's bsums (16,) for Q8_K.
 
+def _float_block(context, builder, array_type, array, b, n):
+    """<n x float>: block b of the float32 C-contiguous `array`, elements n * b .. n * b + n - 1."""
+    return lanes.load(builder, lanes.byte_pointer(context, builder, array_type, array),
+                      builder.mul(b, ir.Constant(b.type, 4 * n)), lanes.F32, n)
+
+
+def _store_row(context, builder, array_type, array, b, values):
+    """Row b of the int8 `array` (rows contiguous) = the <n x i32> values truncated to bytes."""
+    row = lanes.byte_pointer(context, builder, array_type, array, b)
+    kind = ir.VectorType(I8, values.type.count)
+    builder.store(builder.trunc(values, kind), builder.bitcast(row, kind.as_pointer()), align=1)
+
+
 @intrinsic
 def _abs_max_q8_0(typingctx, x, b):
     """max |x[32b:32b + 32]| (float32 x, C-contiguous) in one vector: the same value as the
     running maximum from 0 for any floats but NaN (whose outcome depends on the order anyway)."""
     def codegen(context, builder, signature, args):
-        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], args[0]),
-                            builder.mul(args[1], ir.Constant(args[1].type, 4 * QK)), lanes.F32, QK)
+        values = _float_block(context, builder, signature.args[0], args[0], args[1], QK)
         magnitudes = lanes.call(builder, f"llvm.fabs.v{QK}f32", values.type, values)
         return lanes.call(builder, f"llvm.vector.reduce.fmax.v{QK}f32", lanes.F32, magnitudes)
     return types.float32(x, b), codegen
@@ -72,13 +84,9 @@ def _round_q8_0(typingctx, x, b, inv, qs):
     contiguous."""
     def codegen(context, builder, signature, args):
         x_, b_, inv_, qs_ = args
-        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], x_),
-                            builder.mul(b_, ir.Constant(b_.type, 4 * QK)), lanes.F32, QK)
-        scaled = builder.fmul(values, lanes.splat(builder, inv_, QK))
+        scaled = builder.fmul(_float_block(context, builder, signature.args[0], x_, b_, QK), lanes.splat(builder, inv_, QK))
         q = builder.fptosi(lanes.call(builder, f"llvm.round.v{QK}f32", scaled.type, scaled), ir.VectorType(I32, QK))
-        row = lanes.byte_pointer(context, builder, signature.args[3], qs_, b_)
-        builder.store(builder.trunc(q, ir.VectorType(I8, QK)), builder.bitcast(row, ir.VectorType(I8, QK).as_pointer()),
-                      align=1)
+        _store_row(context, builder, signature.args[3], qs_, b_, q)
         return lanes.reduce_add(builder, q)
     return types.int32(x, b, inv, qs), codegen
 
@@ -98,15 +106,15 @@ def _peak_q8_k(typingctx, x, b):
     """The first of x[256b:256b + 256] (float32, C-contiguous) of largest magnitude, sign kept
     (+0.0 when all are zero), in vectors: the largest magnitude, then the first lane holding it."""
     def codegen(context, builder, signature, args):
-        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], args[0]),
-                            builder.mul(args[1], ir.Constant(args[1].type, 4 * QK_K)), lanes.F32, QK_K)
+        values = _float_block(context, builder, signature.args[0], args[0], args[1], QK_K)
         magnitudes = lanes.call(builder, f"llvm.fabs.v{QK_K}f32", values.type, values)
         amax = lanes.call(builder, f"llvm.vector.reduce.fmax.v{QK_K}f32", lanes.F32, magnitudes)
         at_max = builder.bitcast(builder.fcmp_ordered("==", magnitudes, lanes.splat(builder, amax, QK_K)),
                                  ir.IntType(QK_K))
         first = lanes.call(builder, f"llvm.cttz.i{QK_K}", at_max.type, at_max, ir.Constant(ir.IntType(1), 0))
         peak = builder.extract_element(values, builder.trunc(first, I32))
-        return builder.select(builder.fcmp_ordered("==", amax, ir.Constant(lanes.F32, 0)), ir.Constant(lanes.F32, 0), peak)
+        # all zero, or all NaN (no largest magnitude): 0, as the scalar scan from 0 left them
+        return builder.select(builder.fcmp_unordered("==", amax, ir.Constant(lanes.F32, 0)), ir.Constant(lanes.F32, 0), peak)
     return types.float32(x, b), codegen
 
 
@@ -117,15 +125,12 @@ def _round_q8_k(typingctx, x, b, iscale, qs, sums):
     qs: int8 (blocks, 256), sums: int16 (blocks, 16), rows contiguous."""
     def codegen(context, builder, signature, args):
         x_, b_, iscale_, qs_, sums_ = args
-        values = lanes.load(builder, lanes.byte_pointer(context, builder, signature.args[0], x_),
-                            builder.mul(b_, ir.Constant(b_.type, 4 * QK_K)), lanes.F32, QK_K)
+        values = _float_block(context, builder, signature.args[0], x_, b_, QK_K)
         magic = lanes.constant(QK_K, float(ROUNDING_MAGIC), lanes.F32)
         rounded = builder.fsub(builder.fadd(builder.fmul(lanes.splat(builder, iscale_, QK_K), values), magic), magic)
         q = builder.fptosi(rounded, ir.VectorType(I32, QK_K))
         q = lanes.call(builder, f"llvm.smin.v{QK_K}i32", q.type, q, lanes.constant(QK_K, 127, I32))
-        row = lanes.byte_pointer(context, builder, signature.args[3], qs_, b_)
-        builder.store(builder.trunc(q, ir.VectorType(I8, QK_K)), builder.bitcast(row, ir.VectorType(I8, QK_K).as_pointer()),
-                      align=1)
+        _store_row(context, builder, signature.args[3], qs_, b_, q)
         group_sums = lanes.byte_pointer(context, builder, signature.args[4], sums_, b_)
         for g in range(QK_K // 16):
             total = lanes.reduce_add(builder, lanes.pick(builder, q, list(range(16 * g, 16 * g + 16))))
