@@ -344,6 +344,7 @@ def _swiglu_row(gate, up, out):
         out[i] = g * ((F32(1) if g >= F32(0) else e) / (F32(1) + e)) * up[i]
 
 
+# error_model "numpy": Python's check for a zero divisor (1 + e never is) kept the loop scalar.
 @numba.njit(parallel=True, nogil=True, error_model="numpy", cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise. All float32 (T, ffn_dim)."""
