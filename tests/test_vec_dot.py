@@ -214,15 +214,22 @@ def test_decode_bands_cover_every_row_once(n_rows, height):
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_numba_decode_in_bands(qtype):
     """Decode of matrices of whole bands of tiles and a ragged rest, two in one call: each row as
-    the reference computes it and bit for bit the same row of a two-column matmul (tiles of
-    consecutive rows)."""
+    the reference computes it; and each column of a matmul of 2 and of BANDED_COLUMNS columns
+    (TILE_ROWS-row tiles in bands of their own: 1100 rows hold one) bit for bit its decode."""
     n = 512
     matrices = tuple(random_rows(qtype, n_rows, n, seed=n_rows) for n_rows in (8 * cpu.BAND_SPACING + 29, 1100))
-    x = np.stack([activations(t, n) for t in range(2)])
+    x = np.stack([activations(t, n) for t in range(cpu.BANDED_COLUMNS)])
+    assert 1100 >= cpu.TILE_ROWS * cpu.BAND_SPACING
+    for rows in matrices:
+        decoded = [cpu.matmul_q8(rows, qtype, x[t:t + 1])[0] for t in range(len(x))]
+        for columns in (x[:2], x):
+            together = cpu.matmul_q8(rows, qtype, columns)
+            for t in range(len(columns)):
+                assert np.array_equal(together[t].view(np.uint32), decoded[t].view(np.uint32)), t
     outs = tuple(np.full((1, m.shape[0]), np.nan, np.float32) for m in matrices)
     cpu.MATMUL_Q8[qtype](matrices, x[:1], outs)
     for rows, out in zip(matrices, outs):
-        assert np.array_equal(out[0].view(np.uint32), cpu.matmul_q8(rows, qtype, x)[0].view(np.uint32))
+        assert np.array_equal(out[0].view(np.uint32), cpu.matmul_q8(rows, qtype, x[:1])[0].view(np.uint32))
         expected, bound = reference_columns(rows, qtype, x[:1])
         assert np.all(np.abs(out - expected) <= bound)
 

@@ -785,6 +785,11 @@ def decode_rows(qtype: QType) -> int:
 # prefetcher follows; tiles of consecutive rows end every stream at the end of a row (2.3 KB for a
 # 4096-wide Q4_K row: 14336 x 4096 from memory 21.6 -> 29.8 GB/s, see docs/kernels.md).
 BAND_SPACING = 64
+# The tiles of several columns read in bands too, up to BANDED_COLUMNS columns (a batch of decode
+# steps): the 1B shape's batch of 2 steps 32.7 -> 27.0 ms, of 4 41 -> 35.5, of 8 54.7 -> 49.8, of
+# 16 97-103 -> 86-88. A prompt's chunk runs each unit's rows against many column tiles: there
+# consecutive rows measured as fast or faster (SmolLM2's 320-token prefill).
+BANDED_COLUMNS = 16
 
 
 @numba.njit(cache=True)
@@ -825,9 +830,10 @@ def _matmul_q8_kernel(qtype: int):
     up) in one parallel loop: one fork and join per group instead of one per matrix, and the
     rows of all of them split evenly between the threads. Several columns run TILE_ROWS rows
     against COLUMN_TILE columns at a time (8, or 16 for the formats whose rows go across the
-    lanes), then 8, 4, 2, and one at a time; one column (decode) runs `step` rows a tile in
-    bands, in a parallel loop of its own (inside the tiled kernel's loop LLVM kept the wide
-    tiles' pointers live and the one-column path ran from the stack). Every tile prefetches the
+    lanes), then 8, 4, 2, and one at a time, in bands up to BANDED_COLUMNS columns; one column
+    (decode) runs `step` rows a tile in bands, in a parallel loop of its own (inside the tiled
+    kernel's loop LLVM kept the wide tiles' pointers live and the one-column path ran from the
+    stack). Every tile prefetches the
     next tile's rows block by block (_next_tile_prefetch). Every
     tile shape gives each (row, column) the same result (dot_tile). Each kernel quantizes x
     first, once for all its matrices: in the same compiled call, because a decode step makes ~120
@@ -847,22 +853,23 @@ def _matmul_q8_kernel(qtype: int):
         quad = half + (n_columns - half) // 4 * 4
         pair = quad + (n_columns - quad) // 2 * 2
         n_tiles = n_units(matrices, TILE_ROWS)
+        banded = n_columns <= BANDED_COLUMNS
         for task in prange((n_tiles + UNITS_PER_TASK - 1) // UNITS_PER_TASK):
             first, last = task * UNITS_PER_TASK, min(n_tiles, (task + 1) * UNITS_PER_TASK)
             for i in range(first, last):
-                m, r = unit(matrices, TILE_ROWS, i)
-                r *= TILE_ROWS
+                m, u = unit(matrices, TILE_ROWS, i)
+                r, sp = band_tile(matrices[m].shape[0], u, TILE_ROWS) if banded else (u * TILE_ROWS, 1)
                 for t in range(0, tiled, wide):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, wide, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, wide, outs[m], sp)
                 for t in range(tiled, half, half_wide):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, half_wide, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, half_wide, outs[m], sp)
                 for t in range(half, quad, 4):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 4, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 4, outs[m], sp)
                 for t in range(quad, pair, 2):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 2, outs[m], 1)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 2, outs[m], sp)
                 for t in range(pair, n_columns):
                     for k in range(0, TILE_ROWS, step):
-                        dot_tile(qtype, matrices[m], r + k, step, xq, xd, xs, xsum, t, 1, outs[m], 1)
+                        dot_tile(qtype, matrices[m], r + k * sp, step, xq, xd, xs, xsum, t, 1, outs[m], sp)
         for m in range(len(matrices)):  # the rows past each matrix's last whole unit: 8, then 1 at a time
             n_rows = matrices[m].shape[0]
             eights = n_rows // EIGHT * EIGHT
