@@ -858,18 +858,18 @@ def _matmul_q8_kernel(qtype: int):
             first, last = task * UNITS_PER_TASK, min(n_tiles, (task + 1) * UNITS_PER_TASK)
             for i in range(first, last):
                 m, u = unit(matrices, TILE_ROWS, i)
-                r, sp = band_tile(matrices[m].shape[0], u, TILE_ROWS) if banded else (u * TILE_ROWS, 1)
+                r, spacing = band_tile(matrices[m].shape[0], u, TILE_ROWS) if banded else (u * TILE_ROWS, 1)
                 for t in range(0, tiled, wide):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, wide, outs[m], sp)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, wide, outs[m], spacing)
                 for t in range(tiled, half, half_wide):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, half_wide, outs[m], sp)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, half_wide, outs[m], spacing)
                 for t in range(half, quad, 4):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 4, outs[m], sp)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 4, outs[m], spacing)
                 for t in range(quad, pair, 2):
-                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 2, outs[m], sp)
+                    dot_tile(qtype, matrices[m], r, TILE_ROWS, xq, xd, xs, xsum, t, 2, outs[m], spacing)
                 for t in range(pair, n_columns):
                     for k in range(0, TILE_ROWS, step):
-                        dot_tile(qtype, matrices[m], r + k * sp, step, xq, xd, xs, xsum, t, 1, outs[m], sp)
+                        dot_tile(qtype, matrices[m], r + k * spacing, step, xq, xd, xs, xsum, t, 1, outs[m], spacing)
         for m in range(len(matrices)):  # the rows past each matrix's last whole unit: 8, then 1 at a time
             n_rows = matrices[m].shape[0]
             eights = n_rows // EIGHT * EIGHT
