@@ -3,7 +3,9 @@
 A request becomes a `Job`; `Scheduler.submit` turns it into a `Generation` and returns it. Each
 `Scheduler.step()` is one `Model.forward_batch` over one new token of every decoding sequence and,
 in the token budget left (`step_tokens`), chunks of the prompts still being read (chunked
-prefill), so running streams keep flowing while a long prompt is read. A prompt, once read, is
+prefill), so running streams keep flowing while a long prompt is read; a step that reads the end
+of a prompt leaves the decode tokens to the next step, so the new request's first token waits for
+its prompt alone. A prompt, once read, is
 forked into the job's sequences (n_choices, best_of); each samples from its own logits, which do
 not depend on what else is in the batch (Model.forward_batch), so a request generates what it
 would alone. A sequence that fails (a grammar error, say) ends its generation only.
@@ -157,6 +159,7 @@ class Scheduler:
         self.step_tokens, self.max_seqs = step_tokens, max_seqs
         self.generations: list[Generation] = []  # submitted and not done
         self.n_steps = 0
+        self._decodes_held = False  # the last step ran prompts without the decode tokens
 
     def submit(self, job: Job, timing: Timing, seeds: np.random.SeedSequence) -> Generation:
         """Start `job` (its prompt is read by the next steps); seeds: its sequences' randomness."""
@@ -178,18 +181,26 @@ class Scheduler:
     def step(self) -> None:
         """One forward pass over every running sequence and the next prompt chunks; the events it
         produces are appended to their generations."""
-        work: list[tuple[list[int], KVCache, Callable[[np.ndarray], None]]] = []
+        Work = list[tuple[list[int], KVCache, Callable[[np.ndarray], None]]]
+        decodes: Work = []
+        prompts: Work = []
         running = self._admitted()
         for gen in running:
             for seq in gen.decoding():
-                work.append((seq.context[-1:], seq.cache, lambda logits, g=gen, s=seq: self._advance(g, [s], logits)))
-        budget = max(1, self.step_tokens - len(work))
+                decodes.append((seq.context[-1:], seq.cache, lambda logits, g=gen, s=seq: self._advance(g, [s], logits)))
+        budget, ends_a_prompt = max(1, self.step_tokens - len(decodes)), False
         for gen in running:
             if gen.prefilling and budget > 0:
                 start = gen.cache.length
                 chunk = gen.job.prompt_ids[start:start + budget]
                 budget -= len(chunk)
-                work.append((chunk, gen.cache, lambda logits, g=gen: self._prompt_read(g, logits)))
+                ends_a_prompt |= start + len(chunk) == len(gen.job.prompt_ids)
+                prompts.append((chunk, gen.cache, lambda logits, g=gen: self._prompt_read(g, logits)))
+        # A step that reads the end of a prompt leaves the decode tokens to the next step (never
+        # two steps running), so that request's first token costs its prompt alone, not also
+        # the running streams' step (SmolLM2: a 42-token prompt 23 ms alone, 29 with 7 decodes).
+        self._decodes_held = bool(ends_a_prompt and decodes and not self._decodes_held)
+        work = prompts if self._decodes_held else decodes + prompts
         if not work:
             return
         self.n_steps += 1

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from mistral_ref import ChatCompletionRequest, CompletionRequest, Message, Role, Runner, Which
-from mistral_ref.model import Model
+from mistral_ref.model import Model, generate
 from mistral_ref.prefix_cache import PrefixCache, common_prefix
 from mistral_ref.sampler import Sampler, SamplingParams
-from mistral_ref.scheduler import Job, Timing
+from mistral_ref.scheduler import Job, Scheduler, Timing
 from mistral_ref.synth import synth_model
 
 WINDOW = 16
@@ -135,6 +135,38 @@ def test_a_failing_request_ends_alone(runners, monkeypatch):
     with pytest.raises(RuntimeError, match="sampler failure"):
         doomed.response()
     assert as_json(kept.response()) == as_json(alone.send_chat_completion_request(requests(eos)[1]))
+
+
+def test_a_prompt_ends_in_a_step_of_its_own(runners, monkeypatch):
+    """Chunked prefill: a long prompt's chunks share steps with the running decode tokens; the
+    step that reads a prompt's last chunk leaves them out (its first token waits for no one
+    else's), and the next step has them, whatever new prompt ends then. Each sequence generates
+    what greedy decoding alone gives."""
+    runner, _ = runners
+    model = runner.model
+    scheduler = Scheduler(model, runner.tokenizer, step_tokens=8)
+    steps, forward_batch = [], model.forward_batch
+
+    def recorded(batch):
+        steps.append([len(tokens) for tokens, _ in batch])
+        return forward_batch(batch)
+    monkeypatch.setattr(model, "forward_batch", recorded)
+    prompts = [[1, 2, 3], list(range(5, 25)), [30, 31, 32, 33]]
+    lengths = [12, 3, 3]
+    submit = lambda i: scheduler.submit(Job(prompts[i], SamplingParams(), lengths[i], 1, frozenset(), [], None,
+                                            None, False), Timing(), np.random.SeedSequence(i))
+    gens = [submit(0)]
+    scheduler.step()
+    scheduler.step()
+    gens.append(submit(1))  # 20 tokens: chunks of 7 beside the decode token, then the last 6
+    for _ in range(3):
+        scheduler.step()
+    gens.append(submit(2))  # ends in the step right after one that held the decode tokens
+    while not all(g.done for g in gens):
+        scheduler.step()
+    assert steps[:7] == [[3], [1], [1, 7], [1, 7], [6], [1, 1, 4], [1, 1, 1]]
+    for prompt, n, gen in zip(prompts, lengths, gens):
+        assert gen.sequences[0].context == prompt + list(generate(model, prompt, n))
 
 
 def test_n_choices_decode_as_one_batch(runners):
