@@ -180,7 +180,8 @@ def measure(name: str, command: list[str], port: int, levels: list[int], args) -
     proc, url = start_server(command, port)
     nan = float("nan")
     try:
-        throughput(url, 2, 1, 4)  # warm up: every kernel loaded (a batch's too), first-call dispatch done
+        for clients in (1, 2):  # warm up: every kernel loaded (a batch's too), first-call dispatch done
+            throughput(url, clients, 1, 4)
         print(f"-- {name}\n{'streams':>7} {'tok/s':>8} {'x one':>6} {'TTFT p50':>9}")
         levels_out = []
         for c in levels:

@@ -20,6 +20,7 @@ from .cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
 from .cpu.matvec import MATVEC as CPU_MATVEC
 from .cpu.quant import QUANTIZE as CPU_QUANTIZE
 from .cpu.vec_dot import MATMUL_Q8 as CPU_MATMUL_Q8
+from .cpu.vec_dot import tile_columns
 from .formats import FORMATS, QK, QK_K, BlockFormat, block_format
 from .reference import ops as reference_ops
 from .reference import vec_dot as reference_vec_dot
@@ -209,7 +210,10 @@ class Matmuls:
             fmt.row_bytes(x.shape[1])  # raises when blocks do not tile x's rows
             raise ValueError(f"{fmt.qtype.name} rows of shape {rows.shape} do not hold rows of "
                              f"{x.shape[1]} weights")
-        outs = [np.empty((x.shape[0], rows.shape[0]), np.float32) for rows, _ in self.weights]
+        n_columns = x.shape[0]
+        padded = tile_columns(n_columns) if self.fused else n_columns  # the fused kernels' columns
+        outs = [np.empty((padded if fmt.qtype in self.fused else n_columns, rows.shape[0]), np.float32)
+                for rows, fmt in self.weights]
         q8 = self.activations == "q8"
         for i, (rows, fmt) in enumerate(self.weights):
             if self.backend == "reference":
@@ -222,9 +226,11 @@ class Matmuls:
                 CPU_MATVEC[fmt.qtype](rows, x[0], outs[i][0])
             else:
                 scratch = _multiply_dequantized_any(rows, fmt.qtype, x, outs[i], scratch)
+        if padded != n_columns:
+            x = np.concatenate([x, np.repeat(x[-1:], padded - n_columns, axis=0)])
         for qtype, (group, matrices) in self.fused.items():
             CPU_MATMUL_Q8[qtype](matrices, x, tuple(outs[i] for i in group))
-        return outs
+        return [out[:n_columns] for out in outs] if padded != n_columns else outs
 
 
 def _multiply_dequantized_any(rows: np.ndarray, qtype: QType, x: np.ndarray, out: np.ndarray,

@@ -252,6 +252,28 @@ def test_numba_matmul_fused_equals_each_alone(qtype, n_columns):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmuls_pad_3_7_15_columns(qtype):
+    """kernels.dispatch.Matmuls computes 3, 7 and 15 columns as 4, 8 and 16 (cpu.tile_columns,
+    the last column repeated): each column it returns is bit for bit that column's decode, in
+    outputs of the caller's shape; an F16 matrix sharing the input (no q8 kernel) is unpadded."""
+    n = 512
+    matrices = [(random_rows(qtype, n_rows, n, seed=n_rows), qtype) for n_rows in (29, 8)]
+    f16 = (random_rows(QType.F16, 3, n), QType.F16)
+    matmuls = kernels.dispatch.Matmuls([*matrices, f16], "cpu", "q8")
+    x = np.stack([activations(t, n) for t in range(15)])
+    decoded = [matmuls(x[t:t + 1]) for t in range(15)]
+    for n_columns in (3, 7, 15):
+        assert cpu.tile_columns(n_columns) == n_columns + 1
+        *outs, f16_out = matmuls(x[:n_columns])
+        for m, out in enumerate(outs):
+            assert out.shape == (n_columns, matrices[m][0].shape[0]) and out.flags.c_contiguous
+            for t in range(n_columns):
+                assert np.array_equal(out[t].view(np.uint32), decoded[t][m][0].view(np.uint32)), (n_columns, t)
+        f16_alone = kernels.dispatch.Matmuls([f16], "cpu", "q8")(x[:n_columns])[0]
+        assert np.array_equal(f16_out.view(np.uint32), f16_alone.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n_rows=st.integers(1, 40), n_super=st.integers(1, 3),
        n_columns=st.integers(1, 10))
