@@ -111,8 +111,11 @@ def async_client(connections: int = 1) -> httpx.AsyncClient:
     """An async HTTP client (what the official openai client uses) with a pool of `connections`:
     every stream in one thread, one event loop. (A thread per stream, each with its own client,
     had cost this process a third of a core at 8 streams, taken from the server on these 2 cores;
-    and httpx builds an SSL context for every new client, ~20 ms, once counted in each TTFT.)"""
-    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=connections))
+    and httpx builds an SSL context for every new client, ~20 ms, once counted in each TTFT.)
+    A connection per request (no keep-alive): llama-server closes a connection after a stream
+    without saying so, and the next request sent on it failed ("Server disconnected")."""
+    return httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=connections,
+                                                              max_keepalive_connections=0))
 
 
 def throughput(url: str, clients: int, requests: int, max_tokens: int) -> dict:
