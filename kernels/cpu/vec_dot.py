@@ -796,8 +796,8 @@ def tile_columns(n_columns: int) -> int:
     """How many columns to compute for n_columns of activations (the caller repeats the last
     one): one more for 3, 7 and 15, which would take a pass of every narrower tile width (2 + 1,
     4 + 2 + 1, ...) where one pass of the next width costs less. SmolLM2 q8, a batch of 7 decode
-    steps: 10.0-10.4 ms -> 8.8-9.1 (8 columns alone 8.6); of 3: 6.6-6.7 -> 6.0-6.2. Padding 5
-    or 6 to 8 measured slower than 4 + 2."""
+    steps: 10.8 -> 9.0-9.1 ms (8 alone 8.5); of 3: 7.5 -> 6.0-6.1. Padding 5 or 6 to 8 measured
+    slower than 4 + 2 (docs/kernels-q8.md, session 14)."""
     return n_columns + 1 if n_columns >= 3 and n_columns & (n_columns + 1) == 0 else n_columns
 
 
