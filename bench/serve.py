@@ -132,7 +132,7 @@ def throughput(url: str, clients: int, requests: int, max_tokens: int) -> dict:
             "ttft_p50_s": statistics.median(r[0] for r in results)}
 
 
-def ttft_under_load(url: str, others: int, repeats: int = 3) -> tuple[float, float]:
+def ttft_under_load(url: str, others: int, repeats: int = 7) -> tuple[float, float]:
     """Median TTFT of a request alone, and of one sent while `others` streams are generating."""
     async def run() -> tuple[list, list]:
         async with async_client(others + 1) as http:
