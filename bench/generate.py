@@ -294,8 +294,8 @@ def profile(args) -> None:
                   "kv_write_", "add_", "swiglu")
     points = [(dev, name, f"device.{name}") for name in operations if hasattr(dev, name)]
     points.append((kernels.dispatch.cpu_ops, "attention", "  numba attention kernel"))
-    kernel_maps = [(kernels.dispatch.CPU_MATVEC, "  numba matvec kernels (f32 activations)"),
-                   (kernels.dispatch.CPU_MATMUL_Q8, "  numba matmul kernels (q8 activations)")]
+    points.append((kernels.dispatch.FusedQ8, "__call__", "  numba matmul kernels (q8 activations)"))
+    kernel_maps = [(kernels.dispatch.CPU_MATVEC, "  numba matvec kernels (f32 activations)")]
     spent = {label: [0, 0.0] for _, _, label in points + [(None, None, label) for _, label in kernel_maps]}
 
     def timed(fn, label):

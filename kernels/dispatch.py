@@ -19,8 +19,7 @@ from .cpu import ops as cpu_ops
 from .cpu.dequant import DEQUANTIZE as CPU_DEQUANTIZE
 from .cpu.matvec import MATVEC as CPU_MATVEC
 from .cpu.quant import QUANTIZE as CPU_QUANTIZE
-from .cpu.vec_dot import MATMUL_Q8 as CPU_MATMUL_Q8
-from .cpu.vec_dot import tile_columns
+from .cpu.vec_dot import FusedQ8, tile_columns
 from .formats import FORMATS, QK, QK_K, BlockFormat, block_format
 from .reference import ops as reference_ops
 from .reference import vec_dot as reference_vec_dot
@@ -197,8 +196,12 @@ class Matmuls:
             for i, (rows, fmt) in enumerate(self.weights):
                 if fmt.qtype in reference_vec_dot.VEC_DOT:
                     groups.setdefault(fmt.qtype, []).append(i)
-        self.fused = {qtype: (group, tuple(self.weights[i][0] for i in group))
-                      for qtype, group in groups.items()}
+        # (the group's indices, its kernel call) by format; the other matrices one at a time
+        self.fused = [(group, FusedQ8(qtype, tuple(self.weights[i][0] for i in group)))
+                      for qtype, group in groups.items()]
+        fused = {i for group in groups.values() for i in group}
+        self.unfused = [(i, rows, fmt) for i, (rows, fmt) in enumerate(self.weights) if i not in fused]
+        self.out_rows = [(rows.shape[0], i in fused) for i, (rows, _) in enumerate(self.weights)]
 
     def __call__(self, x: np.ndarray, scratch: np.ndarray | None = None) -> list[np.ndarray]:
         """x: float32 (T, n). Returns float32 (T, n_rows) for each matrix, in order."""
@@ -212,24 +215,21 @@ class Matmuls:
                              f"{x.shape[1]} weights")
         n_columns = x.shape[0]
         padded = tile_columns(n_columns) if self.fused else n_columns  # the fused kernels' columns
-        outs = [np.empty((padded if fmt.qtype in self.fused else n_columns, rows.shape[0]), np.float32)
-                for rows, fmt in self.weights]
+        outs = [np.empty((padded if fused else n_columns, n_rows), np.float32) for n_rows, fused in self.out_rows]
         q8 = self.activations == "q8"
-        for i, (rows, fmt) in enumerate(self.weights):
+        for i, rows, fmt in self.unfused:
             if self.backend == "reference":
                 with_q8 = q8 and fmt.qtype in reference_vec_dot.VEC_DOT  # formats with q8 numerics
                 outs[i][:] = (np.stack([reference_vec_dot.matvec_q8(rows, fmt.qtype, column) for column in x])
                               if with_q8 else reference_ops.matmul(rows, fmt.qtype, x))
-            elif fmt.qtype in self.fused:
-                continue
-            elif x.shape[0] == 1 and fmt.qtype in CPU_MATVEC:
+            elif n_columns == 1 and fmt.qtype in CPU_MATVEC:
                 CPU_MATVEC[fmt.qtype](rows, x[0], outs[i][0])
             else:
                 scratch = _multiply_dequantized_any(rows, fmt.qtype, x, outs[i], scratch)
         if padded != n_columns:
             x = np.concatenate([x, np.repeat(x[-1:], padded - n_columns, axis=0)])
-        for qtype, (group, matrices) in self.fused.items():
-            CPU_MATMUL_Q8[qtype](matrices, x, tuple(outs[i] for i in group))
+        for group, multiply in self.fused:
+            multiply(x, [outs[i] for i in group])
         return [out[:n_columns] for out in outs] if padded != n_columns else outs
 
 

@@ -26,6 +26,7 @@ LLVM cannot reorder or fuse it differently for one tile shape than for another. 
 docs/kernels-q8.md.
 """
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numba
@@ -833,8 +834,8 @@ def unit(matrices, rows_per_unit, i):
     return m, i
 
 
-def _matmul_q8_kernel(qtype: int):
-    """The q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
+def _matmul_q8_kernels(qtype: int):
+    """(matvec, matmul_tiles): the q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
     matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
     up) in one parallel loop: one fork and join per group instead of one per matrix, and the
     rows of all of them split evenly between the threads. Several columns run TILE_ROWS rows
@@ -901,22 +902,38 @@ def _matmul_q8_kernel(qtype: int):
             for r in range(matrices[m].shape[0] // step * step, matrices[m].shape[0]):
                 dot_tile(qtype, matrices[m], r, 1, xq, xd, xs, xsum, 0, 1, outs[m], 1)
 
-    def matmul_q8(matrices: tuple[np.ndarray, ...], x: np.ndarray, outs: tuple[np.ndarray, ...]) -> None:
-        # Python, not a compiled wrapper: a compiled closure that calls other compiled functions
-        # cannot be cached, and recompiling it cost every new process ~1.3 s.
-        kernel = matvec if x.shape[0] == 1 else matmul_tiles
+    return matvec, matmul_tiles
+
+
+Q8_KERNELS = {t: _matmul_q8_kernels(int(t)) for t in BLOCK_DOT}  # (one column, several) by format
+
+
+class FusedQ8:
+    """outs[m] = x @ W_m.T with llama.cpp's numerics for matrices of one format that share their
+    input: matrices a tuple (any length) of W_m's rows, uint8 (n_rows_m, row_bytes), all
+    read-only; called with x float32 (T, n), C-contiguous, quantized inside
+    (quantize_activations), and outs as many float32 (T, n_rows_m). One kernel call per FUSED
+    matrices, a smaller group padded with empty ones; the argument tuples are built here, once:
+    a decode step makes ~120 of these calls, and building them on each cost ~1 us, with the
+    caller's ~1.3 us ~6% of SmolLM2's step. Python, not a compiled wrapper: a compiled closure
+    that calls other compiled functions cannot be cached, and recompiling it cost every new
+    process ~1.3 s."""
+
+    def __init__(self, qtype: QType, matrices: tuple[np.ndarray, ...]):
+        self.one_column, self.columns = Q8_KERNELS[QType(qtype)]
+        self.calls = []  # (first matrix, the group's matrices padded, the outputs' padding)
         for at in range(0, len(matrices), FUSED):
-            group, group_outs = matrices[at:at + FUSED], outs[at:at + FUSED]
-            pad = FUSED - len(group)
-            kernel(group + (NO_ROWS,) * pad, x, group_outs + (NO_OUTPUT,) * pad)
-    return matmul_q8
+            pad = FUSED - len(matrices[at:at + FUSED])
+            self.calls.append((at, matrices[at:at + FUSED] + (NO_ROWS,) * pad, (NO_OUTPUT,) * pad))
+
+    def __call__(self, x: np.ndarray, outs: Sequence[np.ndarray]) -> None:
+        kernel = self.one_column if x.shape[0] == 1 else self.columns
+        for at, group, padding in self.calls:
+            kernel(group, x, tuple(outs[at:at + FUSED]) + padding)
 
 
-# outs[m] = x @ W_m.T with llama.cpp's numerics, one kernel per format: MATMUL_Q8[qtype](matrices,
-# x, outs) with matrices a tuple (any length; FUSED a call) of W_m's rows, uint8 (n_rows_m,
-# row_bytes), all read-only; x float32 (T, n), C-contiguous, quantized inside (quantize_activations);
-# outs a tuple as long, float32 (T, n_rows_m).
-MATMUL_Q8 = {t: _matmul_q8_kernel(int(t)) for t in BLOCK_DOT}
+# MATMUL_Q8[qtype](matrices, x, outs): a FusedQ8 for one call (tests, benchmarks).
+MATMUL_Q8 = {t: lambda matrices, x, outs, qtype=t: FusedQ8(qtype, matrices)(x, outs) for t in BLOCK_DOT}
 
 
 def matmul_q8(rows: np.ndarray, qtype: QType, x: np.ndarray) -> np.ndarray:
