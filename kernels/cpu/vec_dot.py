@@ -835,10 +835,10 @@ def unit(matrices, rows_per_unit, i):
 
 
 def _matmul_q8_kernels(qtype: int):
-    """(matvec, matmul_tiles): the q8 matmul of one format (`qtype` a closure constant, typed as a literal: see
-    matvec._matvec_kernel), over a tuple of matrices that share their input (q, k and v; gate and
-    up) in one parallel loop: one fork and join per group instead of one per matrix, and the
-    rows of all of them split evenly between the threads. Several columns run TILE_ROWS rows
+    """(matvec, matmul_tiles): the q8 matmul of one format (`qtype` a closure constant, typed
+    as a literal: see matvec._matvec_kernel), over a tuple of matrices that share their input
+    (q, k and v; gate and up) in one parallel loop: one fork and join per group instead of one
+    per matrix, and the rows of all of them split evenly between the threads. Several columns run TILE_ROWS rows
     against COLUMN_TILE columns at a time (8, or 16 for the formats whose rows go across the
     lanes), then 8, 4, 2, and one at a time, in bands up to BANDED_COLUMNS columns; one column
     (decode) runs `step` rows a tile in bands, in a parallel loop of its own (inside the tiled
@@ -923,8 +923,9 @@ class FusedQ8:
         self.one_column, self.columns = Q8_KERNELS[QType(qtype)]
         self.calls = []  # (first matrix, the group's matrices padded, the outputs' padding)
         for at in range(0, len(matrices), FUSED):
-            pad = FUSED - len(matrices[at:at + FUSED])
-            self.calls.append((at, matrices[at:at + FUSED] + (NO_ROWS,) * pad, (NO_OUTPUT,) * pad))
+            group = matrices[at:at + FUSED]
+            pad = FUSED - len(group)
+            self.calls.append((at, group + (NO_ROWS,) * pad, (NO_OUTPUT,) * pad))
 
     def __call__(self, x: np.ndarray, outs: Sequence[np.ndarray]) -> None:
         kernel = self.one_column if x.shape[0] == 1 else self.columns
