@@ -420,10 +420,29 @@ class _Json:
     """Responses turn into OpenAI JSON with `to_dict()` (alias `model_dump()`, pydantic's name)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return _plain(self)
 
     def model_dump(self) -> dict[str, Any]:
         return self.to_dict()
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` without its deep copy of every leaf, which the responses' leaves (str,
+    numbers, None) do not need: a streamed chunk 10 -> 5.5 us, once per token and stream."""
+    cls = type(value)
+    names = _FIELD_NAMES.get(cls)
+    if names is None and dataclasses.is_dataclass(cls):
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    if names is not None:
+        return {name: _plain(getattr(value, name)) for name in names}
+    if cls is list or cls is tuple:
+        return cls(_plain(v) for v in value)
+    if cls is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def completion_requests(body: Mapping[str, Any]) -> list[CompletionRequest]:

@@ -99,9 +99,9 @@ class Job:
     """One request on its way through the engine, and the events the engine sends back for it.
 
     submit: checks the request and returns the Runner's Submission (raises on a bad request).
-    Events, read on the event loop with `get()`: ("accepted", None) once a stream's request has
-    been checked, ("chunk", dict) per streamed chunk, ("result", dict), ("error", exception), and
-    _DONE last.
+    Events, posted by the engine and read on the event loop with `get()`: ("accepted", None) once
+    a stream's request has been checked, ("chunk", dict) per streamed chunk, ("result", dict),
+    ("error", exception), and _DONE last.
     """
 
     def __init__(self, submit: Callable[[], Submission], stream: bool, loop: asyncio.AbstractEventLoop,
@@ -111,15 +111,21 @@ class Job:
         self.cancelled = threading.Event()  # set by the client side: stop generating for it
         self.submission: Submission | None = None
 
-    def send(self, kind: Any, value: Any = None) -> None:
-        """Called from the engine thread."""
+    async def get(self, timeout: float | None = None) -> tuple[Any, Any] | None:
+        """The next event; None once `timeout` s have passed without one."""
+        if timeout is None or not self.events.empty():
+            return await self.events.get()
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
-        except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
-            self.cancelled.set()
+            async with asyncio.timeout(timeout):  # a timer, where wait_for made a task per event
+                return await self.events.get()
+        except TimeoutError:
+            return None
 
-    async def get(self) -> tuple[Any, Any]:
-        return await self.events.get()
+
+def _receive(events: list[tuple[Job, Any, Any]]) -> None:
+    """On the event loop: a round's events into their jobs' queues."""
+    for job, kind, value in events:
+        job.events.put_nowait((kind, value))
 
 
 class QueueFullError(APIError):
@@ -149,6 +155,7 @@ class Engine:
         self.n_chunks = 0  # chunks streamed since start (lets a test see that a cancel stopped work)
         self.n_cancelled = 0  # requests ended because their client went away
         self.prefix_cache_stats: dict[str, int] = {}  # a snapshot, for /health on the event loop
+        self.outbox: list[tuple[Job, Any, Any]] = []  # events not yet posted to the event loop
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mistral-ref-engine", daemon=True)
@@ -190,6 +197,7 @@ class Engine:
             for job in [j for j in self.running if j.cancelled.is_set()]:
                 self.n_cancelled += 1
                 self._finish(job)
+            self._post()
             if self.running:
                 try:
                     self.runner.step()
@@ -200,11 +208,32 @@ class Engine:
                     self._deliver(job)
                 if self.runner.prefix_cache is not None:
                     self.prefix_cache_stats = self.runner.prefix_cache.stats()
+                self._post()
         shutting_down = APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         for job in self.running + list(self.waiting):
             self._finish(job, shutting_down)
         while (job := self._inbox_get(block=False)) is not None:
             self._finish(job, shutting_down)
+        self._post()
+
+    def _send(self, job: Job, kind: Any, value: Any = None) -> None:
+        self.outbox.append((job, kind, value))
+
+    def _post(self) -> None:
+        """Hand the events of a round to the event loop at once: one wake-up of the loop, and one
+        hand-over of the GIL, for all the round's chunks instead of one per chunk."""
+        if not self.outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for event in self.outbox:
+            by_loop.setdefault(event[0].loop, []).append(event)
+        self.outbox = []
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_receive, events)
+            except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
+                for job, _, _ in events:
+                    job.cancelled.set()
 
     def _inbox_get(self, block: bool) -> Job | None:
         try:
@@ -226,7 +255,7 @@ class Engine:
                     self._finish(job, e)
                 else:
                     if job.stream:
-                        job.send("accepted")
+                        self._send(job, "accepted")
                     self.waiting.append(job)
             job = self._inbox_get(block=False)
 
@@ -243,9 +272,9 @@ class Engine:
             if submission.stream:
                 for chunk in submission.chunks():
                     self.n_chunks += 1
-                    job.send("chunk", job.to_json(chunk))
+                    self._send(job, "chunk", job.to_json(chunk))
             elif submission.done:
-                job.send("result", job.to_json(submission.response()))
+                self._send(job, "result", job.to_json(submission.response()))
         except Exception as e:
             return self._finish(job, e)
         if submission.done:
@@ -257,8 +286,8 @@ class Engine:
         if job.submission is not None:
             job.submission.cancel()  # a no-op when it finished
         if error is not None:
-            job.send("error", error)
-        job.send(_DONE)
+            self._send(job, "error", error)
+        self._send(job, _DONE)
         if job in self.running:
             self.running.remove(job)
         with self.lock:
@@ -694,12 +723,12 @@ async def _wait_result(request: Request, job: Job) -> Response:
     """A non-streamed job's JSON; a client that hangs up before its turn is dropped from the queue."""
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(job.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            event = await job.get(DISCONNECT_POLL_S)
+            if event is None:
                 if await request.is_disconnected():
                     job.cancelled.set()
                 continue
+            kind, value = event
             if kind == "result":
                 return JSONResponse(value)
             if kind == "error":
@@ -715,11 +744,11 @@ async def _stream(job: Job, include_usage: bool, keep_alive: float) -> AsyncIter
     closes it), and the `finally` cancels the job so the engine stops generating for it."""
     try:
         while True:
-            try:
-                kind, value = await asyncio.wait_for(job.get(), keep_alive)
-            except asyncio.TimeoutError:
+            event = await job.get(keep_alive)
+            if event is None:
                 yield b": keep-alive\n\n"
                 continue
+            kind, value = event
             if kind == "chunk":
                 if include_usage and value.get("usage") is not None:
                     # OpenAI's shape: the usage in a last chunk of its own, with no choices

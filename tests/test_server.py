@@ -713,6 +713,44 @@ def test_the_engine_survives_a_failing_step(runner, monkeypatch):
     assert engine.stats()["running"] == 0
 
 
+def test_the_engine_wakes_the_event_loop_once_a_round(runner):
+    """Four streams decoding together: every stream gets its chunks in order (the texts of the
+    request alone), and the engine hands the event loop a round's events together, not one
+    wake-up per event (each wake-up is a system call and a hand-over of the GIL)."""
+    import asyncio
+
+    from mistral_ref.server import _DONE, Engine, Job
+
+    engine = Engine(runner)
+    engine.start()
+    request = ChatCompletionRequest(messages=CHAT, max_tokens=6, temperature=0, stream=True)
+
+    async def run() -> tuple[list, int]:
+        loop, posts = asyncio.get_running_loop(), []
+        post = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: (posts.append(1), post(*args))[1]
+        jobs = [Job(lambda: runner.submit(request), True, loop) for _ in range(4)]
+        for job in jobs:
+            engine.submit(job)
+
+        async def events(job: Job) -> list:
+            out = [await asyncio.wait_for(job.get(), 60)]
+            while out[-1][0] is not _DONE:
+                out.append(await asyncio.wait_for(job.get(), 60))
+            return out
+        return await asyncio.gather(*(events(job) for job in jobs)), len(posts)
+    try:
+        streams, n_posts = asyncio.run(run())
+    finally:
+        engine.stop()
+    expected = reference_chat(runner, max_tokens=6)["choices"][0]["message"]["content"]
+    for events in streams:
+        assert events[0][0] == "accepted" and events[-1][0] is _DONE
+        assert "".join(v["choices"][0]["delta"]["content"] for k, v in events if k == "chunk") == expected
+    n_events = sum(len(events) for events in streams)
+    assert n_events >= 4 * 8 and n_posts <= n_events // 3
+
+
 def test_in_passing_thread_loads_off_the_calling_thread():
     """serve() loads the model on a thread that ends (see in_passing_thread): the result comes
     back, an exception is raised on the caller, and the work ran on another, finished thread."""
