@@ -183,11 +183,16 @@ class Model:
         cache = self.new_cache(max(1, len(token_ids)))
         return self.device.to_host(self._hidden([(self._check_tokens(token_ids, cache), cache)]))
 
-    def forward_batch(self, batch: Sequence[tuple[Sequence[int], KVCache]]) -> list[np.ndarray]:
+    def forward_batch(self, batch: Sequence[tuple[Sequence[int], KVCache]],
+                      interrupt: Callable[[int], bool] | None = None) -> list[np.ndarray] | None:
         """Several sequences in one pass through the weights (continuous batching): each
         (token_ids, cache) runs at its cache's next positions, as `forward(token_ids, cache)`
         would, with its own positions, window and attention. Returns each one's last-position
         logits, float32 (vocab,).
+
+        interrupt: asked with each layer's index before it runs; True stops the pass, which then
+        returns None and advances no cache (the layers that ran have written keys and values
+        where the same pass run again writes them again).
 
         A sequence's logits do not depend on what it is batched with: with q8 activations they
         equal forward's bit for bit (each matmul column is computed alone, attention per
@@ -197,7 +202,9 @@ class Model:
             raise InputError("an empty batch")
         if len({id(cache) for _, cache in checked}) != len(checked):
             raise InputError("a KV cache appears twice in one batch")
-        hidden = self._hidden(checked)
+        hidden = self._hidden(checked, interrupt)
+        if hidden is None:
+            return None
         ends = np.cumsum([len(tokens) for tokens, _ in checked])
         last = self.device.concat([hidden[end - 1:end] for end in ends])
         return list(self.device.to_host(self._linear(self.output, last)))
@@ -214,10 +221,10 @@ class Model:
                 outputs.append(self.device.to_host(self._linear(self.output, hidden)))
         return np.concatenate(outputs)
 
-    def _hidden(self, batch: Sequence[tuple[np.ndarray, KVCache]]):
+    def _hidden(self, batch: Sequence[tuple[np.ndarray, KVCache]], interrupt: Callable[[int], bool] | None = None):
         """The transformer on each (tokens, cache) at positions cache.length.., the tokens of all
         side by side as the rows of one (T, dim) activation; returns the final-normed hidden
-        states (T, dim) and advances the caches."""
+        states (T, dim) and advances the caches (None, advancing none, if interrupted)."""
         c, dev = self.config, self.device
         tokens = np.concatenate([t for t, _ in batch])
         positions = np.concatenate([np.arange(cache.length, cache.length + len(t), dtype=np.int64)
@@ -235,6 +242,8 @@ class Model:
         rotations = dev.rope_rotations(positions, self.inv_freq)
         x = dev.embed(self.embedding.rows, self.embedding.qtype, tokens, c.dim)
         for i, layer in enumerate(self.layers):
+            if interrupt is not None and interrupt(i):
+                return None
             h = dev.rmsnorm(x, layer.attn_norm, c.norm_eps)
             q, k, v = dev.matmuls(layer.qkv, h)
             q = self._position(layer, q.reshape(n_tokens, c.n_heads, c.head_dim), layer.q_norm, rotations)

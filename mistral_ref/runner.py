@@ -254,10 +254,11 @@ class Runner:
                 f"in the completion). Please reduce the length of the prompt or completion."))
         return submission
 
-    def step(self) -> None:
-        """One forward pass over every started submission (see mistral_ref.scheduler)."""
+    def step(self, preempt: Callable[[], bool] | None = None) -> None:
+        """One forward pass over every started submission (see mistral_ref.scheduler; preempt:
+        Scheduler.step's)."""
         with self._lock:
-            self.scheduler.step()
+            self.scheduler.step(preempt)
 
     def _run(self, submission: Submission):
         return self._stream(submission) if submission.stream else self._complete(submission)

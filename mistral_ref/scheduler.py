@@ -5,7 +5,9 @@ A request becomes a `Job`; `Scheduler.submit` turns it into a `Generation` and r
 in the token budget left (`step_tokens`), chunks of the prompts still being read (chunked
 prefill), so running streams keep flowing while a long prompt is read; a step that reads the end
 of a prompt leaves the decode tokens to the next step, so the new request's first token waits for
-its prompt alone. A prompt, once read, is
+its prompt alone; and a step of decode tokens alone gives way to a request that arrives during its
+first half (`step(preempt)`): abandoned there, it runs again after the new prompt. A prompt,
+once read, is
 forked into the job's sequences (n_choices, best_of); each samples from its own logits, which do
 not depend on what else is in the batch (Model.forward_batch), so a request generates what it
 would alone. A sequence that fails (a grammar error, say) ends its generation only.
@@ -162,7 +164,11 @@ class Scheduler:
         self.step_tokens, self.max_seqs = step_tokens, max_seqs
         self.generations: list[Generation] = []  # submitted and not done
         self.n_steps = 0
+        self.n_preempted = 0  # decode steps abandoned for a request that arrived during them
         self._decodes_held = False  # the last step ran prompts without the decode tokens
+        # The caches of an abandoned step: written at positions their next step writes again,
+        # so not offered to the prefix cache before it has (a ring's oldest slot is overwritten).
+        self._torn: dict[int, KVCache] = {}
 
     def submit(self, job: Job, timing: Timing, seeds: np.random.SeedSequence) -> Generation:
         """Start `job` (its prompt is read by the next steps); seeds: its sequences' randomness."""
@@ -181,9 +187,14 @@ class Scheduler:
         if not gen.done:
             self._end(gen)
 
-    def step(self) -> None:
+    def step(self, preempt: Callable[[], bool] | None = None) -> None:
         """One forward pass over every running sequence and the next prompt chunks; the events it
-        produces are appended to their generations."""
+        produces are appended to their generations.
+
+        preempt: asked between the layers of the first half of a step of decode tokens only; True
+        abandons the step (a new request is waiting) and the next step runs the same tokens
+        again: a new request waits at most half a step for its prompt to start, where it had
+        waited out whole steps, and the running streams lose at most half a step to it."""
         decodes: list[_Work] = []
         prompts: list[_Work] = []
         running = self._admitted()
@@ -206,12 +217,22 @@ class Scheduler:
         if not work:
             return
         self.n_steps += 1
+        interrupt = None
+        if preempt is not None and not prompts:
+            half = len(self.model.layers) // 2
+            interrupt = lambda layer: layer < half and preempt()  # noqa: E731
         try:
-            all_logits = self.model.forward_batch([(tokens, cache) for tokens, cache, _ in work])
+            all_logits = self.model.forward_batch([(tokens, cache) for tokens, cache, _ in work], interrupt)
         except Exception as e:  # not a request's fault (they were checked): all of them fail
             for gen in list(self.generations):
                 self._end(gen, e)
             return
+        if all_logits is None:
+            self.n_preempted += 1
+            self._torn.update((id(cache), cache) for _, cache, _ in work)
+            return
+        for _, cache, _ in work:
+            self._torn.pop(id(cache), None)
         for (_, _, then), logits in zip(work, all_logits):
             then(logits)
 
@@ -263,7 +284,7 @@ class Scheduler:
             self._end(gen)
 
     def _offer(self, token_ids: list[int], cache: KVCache) -> None:
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and id(cache) not in self._torn:
             self.prefix_cache.store(token_ids, cache)
 
     def _end(self, gen: Generation, error: BaseException | None = None) -> None:
@@ -279,3 +300,5 @@ class Scheduler:
                     self._offer(seq.context[:seq.cache.length], seq.cache)
             if not gen.sequences and gen.cache.length:  # cancelled while its prompt was read
                 self._offer(gen.job.prompt_ids[:gen.cache.length], gen.cache)
+        for seq in gen.sequences:
+            self._torn.pop(id(seq.cache), None)

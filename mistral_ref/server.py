@@ -186,6 +186,7 @@ class Engine:
         running = len(self.running)
         return {"running": running, "queued": max(0, n_jobs - running), "streamed_chunks": self.n_chunks,
                 "cancelled": self.n_cancelled, "steps": self.runner.scheduler.n_steps,
+                "preempted_steps": self.runner.scheduler.n_preempted,
                 "prefix_cache": self.prefix_cache_stats}
 
     # everything below runs on the engine thread
@@ -200,7 +201,7 @@ class Engine:
             self._post()
             if self.running:
                 try:
-                    self.runner.step()
+                    self.runner.step(preempt=self._request_waiting)
                 except Exception as e:  # a bug: every running request gets its 500, the server lives on
                     for job in list(self.running):
                         self._finish(job, e)
@@ -234,6 +235,10 @@ class Engine:
             except RuntimeError:  # the event loop has closed (shutdown): nobody is listening
                 for job, _, _ in events:
                     job.cancelled.set()
+
+    def _request_waiting(self) -> bool:
+        """Whether a request has arrived that could start running now (asked during a step)."""
+        return not self.inbox.empty() and len(self.running) + len(self.waiting) < self.max_running
 
     def _inbox_get(self, block: bool) -> Job | None:
         try:

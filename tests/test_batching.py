@@ -147,9 +147,9 @@ def test_a_prompt_ends_in_a_step_of_its_own(runners, monkeypatch):
     scheduler = Scheduler(model, runner.tokenizer, step_tokens=8)
     steps, forward_batch = [], model.forward_batch
 
-    def recorded(batch):
+    def recorded(batch, interrupt=None):
         steps.append([len(tokens) for tokens, _ in batch])
-        return forward_batch(batch)
+        return forward_batch(batch, interrupt)
     monkeypatch.setattr(model, "forward_batch", recorded)
     prompts = [[1, 2, 3], list(range(5, 25)), [30, 31, 32, 33]]
     lengths = [12, 3, 3]
@@ -167,6 +167,53 @@ def test_a_prompt_ends_in_a_step_of_its_own(runners, monkeypatch):
     assert steps[:7] == [[3], [1], [1, 7], [1, 7], [6], [1, 1, 4], [1, 1, 1]]
     for prompt, n, gen in zip(prompts, lengths, gens):
         assert gen.sequences[0].context == prompt + list(generate(model, prompt, n))
+
+
+def test_a_decode_step_gives_way_to_a_new_request(runners, monkeypatch):
+    """A step of decode tokens alone asks `preempt` before each layer of its first half (a step
+    with a prompt chunk never does); True abandons it: no event, no cache advanced, and a
+    sequence cancelled before the step runs again is not offered to the prefix cache (its cache
+    was written at the step's positions). The new prompt runs next, alone, then the same decode
+    tokens: every sequence generates what greedy decoding alone gives."""
+    runner, _ = runners
+    model = runner.model
+    prefix_cache = PrefixCache(model)
+    scheduler = Scheduler(model, runner.tokenizer, prefix_cache=prefix_cache)
+    steps, forward_batch, asked, arrived = [], model.forward_batch, [], [False]
+
+    def recorded(batch, interrupt=None):
+        logits = forward_batch(batch, interrupt)
+        steps.append(([len(tokens) for tokens, _ in batch], logits is None))
+        return logits
+
+    def preempt() -> bool:
+        asked.append(len(steps))
+        return arrived[0]
+    monkeypatch.setattr(model, "forward_batch", recorded)
+    prompts, lengths = [[1, 2, 3], [7, 8, 9, 10, 11], [20, 21]], [6, 8, 4]
+    submit = lambda i: scheduler.submit(Job(prompts[i], SamplingParams(), lengths[i], 1, frozenset(), [], None,
+                                            None, False), Timing(), np.random.SeedSequence(i))
+    kept, cancelled = submit(0), submit(1)
+    scheduler.step(preempt)  # both prompts: never asked
+    scheduler.step(preempt)  # decode tokens, nothing waiting
+    assert asked == [1] * (len(model.layers) // 2)
+    arrived[0] = True
+    lengths_before, events_before = [g.sequences[0].cache.length for g in (kept, cancelled)], len(kept.events)
+    scheduler.step(preempt)
+    assert steps[-1] == ([1, 1], True) and scheduler.n_preempted == 1 and asked[-1] == 2
+    assert [g.sequences[0].cache.length for g in (kept, cancelled)] == lengths_before
+    assert len(kept.events) == events_before
+    stored, store = [], prefix_cache.store
+    monkeypatch.setattr(prefix_cache, "store", lambda ids, cache: (stored.append(list(ids)), store(ids, cache)))
+    scheduler.cancel(cancelled)
+    assert stored == []
+    arrived[0] = False
+    new = submit(2)
+    while not (kept.done and new.done):
+        scheduler.step(preempt)
+    assert [s for s, _ in steps[3:5]] == [[2], [1, 1]]  # the new prompt alone, then the same token again
+    for gen, i in ((kept, 0), (new, 2)):
+        assert gen.sequences[0].context == prompts[i] + list(generate(model, prompts[i], lengths[i]))
 
 
 def test_n_choices_decode_as_one_batch(runners):

@@ -685,11 +685,11 @@ def test_the_engine_survives_a_failing_step(runner, monkeypatch):
 
     real_step, calls = runner.step, []
 
-    def step_failing_once():
+    def step_failing_once(preempt=None):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("a kernel bug")
-        real_step()
+        real_step(preempt)
     monkeypatch.setattr(runner, "step", step_failing_once)
     engine = Engine(runner)
     engine.start()
