@@ -635,7 +635,8 @@ def _rows_in_lanes_codegen(fmt, n_rows, n_columns):
                 if k:
                     lanes.memory_fence(builder)
                 weights, group_scale = group()
-                parts = [weights[:len(weights) // 2], weights[len(weights) // 2:]] if block.halves_in_words else [weights]
+                half = len(weights) // 2
+                parts = [weights[:half], weights[half:]] if block.halves_in_words else [weights]
                 for j in range(n_columns):
                     for part in parts:
                         dots = column_sums[j] if group_scale is None else no_sums
