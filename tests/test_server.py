@@ -751,6 +751,45 @@ def test_the_engine_wakes_the_event_loop_once_a_round(runner):
     assert n_events >= 4 * 8 and n_posts <= n_events // 3
 
 
+def test_a_request_arriving_during_a_decode_round_preempts_it(runner, monkeypatch):
+    """A request that reaches the engine while it decodes (here: submitted from inside the first
+    decode round, at its first layer) abandons that round, once; its prompt runs next, and both
+    requests stream what each gets alone."""
+    import asyncio
+
+    from mistral_ref.server import _DONE, Engine, Job
+
+    engine = Engine(runner)
+    preempted = runner.scheduler.n_preempted
+    streamed = lambda n: ChatCompletionRequest(messages=CHAT, max_tokens=n, temperature=0, stream=True)
+
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(lambda n=n: runner.submit(streamed(n)), True, loop) for n in (8, 4)]
+        waiting, late = engine._request_waiting, [jobs[1]]
+
+        def arrives_now() -> bool:
+            if late:
+                engine.submit(late.pop())
+            return waiting()
+        monkeypatch.setattr(engine, "_request_waiting", arrives_now)
+        engine.start()
+        engine.submit(jobs[0])
+
+        async def text(job: Job) -> str:
+            events = [await asyncio.wait_for(job.get(), 60)]
+            while events[-1][0] is not _DONE:
+                events.append(await asyncio.wait_for(job.get(), 60))
+            return "".join(v["choices"][0]["delta"]["content"] for k, v in events if k == "chunk")
+        return await asyncio.gather(*(text(job) for job in jobs))
+    try:
+        texts = asyncio.run(run())
+    finally:
+        engine.stop()
+    assert runner.scheduler.n_preempted - preempted == 1
+    assert texts == [reference_chat(runner, max_tokens=n)["choices"][0]["message"]["content"] for n in (8, 4)]
+
+
 def test_in_passing_thread_loads_off_the_calling_thread():
     """serve() loads the model on a thread that ends (see in_passing_thread): the result comes
     back, an exception is raised on the caller, and the work ran on another, finished thread."""
